@@ -1,0 +1,1 @@
+//! The flagread service (being written).

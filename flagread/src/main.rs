@@ -1,0 +1,3 @@
+//! The flagread binary (being written).
+
+fn main() {}

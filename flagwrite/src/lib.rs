@@ -1,0 +1,1 @@
+//! The flagwrite service (being written).

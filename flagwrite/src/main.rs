@@ -1,0 +1,3 @@
+//! The flagwrite binary (being written).
+
+fn main() {}

@@ -1,0 +1,29 @@
+//! flagstream's shared core: the protobuf contract, the flag model, write-time
+//! validation, the compiled evaluation engine and the Unleash importer.
+//!
+//! # Layout
+//! - [`pb`]: code generated from `proto/` (wire types, tonic clients and servers).
+//! - [`model`]: the flag model as plain Rust values; no I/O, no wire types.
+//! - [`convert`]: `TryFrom<pb::X>` into the model (errors name the field path)
+//!   and `From<model::X>` back.
+//! - [`validate`]: write-time rules that need a whole namespace (references,
+//!   cycles, limits).
+//! - [`engine`]: flags compiled into an evaluation form, and evaluation.
+//! - [`unleash`]: Unleash client-features JSON and delta events into the model.
+#![forbid(unsafe_code)]
+
+pub mod convert;
+pub mod engine;
+pub mod model;
+pub mod unleash;
+pub mod validate;
+
+/// Generated protobuf types and gRPC services of `flagstream.v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("flagstream.v1");
+
+    /// The encoded `FileDescriptorSet` of every proto, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/flagstream_descriptor.bin"));
+}

@@ -1,0 +1,289 @@
+//! The flag model: namespaces, flags, rules, constraints and segments as plain
+//! Rust values, independent of the wire format. Conversions to and from the
+//! protobuf types live in `convert`; write-time checks in `validate`; the
+//! evaluation form in `engine`.
+
+use std::collections::BTreeMap;
+
+/// An environment such as `production`; every flag and segment lives in one.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Namespace {
+    /// Unique key, e.g. `production`.
+    pub key: String,
+    /// Free text for humans.
+    pub description: String,
+    /// Server-assigned bookkeeping.
+    pub stamp: Stamp,
+}
+
+/// Server-assigned bookkeeping carried by every stored object.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stamp {
+    /// Revision of the write that created the object.
+    pub created_revision: u64,
+    /// Revision of the write that last changed the object; the optimistic
+    /// concurrency token.
+    pub updated_revision: u64,
+    /// Wall-clock time of the last change, in milliseconds since the Unix epoch.
+    pub updated_at_ms: i64,
+    /// Name of the token that made the last change.
+    pub updated_by: String,
+}
+
+/// The type of every variant value of a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlagType {
+    Boolean,
+    String,
+    Number,
+    Json,
+}
+
+/// A typed flag value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Bool(bool),
+    String(String),
+    Number(f64),
+    Json(serde_json::Value),
+}
+
+impl Value {
+    /// The flag type this value belongs to.
+    pub fn flag_type(&self) -> FlagType {
+        match self {
+            Value::Bool(_) => FlagType::Boolean,
+            Value::String(_) => FlagType::String,
+            Value::Number(_) => FlagType::Number,
+            Value::Json(_) => FlagType::Json,
+        }
+    }
+}
+
+/// One of the values a flag can serve, under a name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// Unique within the flag; returned with every evaluation.
+    pub name: String,
+    /// The value served.
+    pub value: Value,
+    /// Free text for humans.
+    pub description: String,
+}
+
+/// A feature flag. See `proto/flagstream/v1/types.proto` for the evaluation
+/// order this model encodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flag {
+    /// The namespace the flag lives in.
+    pub namespace: String,
+    /// Unique key within the namespace.
+    pub key: String,
+    /// Free text for humans.
+    pub description: String,
+    /// The type of every variant value.
+    pub flag_type: FlagType,
+    /// What the flag can serve, in declaration order.
+    pub variants: Vec<Variant>,
+    /// The kill switch: false serves `disabled_variant` to everyone.
+    pub enabled: bool,
+    /// Served while disabled or when a prerequisite fails.
+    pub disabled_variant: String,
+    /// Served when enabled and no rule matches (or there are no rules).
+    pub default_variant: String,
+    /// Targeting rules; the first that matches decides.
+    pub rules: Vec<Rule>,
+    /// Other flags that must be on (or off) first.
+    pub prerequisites: Vec<Prerequisite>,
+    /// Labels for filtering.
+    pub tags: Vec<String>,
+    /// Free metadata (owner, ticket…), returned with evaluations.
+    pub metadata: BTreeMap<String, String>,
+    /// Server-assigned bookkeeping.
+    pub stamp: Stamp,
+}
+
+/// A targeting rule: constraints AND segments AND rollout, then serve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// Optional label for humans and metrics.
+    pub name: String,
+    /// All must hold.
+    pub constraints: Vec<Constraint>,
+    /// Keys of segments of the same namespace; all must match.
+    pub segments: Vec<String>,
+    /// Optional sticky percentage gate.
+    pub rollout: Option<Rollout>,
+    /// What the rule serves when it matches.
+    pub serve: Serve,
+}
+
+/// A sticky percentage gate with Unleash's `flexibleRollout` hashing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// 0 to 100.
+    pub percentage: u32,
+    /// Which value is hashed.
+    pub stickiness: Stickiness,
+    /// Hash group; `None` means the flag key.
+    pub group_id: Option<String>,
+}
+
+/// Which context value a rollout or split hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Stickiness {
+    /// userId, then sessionId, then a random value.
+    Default,
+    /// A random value on every evaluation.
+    Random,
+    /// One attribute; a missing value closes a rollout gate.
+    Attribute(Attribute),
+}
+
+/// What a matching rule serves.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Serve {
+    /// One variant, by name.
+    Variant(String),
+    /// A sticky weighted choice.
+    Split(Split),
+}
+
+/// A sticky weighted choice among variants (Unleash's variant algorithm).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    /// Variants and weights, in order.
+    pub variants: Vec<WeightedVariant>,
+    /// Which value is hashed.
+    pub stickiness: Stickiness,
+    /// Hash group; `None` means the flag key.
+    pub group_id: Option<String>,
+    /// Fixed assignments checked before hashing.
+    pub overrides: Vec<Override>,
+}
+
+/// One entry of a split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightedVariant {
+    /// Name of a variant of the flag.
+    pub variant: String,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// Serves `variant` when `attribute` is one of `values`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Override {
+    pub attribute: Attribute,
+    pub values: Vec<String>,
+    pub variant: String,
+}
+
+/// A condition on one context attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    /// The attribute compared.
+    pub attribute: Attribute,
+    /// How it is compared.
+    pub operator: Operator,
+    /// The operands, as written (parsed once by the engine).
+    pub values: Vec<String>,
+    /// Negates the result (after a missing attribute made it false).
+    pub inverted: bool,
+    /// Case-insensitive string comparison.
+    pub case_insensitive: bool,
+}
+
+/// A context attribute, resolved from its name once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Attribute {
+    TargetingKey,
+    UserId,
+    SessionId,
+    RemoteAddress,
+    Environment,
+    AppName,
+    CurrentTime,
+    /// A free property of the context, by name.
+    Property(String),
+}
+
+impl Attribute {
+    /// Resolves an attribute name as used in constraints and stickiness.
+    pub fn from_name(name: &str) -> Attribute {
+        match name {
+            "targetingKey" => Attribute::TargetingKey,
+            "userId" => Attribute::UserId,
+            "sessionId" => Attribute::SessionId,
+            "remoteAddress" => Attribute::RemoteAddress,
+            "environment" => Attribute::Environment,
+            "appName" => Attribute::AppName,
+            "currentTime" => Attribute::CurrentTime,
+            other => Attribute::Property(other.to_string()),
+        }
+    }
+
+    /// The attribute's name, the inverse of `from_name`.
+    pub fn name(&self) -> &str {
+        match self {
+            Attribute::TargetingKey => "targetingKey",
+            Attribute::UserId => "userId",
+            Attribute::SessionId => "sessionId",
+            Attribute::RemoteAddress => "remoteAddress",
+            Attribute::Environment => "environment",
+            Attribute::AppName => "appName",
+            Attribute::CurrentTime => "currentTime",
+            Attribute::Property(name) => name,
+        }
+    }
+}
+
+/// Constraint operators, with Unleash's semantics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Operator {
+    In,
+    NotIn,
+    StrContains,
+    StrStartsWith,
+    StrEndsWith,
+    NumEq,
+    NumGt,
+    NumGte,
+    NumLt,
+    NumLte,
+    DateAfter,
+    DateBefore,
+    SemverEq,
+    SemverGt,
+    SemverGte,
+    SemverLt,
+    SemverLte,
+    Regex,
+    InCidr,
+    /// An operator this version does not know, kept by the Unleash importer
+    /// so that evaluation matches Unleash (the constraint never holds).
+    /// Write-time validation refuses it.
+    Unknown(String),
+}
+
+/// A dependency on another flag of the same namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prerequisite {
+    /// Key of the parent flag.
+    pub flag: String,
+    /// When true the parent must be off instead of on.
+    pub expect_off: bool,
+    /// When non-empty, the parent must have served one of these variants.
+    pub variants: Vec<String>,
+}
+
+/// A named, reusable set of constraints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub namespace: String,
+    pub key: String,
+    pub description: String,
+    /// All must hold.
+    pub constraints: Vec<Constraint>,
+    pub stamp: Stamp,
+}
