@@ -14,6 +14,7 @@
 
 pub mod convert;
 pub mod engine;
+pub mod hash;
 pub mod model;
 pub mod unleash;
 pub mod validate;
