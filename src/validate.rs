@@ -108,6 +108,19 @@ impl NamespaceView for MemoryView {
     }
 }
 
+/// A compiled namespace is a view too: a writer or replica that keeps one per
+/// namespace can validate against it directly.
+impl NamespaceView for crate::engine::FlagSet {
+    fn segment_exists(&self, key: &str) -> bool {
+        self.segment(key).is_some()
+    }
+
+    fn flag(&self, key: &str) -> Option<Cow<'_, model::Flag>> {
+        self.get(key)
+            .map(|compiled| Cow::Borrowed(compiled.source()))
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Entry points.
 
