@@ -114,21 +114,15 @@ impl EvalService {
         }
     }
 
-    /// Evaluates one flag and counts it; `None` when the flag does not exist.
+    /// Evaluates one flag and counts it; a missing flag gives a FLAG_NOT_FOUND result.
     fn evaluate_one(&self, ns: &NamespaceState, key: &str, ctx: &engine::Context<'_>, revision: u64) -> pb::EvaluateResponse {
         let started = std::time::Instant::now();
         let evaluation = ns.flags.evaluate(key, ctx);
         if let Some(counters) = ns.counters(key) {
             counters.record(evaluation.variant, evaluation.reason);
         }
-        let mut response = convert::evaluation(&evaluation, revision);
+        let response = convert::evaluation(key, &evaluation, revision);
         self.metrics.eval_latency.observe(started.elapsed());
-        if evaluation.flag.is_none() {
-            response.flag_key = key.to_string();
-            if response.error_message.is_empty() {
-                response.error_message = format!("flag {key:?} not found in namespace {:?}", ns.namespace.key);
-            }
-        }
         response
     }
 }
