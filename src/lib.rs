@@ -9,11 +9,15 @@
 //! - [`validate`]: write-time rules that need a whole namespace (references,
 //!   cycles, limits).
 //! - [`engine`]: flags compiled into an evaluation form, and evaluation.
+//! - [`kit`]: server plumbing shared by flagwrite and flagread (auth, tracing,
+//!   metrics endpoint, TLS, reflection, shutdown).
 //! - [`unleash`]: Unleash client-features JSON and delta events into the model.
 #![forbid(unsafe_code)]
 
 pub mod convert;
 pub mod engine;
+pub mod hash;
+pub mod kit;
 pub mod model;
 pub mod unleash;
 pub mod validate;

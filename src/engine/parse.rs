@@ -1,0 +1,226 @@
+//! Shared parsers for constraint operands: the engine uses them when it
+//! compiles a flag, and write-time validation uses the same functions, so what
+//! a write accepts is exactly what evaluation understands.
+//!
+//! Each parser mirrors what Unleash's Rust engine (unleash-yggdrasil) accepts
+//! for the same operator, so imported Unleash flags keep their behaviour:
+//! - numbers follow Unleash's grammar for constraint values
+//!   (`[+-]?digits[.digits*][e[+-]digits]`), and must be finite;
+//! - dates are RFC 3339 timestamps with an offset (`Z` or `±hh:mm`), as
+//!   chrono's `DateTime` parser reads them;
+//! - semantic versions are strict semver 2.0.0 (no `v` prefix, no leading
+//!   zeros), as the `semver` crate reads them;
+//! - CIDR ranges are IPv4 or IPv6 networks; a bare address is a single host;
+//! - regular expressions use the Rust `regex` syntax (no look-around, no
+//!   back-references), unanchored, optionally case-insensitive.
+//!
+//! Context values are read at evaluation time with the `context_*` variants,
+//! which are as lenient as Unleash is with context values.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, FixedOffset};
+use ipnet::IpNet;
+
+/// The largest compiled size of one regular expression. It bounds the memory
+/// and compile time a single constraint can cost.
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Parses a numeric constraint operand such as `42`, `-1.5` or `3e2`.
+///
+/// Returns `None` for anything else, including `NaN`, infinities, hex and
+/// surrounding whitespace.
+pub fn number(s: &str) -> Option<f64> {
+    if !is_decimal(s) {
+        return None;
+    }
+    s.parse::<f64>().ok().filter(|n| n.is_finite())
+}
+
+/// Parses a number held by a context attribute. Like Unleash's engine this
+/// takes anything Rust's `f64` parser takes (`.5`, `1.`, `inf`…).
+pub fn context_number(s: &str) -> Option<f64> {
+    s.parse::<f64>().ok()
+}
+
+/// Parses an RFC 3339 timestamp (`2024-05-01T12:00:00Z`,
+/// `2024-05-01T12:00:00.250+02:00`) into milliseconds since the Unix epoch.
+pub fn date_ms(s: &str) -> Option<i64> {
+    s.parse::<DateTime<FixedOffset>>()
+        .ok()
+        .map(|d| d.timestamp_millis())
+}
+
+/// Parses a strict semantic version (`1.2.3`, `1.2.3-beta.1+build.5`).
+pub fn semver(s: &str) -> Option<semver::Version> {
+    semver::Version::parse(s).ok()
+}
+
+/// Parses an IPv4 or IPv6 CIDR range (`10.0.0.0/8`, `2001:db8::/32`); a bare
+/// address (`10.1.2.3`) is the range of that single host. Surrounding
+/// whitespace is ignored, as Unleash trims its `IPs` lists.
+pub fn cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Some(net);
+    }
+    s.parse::<IpAddr>().ok().map(IpNet::from)
+}
+
+/// Parses the IP address held by a context attribute (`remoteAddress`).
+pub fn context_ip(s: &str) -> Option<IpAddr> {
+    s.trim().parse::<IpAddr>().ok()
+}
+
+/// Compiles a regular expression (Rust `regex` syntax, unanchored). The error
+/// is the regex crate's explanation, suitable for a validation message.
+pub fn regex(pattern: &str, case_insensitive: bool) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(pattern)
+        .case_insensitive(case_insensitive)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `s` is written as Unleash's grammar writes numbers:
+/// `[+-]?digits[.digits*][(e|E)[+-]?digits]`.
+fn is_decimal(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while *i < b.len() && b[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i > start
+    };
+    if i < b.len() && (b[i] == b'+' || b[i] == b'-') {
+        i += 1;
+    }
+    if !digits(&mut i) {
+        return false;
+    }
+    if i < b.len() && b[i] == b'.' {
+        i += 1;
+        digits(&mut i);
+    }
+    if i < b.len() && (b[i] == b'e' || b[i] == b'E') {
+        i += 1;
+        if i < b.len() && (b[i] == b'+' || b[i] == b'-') {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One parser input and whether it should parse; `parsed` renders the
+    /// result so every parser shares one table-driven check.
+    fn check(cases: &[(&str, Option<&str>)], parse: impl Fn(&str) -> Option<String>) {
+        for (input, expected) in cases {
+            assert_eq!(parse(input).as_deref(), *expected, "parsing {input:?}");
+        }
+    }
+
+    #[test]
+    fn numbers() {
+        check(
+            &[
+                ("42", Some("42")),
+                ("-1.5", Some("-1.5")),
+                ("+7", Some("7")),
+                ("3e2", Some("300")),
+                ("1.", Some("1")),
+                ("2.5E-1", Some("0.25")),
+                ("0", Some("0")),
+                (".5", None),
+                ("", None),
+                (" 1", None),
+                ("1 ", None),
+                ("NaN", None),
+                ("inf", None),
+                ("1e", None),
+                ("0x10", None),
+                ("1,5", None),
+                ("1e999", None),
+            ],
+            |s| number(s).map(|n| n.to_string()),
+        );
+        check(
+            &[(".5", Some("0.5")), ("abc", None), ("1e3", Some("1000"))],
+            |s| context_number(s).map(|n| n.to_string()),
+        );
+    }
+
+    #[test]
+    fn dates() {
+        check(
+            &[
+                ("1970-01-01T00:00:00Z", Some("0")),
+                ("2022-01-29T13:00:00.000Z", Some("1643461200000")),
+                ("2022-01-29T15:00:00+02:00", Some("1643461200000")),
+                ("2022-01-29T13:00:00.5Z", Some("1643461200500")),
+                ("2022-01-29", None),
+                ("2022-01-29T13:00:00", None),
+                ("not a date", None),
+                ("", None),
+            ],
+            |s| date_ms(s).map(|n| n.to_string()),
+        );
+    }
+
+    #[test]
+    fn semvers() {
+        check(
+            &[
+                ("1.2.3", Some("1.2.3")),
+                ("1.2.3-beta.1+build.5", Some("1.2.3-beta.1+build.5")),
+                ("v1.2.3", None),
+                ("1.2", None),
+                ("01.2.3", None),
+                ("1.2.3.4", None),
+                ("", None),
+            ],
+            |s| semver(s).map(|v| v.to_string()),
+        );
+    }
+
+    #[test]
+    fn cidrs() {
+        check(
+            &[
+                ("10.0.0.0/8", Some("10.0.0.0/8")),
+                ("10.1.2.3", Some("10.1.2.3/32")),
+                (" 192.168.0.0/16 ", Some("192.168.0.0/16")),
+                ("2001:db8::/32", Some("2001:db8::/32")),
+                ("::1", Some("::1/128")),
+                ("10.0.0.0/33", None),
+                ("10.0.0", None),
+                ("example.com", None),
+                ("", None),
+            ],
+            |s| cidr(s).map(|n| n.to_string()),
+        );
+    }
+
+    #[test]
+    fn regexes() {
+        let is_match = |pattern: &str, ci: bool, text: &str| {
+            regex(pattern, ci)
+                .map(|r| r.is_match(text))
+                .map_err(|_| "error")
+        };
+        assert_eq!(is_match("^cat$", false, "Cat"), Ok(false));
+        assert_eq!(is_match("^cat$", true, "Cat"), Ok(true));
+        assert_eq!(is_match("cat", false, "concatenate"), Ok(true));
+        assert_eq!(is_match("(regex", false, "x"), Err("error"));
+        assert_eq!(is_match("^(?=a)b$", false, "ab"), Err("error"));
+        assert_eq!(is_match(r"^(a)\1$", false, "aa"), Err("error"));
+    }
+}

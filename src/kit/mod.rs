@@ -1,0 +1,18 @@
+//! Server plumbing shared by flagwrite and flagread: bearer-token auth, tracing
+//! set-up, a Prometheus `/metrics` endpoint, TLS loading, gRPC reflection and
+//! the shutdown signal.
+//!
+//! # Layout
+//! - [`auth`]: the tokens file, the constant-time bearer check (a tonic
+//!   interceptor) and scope checks in handlers.
+//! - [`telemetry`]: tracing subscriber set-up, text or JSON.
+//! - [`metrics`]: counters, gauges and histograms rendered in the Prometheus
+//!   text format, and the tiny HTTP server that serves them.
+//! - [`shutdown`]: a future that completes on SIGTERM or SIGINT.
+//! - [`grpc`]: TLS configuration and server reflection (v1 and v1alpha).
+
+pub mod auth;
+pub mod grpc;
+pub mod metrics;
+pub mod shutdown;
+pub mod telemetry;
