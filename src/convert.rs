@@ -38,7 +38,10 @@ pub struct FieldError {
 impl FieldError {
     /// An error for the field at `path` (relative to the message converted).
     pub fn new(path: impl Into<String>, reason: impl Into<String>) -> FieldError {
-        FieldError { path: path.into(), reason: reason.into() }
+        FieldError {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Places this error inside field `field` of an enclosing message.
@@ -179,8 +182,11 @@ impl TryFrom<pb::Flag> for model::Flag {
         let variants: Vec<model::Variant> = list("variants", flag.variants)?;
         for (i, variant) in variants.iter().enumerate() {
             if variant.value.flag_type() != flag_type {
-                return Err(FieldError::new("value", type_mismatch_reason(flag_type, &variant.value))
-                    .at_index("variants", i));
+                return Err(FieldError::new(
+                    "value",
+                    type_mismatch_reason(flag_type, &variant.value),
+                )
+                .at_index("variants", i));
             }
         }
         Ok(model::Flag {
@@ -193,7 +199,11 @@ impl TryFrom<pb::Flag> for model::Flag {
             disabled_variant: flag.disabled_variant,
             default_variant: flag.default_variant,
             rules: list("rules", flag.rules)?,
-            prerequisites: flag.prerequisites.into_iter().map(model::Prerequisite::from).collect(),
+            prerequisites: flag
+                .prerequisites
+                .into_iter()
+                .map(model::Prerequisite::from)
+                .collect(),
             tags: flag.tags,
             metadata: flag.metadata.into_iter().collect(),
             stamp: flag.stamp.map(model::Stamp::from).unwrap_or_default(),
@@ -208,7 +218,9 @@ impl TryFrom<pb::Variant> for model::Variant {
         let value = variant.value.ok_or_else(|| FieldError::new("", "required"));
         Ok(model::Variant {
             name: variant.name,
-            value: value.and_then(model::Value::try_from).map_err(|e| e.at("value"))?,
+            value: value
+                .and_then(model::Value::try_from)
+                .map_err(|e| e.at("value"))?,
             description: variant.description,
         })
     }
@@ -224,10 +236,12 @@ impl TryFrom<pb::TypedValue> for model::Value {
             Some(Kind::BoolValue(b)) => Ok(model::Value::Bool(b)),
             Some(Kind::StringValue(s)) => Ok(model::Value::String(s)),
             Some(Kind::NumberValue(n)) if n.is_finite() => Ok(model::Value::Number(n)),
-            Some(Kind::NumberValue(n)) => Err(FieldError::new("number_value", non_finite_reason(n))),
-            Some(Kind::JsonValue(v)) => {
-                json_from_pb(v).map(model::Value::Json).map_err(|e| e.at("json_value"))
+            Some(Kind::NumberValue(n)) => {
+                Err(FieldError::new("number_value", non_finite_reason(n)))
             }
+            Some(Kind::JsonValue(v)) => json_from_pb(v)
+                .map(model::Value::Json)
+                .map_err(|e| e.at("json_value")),
         }
     }
 }
@@ -239,7 +253,10 @@ pub fn json_from_pb(value: prost_types::Value) -> Result<serde_json::Value, Fiel
     json_from_pb_at(value, 0)
 }
 
-fn json_from_pb_at(value: prost_types::Value, depth: usize) -> Result<serde_json::Value, FieldError> {
+fn json_from_pb_at(
+    value: prost_types::Value,
+    depth: usize,
+) -> Result<serde_json::Value, FieldError> {
     use prost_types::value::Kind;
     match value.kind {
         None => Err(FieldError::new("", "a JSON value must set one kind")),
@@ -253,7 +270,8 @@ fn json_from_pb_at(value: prost_types::Value, depth: usize) -> Result<serde_json
             }
             let mut map = serde_json::Map::new();
             for (key, field) in s.fields {
-                let converted = json_from_pb_at(field, depth + 1).map_err(|e| e.at_key("", &key))?;
+                let converted =
+                    json_from_pb_at(field, depth + 1).map_err(|e| e.at_key("", &key))?;
                 map.insert(key, converted);
             }
             Ok(serde_json::Value::Object(map))
@@ -290,13 +308,17 @@ impl TryFrom<pb::Rule> for model::Rule {
     type Error = FieldError;
 
     fn try_from(rule: pb::Rule) -> Result<Self, FieldError> {
-        let serve = rule.serve.and_then(|s| s.kind).ok_or_else(|| FieldError::new("serve", "required"))?;
+        let serve = rule
+            .serve
+            .and_then(|s| s.kind)
+            .ok_or_else(|| FieldError::new("serve", "required"))?;
         Ok(model::Rule {
             name: rule.name,
             constraints: list("constraints", rule.constraints)?,
             segments: rule.segments,
             rollout: rule.rollout.map(model::Rollout::from),
-            serve: model::Serve::try_from(pb::Serve { kind: Some(serve) }).map_err(|e| e.at("serve"))?,
+            serve: model::Serve::try_from(pb::Serve { kind: Some(serve) })
+                .map_err(|e| e.at("serve"))?,
         })
     }
 }
@@ -321,9 +343,9 @@ impl TryFrom<pb::Serve> for model::Serve {
         match serve.kind {
             None => Err(FieldError::new("", "required")),
             Some(Kind::Variant(name)) => Ok(model::Serve::Variant(name)),
-            Some(Kind::Split(split)) => {
-                model::Split::try_from(split).map(model::Serve::Split).map_err(|e| e.at("split"))
-            }
+            Some(Kind::Split(split)) => model::Split::try_from(split)
+                .map(model::Serve::Split)
+                .map_err(|e| e.at("split")),
         }
     }
 }
@@ -333,7 +355,11 @@ impl TryFrom<pb::Split> for model::Split {
 
     fn try_from(split: pb::Split) -> Result<Self, FieldError> {
         Ok(model::Split {
-            variants: split.variants.into_iter().map(model::WeightedVariant::from).collect(),
+            variants: split
+                .variants
+                .into_iter()
+                .map(model::WeightedVariant::from)
+                .collect(),
             stickiness: stickiness_from_pb(&split.stickiness),
             group_id: non_empty(split.group_id),
             overrides: list("overrides", split.overrides)?,
@@ -343,7 +369,10 @@ impl TryFrom<pb::Split> for model::Split {
 
 impl From<pb::WeightedVariant> for model::WeightedVariant {
     fn from(wv: pb::WeightedVariant) -> Self {
-        model::WeightedVariant { variant: wv.variant, weight: wv.weight }
+        model::WeightedVariant {
+            variant: wv.variant,
+            weight: wv.weight,
+        }
     }
 }
 
@@ -403,7 +432,9 @@ impl TryFrom<pb::Constraint> for model::Constraint {
             .map_err(|e| e.at("operator"))?;
         let attribute = if c.attribute.is_empty() {
             match operator {
-                model::Operator::DateAfter | model::Operator::DateBefore => model::Attribute::CurrentTime,
+                model::Operator::DateAfter | model::Operator::DateBefore => {
+                    model::Attribute::CurrentTime
+                }
                 _ => return Err(FieldError::new("attribute", "required")),
             }
         } else {
@@ -422,7 +453,11 @@ impl TryFrom<pb::Constraint> for model::Constraint {
 impl From<pb::Prerequisite> for model::Prerequisite {
     /// Whether the parent flag exists is for `validate`, which sees the namespace.
     fn from(p: pb::Prerequisite) -> Self {
-        model::Prerequisite { flag: p.flag, expect_off: p.expect_off, variants: p.variants }
+        model::Prerequisite {
+            flag: p.flag,
+            expect_off: p.expect_off,
+            variants: p.variants,
+        }
     }
 }
 
@@ -466,7 +501,9 @@ fn non_empty(s: String) -> Option<String> {
 }
 
 fn timestamp_to_ms(ts: prost_types::Timestamp) -> i64 {
-    ts.seconds.saturating_mul(1000).saturating_add(i64::from(ts.nanos) / 1_000_000)
+    ts.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(ts.nanos) / 1_000_000)
 }
 
 // ---------------------------------------------------------------------------
@@ -474,7 +511,11 @@ fn timestamp_to_ms(ts: prost_types::Timestamp) -> i64 {
 
 impl From<model::Namespace> for pb::Namespace {
     fn from(ns: model::Namespace) -> Self {
-        pb::Namespace { key: ns.key, description: ns.description, stamp: stamp_to_pb(ns.stamp) }
+        pb::Namespace {
+            key: ns.key,
+            description: ns.description,
+            stamp: stamp_to_pb(ns.stamp),
+        }
     }
 }
 
@@ -512,7 +553,11 @@ impl From<model::Flag> for pb::Flag {
             disabled_variant: flag.disabled_variant,
             default_variant: flag.default_variant,
             rules: flag.rules.into_iter().map(pb::Rule::from).collect(),
-            prerequisites: flag.prerequisites.into_iter().map(pb::Prerequisite::from).collect(),
+            prerequisites: flag
+                .prerequisites
+                .into_iter()
+                .map(pb::Prerequisite::from)
+                .collect(),
             tags: flag.tags,
             metadata: flag.metadata.into_iter().collect(),
             stamp: stamp_to_pb(flag.stamp),
@@ -588,7 +633,10 @@ pub fn json_ref_to_pb(value: &serde_json::Value) -> prost_types::Value {
             values: items.iter().map(json_ref_to_pb).collect(),
         }),
         serde_json::Value::Object(map) => Kind::StructValue(prost_types::Struct {
-            fields: map.iter().map(|(k, v)| (k.clone(), json_ref_to_pb(v))).collect(),
+            fields: map
+                .iter()
+                .map(|(k, v)| (k.clone(), json_ref_to_pb(v)))
+                .collect(),
         }),
     };
     prost_types::Value { kind: Some(kind) }
@@ -598,7 +646,11 @@ impl From<model::Rule> for pb::Rule {
     fn from(rule: model::Rule) -> Self {
         pb::Rule {
             name: rule.name,
-            constraints: rule.constraints.into_iter().map(pb::Constraint::from).collect(),
+            constraints: rule
+                .constraints
+                .into_iter()
+                .map(pb::Constraint::from)
+                .collect(),
             segments: rule.segments,
             rollout: rule.rollout.map(pb::Rollout::from),
             serve: Some(pb::Serve::from(rule.serve)),
@@ -630,23 +682,38 @@ impl From<model::Serve> for pb::Serve {
 impl From<model::Split> for pb::Split {
     fn from(split: model::Split) -> Self {
         pb::Split {
-            variants: split.variants.into_iter().map(pb::WeightedVariant::from).collect(),
+            variants: split
+                .variants
+                .into_iter()
+                .map(pb::WeightedVariant::from)
+                .collect(),
             stickiness: stickiness_to_pb(split.stickiness),
             group_id: split.group_id.unwrap_or_default(),
-            overrides: split.overrides.into_iter().map(pb::Override::from).collect(),
+            overrides: split
+                .overrides
+                .into_iter()
+                .map(pb::Override::from)
+                .collect(),
         }
     }
 }
 
 impl From<model::WeightedVariant> for pb::WeightedVariant {
     fn from(wv: model::WeightedVariant) -> Self {
-        pb::WeightedVariant { variant: wv.variant, weight: wv.weight }
+        pb::WeightedVariant {
+            variant: wv.variant,
+            weight: wv.weight,
+        }
     }
 }
 
 impl From<model::Override> for pb::Override {
     fn from(o: model::Override) -> Self {
-        pb::Override { attribute: attribute_to_pb(o.attribute), values: o.values, variant: o.variant }
+        pb::Override {
+            attribute: attribute_to_pb(o.attribute),
+            values: o.values,
+            variant: o.variant,
+        }
     }
 }
 
@@ -695,7 +762,11 @@ impl From<model::Constraint> for pb::Constraint {
 
 impl From<model::Prerequisite> for pb::Prerequisite {
     fn from(p: model::Prerequisite) -> Self {
-        pb::Prerequisite { flag: p.flag, expect_off: p.expect_off, variants: p.variants }
+        pb::Prerequisite {
+            flag: p.flag,
+            expect_off: p.expect_off,
+            variants: p.variants,
+        }
     }
 }
 
@@ -705,7 +776,11 @@ impl From<model::Segment> for pb::Segment {
             namespace: segment.namespace,
             key: segment.key,
             description: segment.description,
-            constraints: segment.constraints.into_iter().map(pb::Constraint::from).collect(),
+            constraints: segment
+                .constraints
+                .into_iter()
+                .map(pb::Constraint::from)
+                .collect(),
             stamp: stamp_to_pb(segment.stamp),
         }
     }

@@ -57,7 +57,11 @@ fn rich_flag() -> Flag {
         .iter()
         .enumerate()
         .map(|(i, op)| {
-            let mut c = constraint(attributes[i % attributes.len()].clone(), op.clone(), &["x", "y"]);
+            let mut c = constraint(
+                attributes[i % attributes.len()].clone(),
+                op.clone(),
+                &["x", "y"],
+            );
             c.inverted = i % 2 == 0;
             c.case_insensitive = i % 3 == 0;
             c
@@ -71,11 +75,21 @@ fn rich_flag() -> Flag {
         variants: vec![
             Variant {
                 name: "on".into(),
-                value: Value::Json(json!({"limit": 10, "ratio": 0.25, "tags": ["a", null, true], "nested": {"deep": {}}})),
+                value: Value::Json(
+                    json!({"limit": 10, "ratio": 0.25, "tags": ["a", null, true], "nested": {"deep": {}}}),
+                ),
                 description: "enabled".into(),
             },
-            Variant { name: "off".into(), value: Value::Json(json!(null)), description: String::new() },
-            Variant { name: "list".into(), value: Value::Json(json!([1, -2, 3.5, "s"])), description: String::new() },
+            Variant {
+                name: "off".into(),
+                value: Value::Json(json!(null)),
+                description: String::new(),
+            },
+            Variant {
+                name: "list".into(),
+                value: Value::Json(json!([1, -2, 3.5, "s"])),
+                description: String::new(),
+            },
         ],
         enabled: true,
         disabled_variant: "off".into(),
@@ -96,11 +110,21 @@ fn rich_flag() -> Flag {
                 name: String::new(),
                 constraints: vec![],
                 segments: vec![],
-                rollout: Some(Rollout { percentage: 0, stickiness: Stickiness::Random, group_id: None }),
+                rollout: Some(Rollout {
+                    percentage: 0,
+                    stickiness: Stickiness::Random,
+                    group_id: None,
+                }),
                 serve: Serve::Split(Split {
                     variants: vec![
-                        WeightedVariant { variant: "on".into(), weight: 300 },
-                        WeightedVariant { variant: "list".into(), weight: 700 },
+                        WeightedVariant {
+                            variant: "on".into(),
+                            weight: 300,
+                        },
+                        WeightedVariant {
+                            variant: "list".into(),
+                            weight: 700,
+                        },
                     ],
                     stickiness: Stickiness::Attribute(Attribute::SessionId),
                     group_id: None,
@@ -117,7 +141,10 @@ fn rich_flag() -> Flag {
                 segments: vec![],
                 rollout: None,
                 serve: Serve::Split(Split {
-                    variants: vec![WeightedVariant { variant: "on".into(), weight: 1 }],
+                    variants: vec![WeightedVariant {
+                        variant: "on".into(),
+                        weight: 1,
+                    }],
                     stickiness: Stickiness::Default,
                     group_id: Some("shared".into()),
                     overrides: vec![],
@@ -125,11 +152,22 @@ fn rich_flag() -> Flag {
             },
         ],
         prerequisites: vec![
-            Prerequisite { flag: "parent".into(), expect_off: false, variants: vec!["a".into()] },
-            Prerequisite { flag: "legacy".into(), expect_off: true, variants: vec![] },
+            Prerequisite {
+                flag: "parent".into(),
+                expect_off: false,
+                variants: vec!["a".into()],
+            },
+            Prerequisite {
+                flag: "legacy".into(),
+                expect_off: true,
+                variants: vec![],
+            },
         ],
         tags: vec!["team-a".into(), "q3".into()],
-        metadata: BTreeMap::from([("owner".into(), "ana".into()), ("ticket".into(), "FS-1".into())]),
+        metadata: BTreeMap::from([
+            ("owner".into(), "ana".into()),
+            ("ticket".into(), "FS-1".into()),
+        ]),
         stamp: Stamp {
             created_revision: 3,
             updated_revision: 9,
@@ -146,8 +184,16 @@ fn simple_flag(flag_type: FlagType, on: Value, off: Value) -> Flag {
         description: String::new(),
         flag_type,
         variants: vec![
-            Variant { name: "on".into(), value: on, description: String::new() },
-            Variant { name: "off".into(), value: off, description: String::new() },
+            Variant {
+                name: "on".into(),
+                value: on,
+                description: String::new(),
+            },
+            Variant {
+                name: "off".into(),
+                value: off,
+                description: String::new(),
+            },
         ],
         enabled: false,
         disabled_variant: "off".into(),
@@ -165,9 +211,21 @@ fn flags_round_trip() {
     let flags = [
         rich_flag(),
         simple_flag(FlagType::Boolean, Value::Bool(true), Value::Bool(false)),
-        simple_flag(FlagType::String, Value::String("Feature.UTF-8.😊".into()), Value::String(String::new())),
-        simple_flag(FlagType::Number, Value::Number(-1.5e300), Value::Number(0.0)),
-        simple_flag(FlagType::Json, Value::Json(json!({"a": {"b": [1, 2.5, "c"]}})), Value::Json(json!(false))),
+        simple_flag(
+            FlagType::String,
+            Value::String("Feature.UTF-8.😊".into()),
+            Value::String(String::new()),
+        ),
+        simple_flag(
+            FlagType::Number,
+            Value::Number(-1.5e300),
+            Value::Number(0.0),
+        ),
+        simple_flag(
+            FlagType::Json,
+            Value::Json(json!({"a": {"b": [1, 2.5, "c"]}})),
+            Value::Json(json!(false)),
+        ),
     ];
     for flag in flags {
         let wire = pb::Flag::from(flag.clone());
@@ -177,10 +235,23 @@ fn flags_round_trip() {
 
 #[test]
 fn unsaved_stamp_is_absent_on_the_wire() {
-    let wire = pb::Flag::from(simple_flag(FlagType::Boolean, Value::Bool(true), Value::Bool(false)));
+    let wire = pb::Flag::from(simple_flag(
+        FlagType::Boolean,
+        Value::Bool(true),
+        Value::Bool(false),
+    ));
     assert_eq!(wire.stamp, None);
-    let stamp = pb::Stamp::from(Stamp { updated_at_ms: -1, ..Stamp::default() });
-    assert_eq!(stamp.updated_at, Some(prost_types::Timestamp { seconds: -1, nanos: 999_000_000 }));
+    let stamp = pb::Stamp::from(Stamp {
+        updated_at_ms: -1,
+        ..Stamp::default()
+    });
+    assert_eq!(
+        stamp.updated_at,
+        Some(prost_types::Timestamp {
+            seconds: -1,
+            nanos: 999_000_000
+        })
+    );
 }
 
 #[test]
@@ -190,11 +261,26 @@ fn segments_and_namespaces_round_trip() {
         key: "beta".into(),
         description: "beta testers".into(),
         constraints: rich_flag().rules[0].constraints.clone(),
-        stamp: Stamp { created_revision: 1, updated_revision: 2, updated_at_ms: 5, updated_by: "me".into() },
+        stamp: Stamp {
+            created_revision: 1,
+            updated_revision: 2,
+            updated_at_ms: 5,
+            updated_by: "me".into(),
+        },
     };
-    assert_eq!(Segment::try_from(pb::Segment::from(segment.clone())), Ok(segment));
-    let namespace = Namespace { key: "production".into(), description: "prod".into(), stamp: Stamp::default() };
-    assert_eq!(Namespace::try_from(pb::Namespace::from(namespace.clone())), Ok(namespace));
+    assert_eq!(
+        Segment::try_from(pb::Segment::from(segment.clone())),
+        Ok(segment)
+    );
+    let namespace = Namespace {
+        key: "production".into(),
+        description: "prod".into(),
+        stamp: Stamp::default(),
+    };
+    assert_eq!(
+        Namespace::try_from(pb::Namespace::from(namespace.clone())),
+        Ok(namespace)
+    );
 }
 
 #[test]
@@ -204,13 +290,21 @@ fn wire_defaults_map_to_the_model() {
     rule.rollout.as_mut().unwrap().stickiness = String::new();
     rule.constraints[10].attribute = String::new(); // DATE_AFTER defaults to currentTime.
     let flag = Flag::try_from(wire).unwrap();
-    assert_eq!(flag.rules[0].rollout.as_ref().unwrap().stickiness, Stickiness::Default);
+    assert_eq!(
+        flag.rules[0].rollout.as_ref().unwrap().stickiness,
+        Stickiness::Default
+    );
     assert_eq!(flag.rules[0].constraints[10].operator, Operator::DateAfter);
-    assert_eq!(flag.rules[0].constraints[10].attribute, Attribute::CurrentTime);
+    assert_eq!(
+        flag.rules[0].constraints[10].attribute,
+        Attribute::CurrentTime
+    );
 }
 
 fn json_number(n: f64) -> prost_types::Value {
-    prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(n)) }
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(n)),
+    }
 }
 
 fn json_object(key: &str, value: prost_types::Value) -> prost_types::Value {
@@ -222,7 +316,11 @@ fn json_object(key: &str, value: prost_types::Value) -> prost_types::Value {
 }
 
 fn json_list(values: Vec<prost_types::Value>) -> prost_types::Value {
-    prost_types::Value { kind: Some(prost_types::value::Kind::ListValue(prost_types::ListValue { values })) }
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::ListValue(
+            prost_types::ListValue { values },
+        )),
+    }
 }
 
 fn typed(kind: pb::typed_value::Kind) -> Option<pb::TypedValue> {
@@ -244,8 +342,14 @@ fn structural_errors_name_the_field() {
     use pb::typed_value::Kind;
     check(|f| f.r#type = 0, "type: required");
     check(|f| f.r#type = 42, "type: unknown flag type 42");
-    check(|f| f.variants[1].value = None, "variants[1].value: required");
-    check(|f| f.variants[1].value = Some(pb::TypedValue { kind: None }), "variants[1].value: required");
+    check(
+        |f| f.variants[1].value = None,
+        "variants[1].value: required",
+    );
+    check(
+        |f| f.variants[1].value = Some(pb::TypedValue { kind: None }),
+        "variants[1].value: required",
+    );
     check(
         |f| f.variants[2].value = typed(Kind::StringValue("x".into())),
         "variants[2].value: expected json_value for a JSON flag, got string_value",
@@ -258,11 +362,21 @@ fn structural_errors_name_the_field() {
         "variants[0].value.number_value: NaN is not a finite number",
     );
     check(
-        |f| f.variants[0].value = typed(Kind::JsonValue(json_object("a", json_list(vec![json_number(1.0), json_number(f64::INFINITY)])))),
+        |f| {
+            f.variants[0].value = typed(Kind::JsonValue(json_object(
+                "a",
+                json_list(vec![json_number(1.0), json_number(f64::INFINITY)]),
+            )))
+        },
         r#"variants[0].value.json_value["a"][1]: inf is not a finite number"#,
     );
     check(
-        |f| f.variants[0].value = typed(Kind::JsonValue(json_object("a", prost_types::Value { kind: None }))),
+        |f| {
+            f.variants[0].value = typed(Kind::JsonValue(json_object(
+                "a",
+                prost_types::Value { kind: None },
+            )))
+        },
         r#"variants[0].value.json_value["a"]: a JSON value must set one kind"#,
     );
     check(
@@ -273,13 +387,28 @@ fn structural_errors_name_the_field() {
             }
             f.variants[0].value = typed(Kind::JsonValue(deep));
         },
-        &format!("variants[0].value.json_value{}: JSON nested deeper than 32 levels", "[0]".repeat(32)),
+        &format!(
+            "variants[0].value.json_value{}: JSON nested deeper than 32 levels",
+            "[0]".repeat(32)
+        ),
     );
     check(|f| f.rules[1].serve = None, "rules[1].serve: required");
-    check(|f| f.rules[1].serve = Some(pb::Serve { kind: None }), "rules[1].serve: required");
-    check(|f| f.rules[0].constraints[3].operator = 0, "rules[0].constraints[3].operator: required");
-    check(|f| f.rules[0].constraints[3].operator = 99, "rules[0].constraints[3].operator: unknown operator 99");
-    check(|f| f.rules[0].constraints[2].attribute = String::new(), "rules[0].constraints[2].attribute: required");
+    check(
+        |f| f.rules[1].serve = Some(pb::Serve { kind: None }),
+        "rules[1].serve: required",
+    );
+    check(
+        |f| f.rules[0].constraints[3].operator = 0,
+        "rules[0].constraints[3].operator: required",
+    );
+    check(
+        |f| f.rules[0].constraints[3].operator = 99,
+        "rules[0].constraints[3].operator: unknown operator 99",
+    );
+    check(
+        |f| f.rules[0].constraints[2].attribute = String::new(),
+        "rules[0].constraints[2].attribute: required",
+    );
     check(
         |f| match &mut f.rules[1].serve.as_mut().unwrap().kind {
             Some(pb::serve::Kind::Split(split)) => split.overrides[0].attribute = String::new(),
@@ -295,7 +424,9 @@ fn json_nested_to_the_limit_is_accepted() {
     for _ in 0..32 {
         deep = json_list(vec![deep]);
     }
-    let value = Value::try_from(pb::TypedValue { kind: Some(pb::typed_value::Kind::JsonValue(deep)) });
+    let value = Value::try_from(pb::TypedValue {
+        kind: Some(pb::typed_value::Kind::JsonValue(deep)),
+    });
     assert!(value.is_ok(), "{value:?}");
 }
 
@@ -305,7 +436,15 @@ fn field_error_paths_compose() {
         .at_index("values", 1)
         .at_index("constraints", 0)
         .at_index("rules", 2);
-    assert_eq!(err.to_string(), r#"rules[2].constraints[0].values[1]: "1.x" is not a semantic version"#);
+    assert_eq!(
+        err.to_string(),
+        r#"rules[2].constraints[0].values[1]: "1.x" is not a semantic version"#
+    );
     assert_eq!(FieldError::new("", "bad").to_string(), "bad");
-    assert_eq!(FieldError::new("", "too long").at_key("metadata", "own\"er").to_string(), r#"metadata["own\"er"]: too long"#);
+    assert_eq!(
+        FieldError::new("", "too long")
+            .at_key("metadata", "own\"er")
+            .to_string(),
+        r#"metadata["own\"er"]: too long"#
+    );
 }
