@@ -183,7 +183,7 @@ pub async fn start_writer(dir: &Path, tokens: &Path) -> Writer {
         .arg(dir.join("flagwrite-data"))
         .arg("--tokens-file")
         .arg(tokens)
-        .arg("--metrics-addr")
+        .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
         .env("RUST_LOG", "warn");
     let mut proc = proc::Proc::spawn("flagwrite", command, dir);
