@@ -10,7 +10,8 @@
 //! Knobs (environment): `BENCH_SECONDS` (measured seconds per run, default 8),
 //! `BENCH_ROUNDS` (runs per target, default 2), `BENCH_CLIENTS` (connections,
 //! default 16), `BENCH_STREAMS` (streams in flight per connection, default 16),
-//! `BENCH_FLAGS` (flags in the EvaluateAll namespace, default 350).
+//! `BENCH_FLAGS` (flags in the EvaluateAll namespace, default 350),
+//! `BENCH_LATENCY_ROUNDS` (paced runs per target, default `BENCH_ROUNDS`).
 
 mod support;
 
@@ -35,8 +36,12 @@ struct Target {
     authorized: bool,
     /// Length of the (constant) response body, learnt by the check call.
     response_len: usize,
+    /// The server process, for its CPU time.
+    pid: u32,
     /// Requests/s of each throughput run.
     max_rps: Vec<f64>,
+    /// Server CPU microseconds per request of each throughput run.
+    cpu_us: Vec<f64>,
     /// p50 and p99 (ms) of each paced run, and the rate it ran at.
     paced: Vec<(f64, f64, f64, f64)>,
 }
@@ -60,6 +65,7 @@ async fn run() {
     let clients: u32 = support::env_or("BENCH_CLIENTS", 16);
     let streams: u32 = support::env_or("BENCH_STREAMS", 16);
     let flag_count: usize = support::env_or("BENCH_FLAGS", 350);
+    let latency_rounds: usize = support::env_or("BENCH_LATENCY_ROUNDS", rounds);
     let dir = RunDir::new("read");
     let tokens = support::write_tokens(dir.path());
 
@@ -73,7 +79,7 @@ async fn run() {
     let echo_addr = format!("127.0.0.1:{}", proc::free_port());
     let mut echo_command = std::process::Command::new(std::env::current_exe().expect("the benchmark knows its path"));
     echo_command.arg("--echo-server").arg(&echo_addr);
-    let _echo = Proc::spawn("echo", echo_command, dir.path());
+    let echo_proc = Proc::spawn("echo", echo_command, dir.path());
     support::connect(&echo_addr, Duration::from_secs(10)).await;
 
     let context = rollout_context(&replica.addr, revision).await;
@@ -91,9 +97,9 @@ async fn run() {
     // servers decode and encode messages of about the same size.
     let echo = EchoMessage { payload: evaluate.clone() }.encode_to_vec();
     let mut targets = vec![
-        target("echo", &echo_addr, ECHO_PATH, echo, false),
-        target("Evaluate", &replica.addr, "/flagstream.v1.FlagEval/Evaluate", evaluate, true),
-        target("EvaluateAll", &replica.addr, "/flagstream.v1.FlagEval/EvaluateAll", evaluate_all, true),
+        target("echo", &echo_addr, echo_proc.pid(), ECHO_PATH, echo, false),
+        target("Evaluate", &replica.addr, replica.proc.pid(), "/flagstream.v1.FlagEval/Evaluate", evaluate, true),
+        target("EvaluateAll", &replica.addr, replica.proc.pid(), "/flagstream.v1.FlagEval/EvaluateAll", evaluate_all, true),
     ];
     for target in &mut targets {
         let body = check_call(target).await;
@@ -109,14 +115,24 @@ async fn run() {
         for target in &mut targets {
             let frame = write_frame(dir.path(), target);
             load(target, &frame, clients, streams, 1, None, None).run(dir.path(), "h2load").check(target.name, target.response_len);
+            let cpu_before = support::cpu_seconds(target.pid);
             let outcome = load(target, &frame, clients, streams, seconds, None, None).run(dir.path(), "h2load");
+            let cpu = support::cpu_seconds(target.pid) - cpu_before;
             outcome.check(target.name, target.response_len);
-            println!("round {}: {:<12} {:>10.0} req/s", round + 1, target.name, outcome.req_per_s);
+            let cpu_us = cpu * 1e6 / outcome.done as f64;
+            println!(
+                "round {}: {:<12} {:>10.0} req/s, server CPU {cpu_us:.1} us/request ({:.2} cores)",
+                round + 1,
+                target.name,
+                outcome.req_per_s,
+                cpu / f64::from(seconds)
+            );
             target.max_rps.push(outcome.req_per_s);
+            target.cpu_us.push(cpu_us);
         }
         replica.proc.assert_alive();
     }
-    for round in 0..rounds {
+    for round in 0..latency_rounds {
         for target in &mut targets {
             let frame = write_frame(dir.path(), target);
             let rate = 0.7 * median(&target.max_rps);
@@ -145,10 +161,12 @@ async fn run() {
     drop(writer);
 }
 
-fn target(name: &'static str, addr: &str, path: &'static str, body: Vec<u8>, authorized: bool) -> Target {
+fn target(name: &'static str, addr: &str, pid: u32, path: &'static str, body: Vec<u8>, authorized: bool) -> Target {
     Target {
         name,
         addr: addr.to_string(),
+        pid,
+        cpu_us: Vec::new(),
         path,
         body,
         authorized,
@@ -256,17 +274,21 @@ async fn rollout_context(addr: &str, revision: u64) -> pb::Context {
 fn report(targets: &[Target], flag_count: usize) {
     let echo = median(&targets[0].max_rps);
     println!();
-    println!("| load ({}) | req/s (median) | runs | vs echo | p50 / p99 at 70% of max |", support::machine_line());
-    println!("|---|---:|---|---:|---|");
+    println!(
+        "| load ({}) | req/s (median) | runs | vs echo | server CPU per request | p50 / p99 at 70% of max |",
+        support::machine_line()
+    );
+    println!("|---|---:|---|---:|---:|---|");
     for target in targets {
         let max = median(&target.max_rps);
         let p50: Vec<f64> = target.paced.iter().map(|p| p.2).collect();
         let p99: Vec<f64> = target.paced.iter().map(|p| p.3).collect();
         let name = if target.name == "EvaluateAll" { format!("EvaluateAll ({flag_count} flags)") } else { target.name.to_string() };
         println!(
-            "| {name} | {max:.0} | {} | {:.0}% | {:.2} ms / {:.2} ms (runs: {}) |",
+            "| {name} | {max:.0} | {} | {:.0}% | {:.1} us | {:.2} ms / {:.2} ms (runs: {}) |",
             runs(&target.max_rps, 0),
             100.0 * max / echo,
+            median(&target.cpu_us),
             median(&p50),
             median(&p99),
             runs(&p99, 2)

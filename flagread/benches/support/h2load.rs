@@ -3,10 +3,12 @@
 //!
 //! h2load does not look at gRPC trailers, so a call failing with a non-zero
 //! grpc-status would still count as an HTTP 200. Two checks close that hole:
-//! the benchmark first sends the same frame once with a gRPC client that does
-//! check grpc-status, and after every run it checks that h2load received
-//! exactly one full response message (prefix + body of the known length) per
-//! successful request: a failed gRPC call carries no message at all.
+//! the benchmark first sends the same frame with a gRPC client that does check
+//! grpc-status and decodes the answer, and after every run it checks that
+//! h2load received at least one whole response message (prefix + body of the
+//! known, constant length) per successful request: a failed gRPC call carries
+//! no message at all, so any failures beyond the few streams still in flight
+//! at the end (whose partial bodies h2load also counts) are caught.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +40,7 @@ pub struct Load<'a> {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub req_per_s: f64,
+    pub started: u64,
     pub done: u64,
     pub succeeded: u64,
     pub failed: u64,
@@ -129,6 +132,7 @@ pub fn parse(summary: &str) -> Outcome {
         .unwrap_or_else(|| panic!("unreadable h2load line {traffic:?}"));
     Outcome {
         req_per_s,
+        started: count("started"),
         done: count("done"),
         succeeded: count("succeeded"),
         failed: count("failed"),
@@ -148,13 +152,15 @@ impl Outcome {
             "{what}: h2load saw failures:\n{}",
             self.summary
         );
-        let expected = self.succeeded * (response_len as u64 + 5);
+        // Streams still in flight when h2load stops may have received part
+        // of their body without counting as done, hence the upper bound.
+        let each = response_len as u64 + 5;
+        let (least, most) = (self.succeeded * each, self.started * each);
         assert!(
-            self.data_bytes == expected,
-            "{what}: {} response bytes for {} requests, expected {expected} ({} each): some calls did not answer grpc-status 0\n{}",
+            (least..=most).contains(&self.data_bytes),
+            "{what}: {} response bytes for {} requests, expected at least {least} ({each} each): some calls did not answer grpc-status 0\n{}",
             self.data_bytes,
             self.succeeded,
-            response_len + 5,
             self.summary
         );
     }

@@ -211,3 +211,28 @@ pub fn spawn_replica(dir: &Path, tokens: &Path, writer: &str, name: &str) -> Rep
     let proc = proc::Proc::spawn(name, command, dir);
     Replica { proc, addr }
 }
+
+/// CPU time (user + system) a process has used so far, in seconds, from
+/// `/proc/<pid>/stat`. Unlike requests per second on a shared machine, CPU
+/// per request does not depend on what else runs at the same time.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process is alive");
+    // The command name (field 2) may contain spaces; count fields after its ')'.
+    let after = &stat[stat.rfind(')').expect("a /proc stat line names the command") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+    ticks as f64 / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
