@@ -88,10 +88,12 @@ async fn run() {
     let mut maxes = Vec::new();
     let mut first_p50s = Vec::new();
     let mut ack_p50s = Vec::new();
+    let mut signed_p50s = Vec::new();
     for round in 0..rounds {
         let mut delays = Vec::with_capacity(writes);
         let mut first = Vec::with_capacity(writes);
         let mut acks = Vec::with_capacity(writes);
+        let mut signed = Vec::with_capacity(writes);
         for index in 0..writes {
             let sent = Instant::now();
             let revision = if index % 2 == 0 {
@@ -122,6 +124,11 @@ async fn run() {
             let last = times.iter().max().copied().expect("at least one replica");
             let earliest = times.iter().min().copied().expect("at least one replica");
             delays.push(last.saturating_duration_since(acked).as_secs_f64() * 1000.0);
+            signed.push(if last >= acked {
+                last.duration_since(acked).as_secs_f64() * 1000.0
+            } else {
+                -(acked.duration_since(last).as_secs_f64() * 1000.0)
+            });
             first.push(earliest.saturating_duration_since(acked).as_secs_f64() * 1000.0);
             acks.push(acked.duration_since(sent).as_secs_f64() * 1000.0);
             // Let the system settle so each write is measured on its own.
@@ -133,14 +140,16 @@ async fn run() {
         let (p50, p99, max) = (percentile(&mut delays, 50.0), percentile(&mut delays, 99.0), percentile(&mut delays, 100.0));
         let first_p50 = percentile(&mut first, 50.0);
         let ack_p50 = percentile(&mut acks, 50.0);
+        let signed_p50 = percentile(&mut signed, 50.0);
         println!(
-            "round {}: ack -> all {replica_count} applied: p50 {p50:.3} ms, p99 {p99:.3} ms, max {max:.3} ms; ack -> first replica p50 {first_p50:.3} ms; write ack p50 {ack_p50:.3} ms",
+            "round {}: ack -> all {replica_count} applied: p50 {p50:.3} ms, p99 {p99:.3} ms, max {max:.3} ms (signed p50 {signed_p50:.3} ms: negative = all had applied before the ack arrived); ack -> first replica p50 {first_p50:.3} ms; write ack p50 {ack_p50:.3} ms",
             round + 1
         );
         p50s.push(p50);
         p99s.push(p99);
         maxes.push(max);
         first_p50s.push(first_p50);
+        signed_p50s.push(signed_p50);
         ack_p50s.push(ack_p50);
     }
     println!();
@@ -149,6 +158,11 @@ async fn run() {
     println!("| ack -> applied on all, p50 | {:.2} ms | {} |", median(&p50s), runs(&p50s, 2));
     println!("| ack -> applied on all, p99 | {:.2} ms | {} |", median(&p99s), runs(&p99s, 2));
     println!("| ack -> applied on all, max | {:.2} ms | {} |", median(&maxes), runs(&maxes, 2));
+    println!(
+        "| last replica applied, relative to the ack, p50 (negative: before the ack) | {:.2} ms | {} |",
+        median(&signed_p50s),
+        runs(&signed_p50s, 2)
+    );
     println!("| ack -> applied on the first, p50 | {:.2} ms | {} |", median(&first_p50s), runs(&first_p50s, 2));
     println!("| write acknowledged (durable), p50 | {:.2} ms | {} |", median(&ack_p50s), runs(&ack_p50s, 2));
     println!();

@@ -11,7 +11,8 @@
 //! `BENCH_ROUNDS` (runs per target, default 2), `BENCH_CLIENTS` (connections,
 //! default 16), `BENCH_STREAMS` (streams in flight per connection, default 16),
 //! `BENCH_FLAGS` (flags in the EvaluateAll namespace, default 350),
-//! `BENCH_LATENCY_ROUNDS` (paced runs per target, default `BENCH_ROUNDS`).
+//! `BENCH_LATENCY_ROUNDS` (paced runs per target, default `BENCH_ROUNDS`),
+//! `BENCH_ONLY` (one of `echo`, `Evaluate`, `EvaluateAll`: measure only it).
 
 mod support;
 
@@ -101,6 +102,11 @@ async fn run() {
         target("Evaluate", &replica.addr, replica.proc.pid(), "/flagstream.v1.FlagEval/Evaluate", evaluate, true),
         target("EvaluateAll", &replica.addr, replica.proc.pid(), "/flagstream.v1.FlagEval/EvaluateAll", evaluate_all, true),
     ];
+    // `BENCH_ONLY=EvaluateAll` (say) measures one target, e.g. under a profiler.
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        targets.retain(|target| target.name == only);
+        assert!(!targets.is_empty(), "BENCH_ONLY={only:?} names none of echo, Evaluate, EvaluateAll");
+    }
     for target in &mut targets {
         let body = check_call(target).await;
         check_answer(target, &body, flag_count);
@@ -272,6 +278,9 @@ async fn rollout_context(addr: &str, revision: u64) -> pb::Context {
 }
 
 fn report(targets: &[Target], flag_count: usize) {
+    if targets.len() < 3 {
+        return;
+    }
     let echo = median(&targets[0].max_rps);
     println!();
     println!(

@@ -14,7 +14,7 @@
 //! Run it with `scripts/bench-scale.sh`, or `cargo bench -p flagread --bench
 //! scale` once flagwrite is built. Knobs (environment): `BENCH_FLAGS`
 //! (default 100000), `BENCH_PER_NAMESPACE` (default 5000), `BENCH_ROUNDS`
-//! (default 2).
+//! (default 3).
 
 mod support;
 
@@ -34,7 +34,7 @@ fn main() {
 async fn run() {
     let total: usize = support::env_or("BENCH_FLAGS", 100_000);
     let per_namespace: usize = support::env_or("BENCH_PER_NAMESPACE", 5_000);
-    let rounds: usize = support::env_or("BENCH_ROUNDS", 2);
+    let rounds: usize = support::env_or("BENCH_ROUNDS", 3);
     let dir = RunDir::new("scale");
     let tokens = support::write_tokens(dir.path());
 
@@ -64,6 +64,7 @@ async fn run() {
     let mut rss_now = Vec::new();
     let mut rss_settled = Vec::new();
     let mut peaks = Vec::new();
+    let mut streams = Vec::new();
     for round in 0..rounds {
         let name = format!("flagread-{round}");
         let spawned = Instant::now();
@@ -75,14 +76,17 @@ async fn run() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         replica.proc.assert_alive();
         let (settled, peak) = support::rss_kib(replica.proc.pid());
+        drop(replica);
+        let stream = snapshot_stream(&writer.addr).await;
         println!(
-            "round {}: cold sync of {loaded} flags {:.3} s; RSS at SERVING {:.1} MB, 1 s later {:.1} MB, peak {:.1} MB",
+            "round {}: cold sync of {loaded} flags {:.3} s; RSS at SERVING {:.1} MB, 1 s later {:.1} MB, peak {:.1} MB; the writer's snapshot stream alone then took {stream:.3} s",
             round + 1,
             sync,
             mib(rss),
             mib(settled),
             mib(peak)
         );
+        streams.push(stream);
         syncs.push(sync);
         rss_now.push(mib(rss));
         rss_settled.push(mib(settled));
@@ -95,6 +99,11 @@ async fn run() {
     println!("| RSS at SERVING | {:.0} MB | {} |", median(&rss_now), runs(&rss_now, 0));
     println!("| RSS 1 s later | {:.0} MB | {} |", median(&rss_settled), runs(&rss_settled, 0));
     println!("| peak RSS (VmHWM) | {:.0} MB | {} |", median(&peaks), runs(&peaks, 0));
+    println!(
+        "| writer's snapshot stream alone (Subscribe from 0 to SnapshotEnd, after each round) | {:.2} s | {} |",
+        median(&streams),
+        runs(&streams, 2)
+    );
     println!(
         "| loading flagwrite ({} x ImportNamespace) | {:.1} s | {:.0} flags/s |",
         namespaces.len(),
@@ -110,6 +119,28 @@ async fn run() {
         if worst_rss < 300.0 { "met" } else { "MISSED" }
     );
     drop(writer);
+}
+
+/// Subscribes to the writer's change stream from revision 0 like a new
+/// replica and times the snapshot (SnapshotBegin … SnapshotEnd) without
+/// applying it: the writer's and the network's share of a cold sync.
+async fn snapshot_stream(writer: &str) -> f64 {
+    use pb::sync_message::Kind;
+    let channel = support::connect(writer, Duration::from_secs(5)).await;
+    let mut client = pb::replication_client::ReplicationClient::with_interceptor(channel, support::Bearer::new(support::SYNC_SECRET))
+        .max_decoding_message_size(64 << 20);
+    let started = Instant::now();
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest { from_revision: 0, namespaces: Vec::new() })
+        .await
+        .unwrap_or_else(|status| panic!("Subscribe failed: {status}"))
+        .into_inner();
+    while let Some(message) = stream.message().await.unwrap_or_else(|status| panic!("the change stream failed: {status}")) {
+        if matches!(message.kind, Some(Kind::SnapshotEnd(_))) {
+            return started.elapsed().as_secs_f64();
+        }
+    }
+    panic!("the change stream ended before SnapshotEnd");
 }
 
 fn mib(kib: u64) -> f64 {

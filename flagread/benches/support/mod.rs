@@ -195,7 +195,18 @@ pub async fn start_writer(dir: &Path, tokens: &Path) -> Writer {
 /// Spawns flagread `name` following `writer` (without waiting for it).
 pub fn spawn_replica(dir: &Path, tokens: &Path, writer: &str, name: &str) -> Replica {
     let addr = format!("127.0.0.1:{}", proc::free_port());
-    let mut command = Command::new(proc::binary("flagread"));
+    // `FLAGSTREAM_BENCH_WRAP="perf record -g -o /tmp/flagread.perf --"` (say)
+    // runs every replica under a profiler.
+    let wrap = std::env::var("FLAGSTREAM_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(proc::binary("flagread"));
+            command
+        }
+        None => Command::new(proc::binary("flagread")),
+    };
     command
         .arg("--listen")
         .arg(&addr)
@@ -208,7 +219,8 @@ pub fn spawn_replica(dir: &Path, tokens: &Path, writer: &str, name: &str) -> Rep
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
         .env("RUST_LOG", "warn");
-    let proc = proc::Proc::spawn(name, command, dir);
+    let mut proc = proc::Proc::spawn(name, command, dir);
+    proc.graceful = !wrap.is_empty();
     Replica { proc, addr }
 }
 

@@ -4,6 +4,7 @@
 //! the benchmark that started it.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -11,6 +12,8 @@ use std::time::Duration;
 
 /// Process ids of every live child, for the watchdog.
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// Scratch directories of the run, removed by the watchdog too.
+static RUN_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// A spawned server; killed (SIGKILL) and reaped on drop.
 pub struct Proc {
@@ -19,6 +22,9 @@ pub struct Proc {
     child: Child,
     /// Where its stderr and stdout go, for the post-mortem when it misbehaves.
     pub log: PathBuf,
+    /// Ask it to stop with SIGTERM first (for a wrapping profiler, which
+    /// must write its data before it goes).
+    pub graceful: bool,
 }
 
 impl Proc {
@@ -26,7 +32,10 @@ impl Proc {
     pub fn spawn(name: &str, mut command: Command, dir: &Path) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("the run directory is writable");
+        // Its own process group, so that killing the group also ends whatever
+        // it started (a profiler wrapping a server, say).
         command
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("a log file handle can be duplicated"))
             .stderr(file);
@@ -34,7 +43,7 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|error| panic!("could not start {name} ({command:?}): {error}"));
         CHILDREN.lock().unwrap().push(child.id());
-        Proc { name: name.to_string(), child, log }
+        Proc { name: name.to_string(), child, log, graceful: false }
     }
 
     pub fn pid(&self) -> u32 {
@@ -73,18 +82,44 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.graceful {
+            signal_group("-TERM", self.child.id());
+            for _ in 0..150 {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        signal_group("-KILL", self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
         CHILDREN.lock().unwrap().retain(|pid| *pid != self.child.id());
     }
 }
 
-/// Kills every live child. Used by the watchdog and the Ctrl-C handler, which
-/// end the process without running destructors.
+/// Kills every live child and removes the run directories. Used by the
+/// watchdog, the Ctrl-C handler and the panic hook, which end the process
+/// without running destructors.
 pub fn kill_all() {
     for pid in CHILDREN.lock().unwrap().drain(..) {
-        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        signal_group("-KILL", pid);
     }
+    if std::env::var_os("FLAGSTREAM_BENCH_KEEP").is_none() {
+        for dir in RUN_DIRS.lock().unwrap().drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Sends a signal to the process group a child leads (see `Proc::spawn`).
+fn signal_group(signal: &str, pid: u32) {
+    let _ = Command::new("kill")
+        .arg(signal)
+        .arg("--")
+        .arg(format!("-{pid}"))
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Bounds the benchmark: after `budget`, or on Ctrl-C, kill every child and
@@ -124,6 +159,7 @@ impl RunDir {
         let path = std::env::temp_dir().join(format!("flagstream-bench-{bench}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("the temporary directory is writable");
+        RUN_DIRS.lock().unwrap().push(path.clone());
         RunDir(path)
     }
 
