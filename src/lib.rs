@@ -16,6 +16,7 @@
 
 pub mod convert;
 pub mod engine;
+pub mod hash;
 pub mod kit;
 pub mod model;
 pub mod unleash;

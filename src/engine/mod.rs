@@ -1,4 +1,375 @@
-//! The evaluation engine: flags compiled into an evaluation form, and
-//! evaluation with Unleash's semantics.
+//! The evaluation engine: flags compiled once into an evaluation form, and
+//! evaluation with Unleash's semantics. Pure: no I/O, no wire types.
+//!
+//! # Evaluation
+//! The order is the one documented on `Flag` in
+//! `proto/flagstream/v1/types.proto`: a disabled flag serves its disabled
+//! variant (DISABLED); a failed prerequisite serves the disabled variant
+//! (PREREQUISITE_FAILED); a flag without rules serves its default variant
+//! (STATIC); otherwise the first matching rule decides (TARGETING_MATCH, or
+//! SPLIT when a weighted split chose), and when none matches the default
+//! variant is served (DEFAULT).
+//!
+//! A rule matches when all its constraints hold, all its segments match and
+//! its rollout lets the context through. Semantics follow Unleash exactly:
+//! - rollout bucket = murmur3 x86_32 (seed 0) of `"<group>:<sticky value>"`
+//!   % 100 + 1, open when it is at most the percentage; the group defaults to
+//!   the flag key;
+//! - split target = murmur3 (seed 86028157) of the same string modulo the
+//!   total weight, plus 1, served by walking the cumulative weights;
+//!   overrides come first (reason TARGETING_MATCH);
+//! - `default` stickiness is userId (the targeting key when userId is empty),
+//!   then sessionId, then a random value; a named attribute that is missing
+//!   closes a rollout, and makes a split fall back to a random value;
+//! - a missing attribute makes a constraint false (NOT_IN: true), then
+//!   `inverted` applies; an unknown operator or an operand that does not
+//!   parse never holds, whatever `inverted` says; unparsable context values
+//!   are false before `inverted`; list operands that do not parse (CIDRs,
+//!   regexes) are skipped;
+//! - a rule referencing a missing segment never matches;
+//! - a prerequisite holds when its parent is on (reason STATIC,
+//!   TARGETING_MATCH or SPLIT) and, if it lists variants, served one of them;
+//!   with `expect_off`, when the parent is off. A missing parent fails it.
+//!   Chains deeper than [`MAX_PREREQUISITE_DEPTH`] and evaluations needing
+//!   more than [`MAX_PREREQUISITE_EVALUATIONS`] parent evaluations fail,
+//!   which also ends cycles.
+//!
+//! Evaluating does not allocate in the common path: attribute values are
+//! borrowed, hashes stream over the pieces, case-insensitive comparisons
+//! lower ASCII values in a stack buffer, and random stickiness draws from a
+//! thread-local generator.
 
+mod compile;
+mod eval;
 pub mod parse;
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::{Arc, OnceLock};
+
+pub use compile::CompiledFlag;
+use compile::{CompiledSegment, compile_flag};
+
+use crate::model;
+
+/// Prerequisite chains deeper than this fail (and so end cycles).
+pub const MAX_PREREQUISITE_DEPTH: u32 = 8;
+/// At most this many parent evaluations per evaluated flag; more fail.
+pub const MAX_PREREQUISITE_EVALUATIONS: u32 = 64;
+
+/// What an evaluation knows about the caller: a borrowed view, built without
+/// allocating. An empty `&str` means the field is absent (proto3 semantics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context<'a> {
+    /// OpenFeature's targeting key; used as userId when `user_id` is empty.
+    pub targeting_key: &'a str,
+    /// The user; the first choice of `default` stickiness.
+    pub user_id: &'a str,
+    /// The session; the second choice of `default` stickiness.
+    pub session_id: &'a str,
+    /// The caller's IP address, for IN_CIDR.
+    pub remote_address: &'a str,
+    /// The caller's environment name.
+    pub environment: &'a str,
+    /// The calling application's name.
+    pub app_name: &'a str,
+    /// The time date constraints compare with, in milliseconds since the Unix
+    /// epoch; `None` means the time of evaluation.
+    pub current_time_ms: Option<i64>,
+    /// Free attributes, referenced by name.
+    pub properties: Option<&'a HashMap<String, String>>,
+}
+
+/// Why an evaluation served what it served (OpenFeature's reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The flag has no rules.
+    Static,
+    /// A rule matched and served a fixed variant (or a split override).
+    TargetingMatch,
+    /// A rule matched and a weighted split chose the variant.
+    Split,
+    /// Rules exist but none matched.
+    Default,
+    /// The flag is switched off.
+    Disabled,
+    /// A prerequisite was not as required.
+    PrerequisiteFailed,
+    /// No value could be served; see `Evaluation::error`.
+    Error,
+}
+
+/// Why an evaluation failed (OpenFeature's codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// No flag with that key.
+    FlagNotFound,
+    /// The flag's type is not the one asked for (set by callers that check it).
+    TypeMismatch,
+    /// Anything else, e.g. a rule naming a variant the flag does not have.
+    General,
+}
+
+/// The outcome of evaluating one flag, borrowing from the `FlagSet`.
+#[derive(Debug, Clone, Copy)]
+pub struct Evaluation<'a> {
+    /// The flag evaluated; `None` when not found.
+    pub flag: Option<&'a CompiledFlag>,
+    /// The value served; `None` on error.
+    pub value: Option<&'a model::Value>,
+    /// The name of the variant served; `None` on error.
+    pub variant: Option<&'a str>,
+    pub reason: Reason,
+    /// Index into the flag's rules of the rule that decided.
+    pub rule_index: Option<usize>,
+    /// Set when `reason` is `Error`.
+    pub error: Option<ErrorCode>,
+}
+
+impl Evaluation<'_> {
+    /// The result for a key that names no flag.
+    pub fn not_found() -> Evaluation<'static> {
+        Evaluation {
+            flag: None,
+            value: None,
+            variant: None,
+            reason: Reason::Error,
+            rule_index: None,
+            error: Some(ErrorCode::FlagNotFound),
+        }
+    }
+
+    /// Whether the flag is "on" for the context in Unleash's sense: served by
+    /// a rule or statically.
+    pub fn is_on(&self) -> bool {
+        matches!(
+            self.reason,
+            Reason::Static | Reason::TargetingMatch | Reason::Split
+        )
+    }
+}
+
+/// All compiled flags and segments of one namespace.
+///
+/// Clone is cheap (structural sharing): flags live in `SHARDS` shared hash
+/// maps, so upserting or removing one flag copies one shard (when shared) and
+/// recompiles that flag only; a segment change recompiles the flags that use
+/// it. A replica can therefore copy-on-write and publish with arc-swap.
+#[derive(Clone, Default)]
+pub struct FlagSet {
+    /// `SHARDS` maps, or none before the first flag.
+    shards: Arc<Vec<Arc<Shard>>>,
+    /// Number of flags.
+    len: usize,
+    /// Segments by key, compiled; few and rarely changed, so copied whole.
+    segments: Arc<BTreeMap<String, Arc<CompiledSegment>>>,
+    /// Flag keys in order, computed on first use after a key was added or
+    /// removed (an update of an existing flag keeps it).
+    order: OnceLock<Arc<[Arc<str>]>>,
+}
+
+type Shard = HashMap<Arc<str>, Arc<CompiledFlag>, FastHash>;
+
+/// Number of flag shards; a write copies at most 1/SHARDS of the flags.
+const SHARDS: usize = 64;
+
+impl FlagSet {
+    /// An empty set.
+    pub fn new() -> FlagSet {
+        FlagSet::default()
+    }
+
+    /// Compiles and inserts (or replaces) a flag. Infallible: what cannot be
+    /// compiled evaluates as Unleash does (bad regexes never match, …).
+    pub fn upsert_flag(&mut self, flag: model::Flag) {
+        let compiled = Arc::new(compile_flag(flag, &self.segments));
+        let key: Arc<str> = Arc::from(compiled.key());
+        let shard = self.shard_mut(&key);
+        if shard.insert(key, compiled).is_none() {
+            self.len += 1;
+            self.order = OnceLock::new();
+        }
+    }
+
+    /// Removes a flag; false when there was none.
+    pub fn remove_flag(&mut self, key: &str) -> bool {
+        if self.get(key).is_none() {
+            return false;
+        }
+        self.shard_mut(key).remove(key);
+        self.len -= 1;
+        self.order = OnceLock::new();
+        true
+    }
+
+    /// Inserts (or replaces) a segment and recompiles the flags using it.
+    pub fn upsert_segment(&mut self, segment: model::Segment) {
+        let key = segment.key.clone();
+        Arc::make_mut(&mut self.segments)
+            .insert(key.clone(), Arc::new(CompiledSegment::new(segment)));
+        self.recompile_users(&key);
+    }
+
+    /// Removes a segment (rules using it stop matching); false when there was none.
+    pub fn remove_segment(&mut self, key: &str) -> bool {
+        if !self.segments.contains_key(key) {
+            return false;
+        }
+        Arc::make_mut(&mut self.segments).remove(key);
+        self.recompile_users(key);
+        true
+    }
+
+    /// The compiled flag with this key.
+    pub fn get(&self, key: &str) -> Option<&CompiledFlag> {
+        if self.shards.is_empty() {
+            return None;
+        }
+        self.shards[shard_of(key)].get(key).map(|f| &**f)
+    }
+
+    /// Evaluates the flag `key` for `ctx`.
+    pub fn evaluate<'s>(&'s self, key: &str, ctx: &Context<'_>) -> Evaluation<'s> {
+        match self.get(key) {
+            Some(flag) => self.evaluate_flag(flag, ctx),
+            None => Evaluation::not_found(),
+        }
+    }
+
+    /// Evaluates a flag of this set (from `get` or `flags`) for `ctx`,
+    /// without looking it up again.
+    pub fn evaluate_flag<'s>(
+        &'s self,
+        flag: &'s CompiledFlag,
+        ctx: &Context<'_>,
+    ) -> Evaluation<'s> {
+        let mut budget = MAX_PREREQUISITE_EVALUATIONS;
+        self.eval(flag, ctx, &mut budget, 0)
+    }
+
+    /// Every flag, ordered by key.
+    pub fn flags(&self) -> impl Iterator<Item = &CompiledFlag> {
+        let order = self.order.get_or_init(|| {
+            let mut keys: Vec<Arc<str>> =
+                self.shards.iter().flat_map(|s| s.keys().cloned()).collect();
+            keys.sort_unstable();
+            keys.into()
+        });
+        order.iter().filter_map(|k| self.get(k))
+    }
+
+    /// Every segment, ordered by key.
+    pub fn segments(&self) -> impl Iterator<Item = &model::Segment> {
+        self.segments.values().map(|s| &s.source)
+    }
+
+    /// The segment with this key.
+    pub fn segment(&self, key: &str) -> Option<&model::Segment> {
+        self.segments.get(key).map(|s| &s.source)
+    }
+
+    /// Number of flags.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no flags.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn shard_mut(&mut self, key: &str) -> &mut Shard {
+        let shards = Arc::make_mut(&mut self.shards);
+        if shards.is_empty() {
+            shards.extend((0..SHARDS).map(|_| Arc::new(Shard::default())));
+        }
+        Arc::make_mut(&mut shards[shard_of(key)])
+    }
+
+    fn recompile_users(&mut self, segment: &str) {
+        let users: Vec<model::Flag> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.values())
+            .filter(|f| f.uses_segment(segment))
+            .map(|f| f.source().clone())
+            .collect();
+        for flag in users {
+            self.upsert_flag(flag);
+        }
+    }
+}
+
+impl std::fmt::Debug for FlagSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlagSet")
+            .field("flags", &self.len)
+            .field("segments", &self.segments.len())
+            .finish()
+    }
+}
+
+/// The shard of a key. The hash is remixed so that a shard's keys do not
+/// share the bits its own hash map uses for buckets and tags.
+fn shard_of(key: &str) -> usize {
+    let mut h = FxHasher::default();
+    key.hash(&mut h);
+    (h.finish().wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SHARDS.trailing_zeros())) as usize
+}
+
+/// The hasher of the engine's maps: keys are short strings chosen by admins
+/// and lookups never insert, so a fast non-keyed hash is safe here.
+pub(crate) type FastHash = BuildHasherDefault<FxHasher>;
+
+/// The Fx hash (from rustc): a multiply and rotate per word.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher {
+    hash: u64,
+}
+
+const FX_K: u64 = 0x517c_c1b7_2722_0a95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(FX_K);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes([
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+            ]));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 59));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        // A final avalanche so low bits (buckets) depend on every input bit.
+        let h = self.hash;
+        (h ^ (h >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (h >> 29)
+    }
+}
+
+#[cfg(test)]
+mod tests;
