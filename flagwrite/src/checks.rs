@@ -3,6 +3,7 @@
 //! `flagstream::validate` against a view of their namespace. Everything that
 //! is stored went through here.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use flagstream::validate::{FieldError, NamespaceView};
@@ -26,8 +27,8 @@ impl NamespaceView for View {
         self.segments.contains(key)
     }
 
-    fn flag(&self, key: &str) -> Option<&model::Flag> {
-        self.flags.get(key)
+    fn flag(&self, key: &str) -> Option<Cow<'_, model::Flag>> {
+        self.flags.get(key).map(Cow::Borrowed)
     }
 }
 
@@ -57,13 +58,7 @@ pub fn segment(segment: pb::Segment, prefix: &str) -> Result<model::Segment, Err
 
 /// Checks the request-wide options.
 pub fn comment(comment: &str) -> Result<(), Error> {
-    if comment.len() > flagstream::validate::MAX_COMMENT_BYTES {
-        return Err(Error::Invalid(format!(
-            "options.comment: longer than {} bytes",
-            flagstream::validate::MAX_COMMENT_BYTES
-        )));
-    }
-    Ok(())
+    flagstream::validate::comment(comment).map_err(|e| invalid("options", e))
 }
 
 /// An INVALID_ARGUMENT error whose path starts with `prefix` (e.g. `flag`).

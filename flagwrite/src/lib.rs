@@ -184,8 +184,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let (reflection_v1, reflection_v1alpha) = flagstream::kit::grpc::reflection();
 
-    let admin = FlagAdminServer::with_interceptor(Admin::new(store.clone(), writer, metrics.clone()), prepared.auth.clone())
-        .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES);
+    let admin = tonic::service::interceptor::InterceptedService::new(
+        FlagAdminServer::new(Admin::new(store.clone(), writer, metrics.clone()))
+            .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
+        prepared.auth.clone(),
+    );
     let stream_config = StreamConfig { heartbeat: Duration::from_millis(config.heartbeat_ms), chunk_bytes: 1024 * 1024 };
     let replication = Replication::new(store.clone(), feed, metrics.clone(), stream_config, stop_rx.clone()).into_server(prepared.auth);
 

@@ -192,7 +192,7 @@ impl Follower {
                     let beat = pb::Heartbeat { head_revision: feed.head(), time: Some(SystemTime::now().into()) };
                     self.send(Wire::Heartbeat(beat.encode_to_vec().into())).await?;
                 }
-                _ = shutdown.wait_for(|s| *s) => return Err(Stop::Done),
+                _ = stopped(&mut shutdown) => return Err(Stop::Done),
                 _ = self.tx.closed() => return Err(Stop::Done),
             }
         }
@@ -205,7 +205,7 @@ impl Follower {
         let feed = self.service.feed.clone();
         let read = tokio::task::spawn_blocking(move || {
             if last < feed.compacted() {
-                return Ok(None);
+                return Ok::<_, crate::store::StoreError>(None);
             }
             let mut out = Vec::new();
             for record in store.log_after(last).take(CATCH_UP_STEP) {
@@ -222,7 +222,7 @@ impl Follower {
         });
         match read.await {
             Ok(Ok(changes)) => Ok(changes),
-            Ok(Err(e)) => Err(Stop::Failed(Status::internal(format!("reading the change log: {}", e as crate::store::StoreError)))),
+            Ok(Err(e)) => Err(Stop::Failed(Status::internal(format!("reading the change log: {}", e)))),
             Err(e) => Err(Stop::Failed(Status::internal(format!("reading the change log: {e}")))),
         }
     }
@@ -283,9 +283,15 @@ impl Follower {
         let mut shutdown = self.service.shutdown.clone();
         tokio::select! {
             sent = self.tx.send(Ok(WireMessage { kind: Some(wire) })) => sent.map_err(|_| Stop::Done),
-            _ = shutdown.wait_for(|s| *s) => Err(Stop::Done),
+            _ = stopped(&mut shutdown) => Err(Stop::Done),
         }
     }
+}
+
+/// Completes once the shutdown flag is set (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`; drop it here.
+    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
 }
 
 impl<I> tonic::server::NamedService for ReplicationServer<I> {
