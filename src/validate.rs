@@ -108,6 +108,19 @@ impl NamespaceView for MemoryView {
     }
 }
 
+/// A compiled namespace is a view too: a writer or replica that keeps one per
+/// namespace can validate against it directly.
+impl NamespaceView for crate::engine::FlagSet {
+    fn segment_exists(&self, key: &str) -> bool {
+        self.segment(key).is_some()
+    }
+
+    fn flag(&self, key: &str) -> Option<Cow<'_, model::Flag>> {
+        self.get(key)
+            .map(|compiled| Cow::Borrowed(compiled.source()))
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Entry points.
 
@@ -379,17 +392,15 @@ fn value(flag_type: model::FlagType, value: &model::Value) -> Result<(), FieldEr
 /// Whether `value` nests objects and arrays more than `max` levels deep. Stops
 /// descending once the answer is known, so hostile documents cost little.
 fn json_deeper_than(value: &serde_json::Value, max: usize) -> bool {
-    let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
-        serde_json::Value::Array(items) => Box::new(items.iter()),
-        serde_json::Value::Object(map) => Box::new(map.values()),
-        _ => return false,
-    };
-    if max == 0 {
-        return true;
+    match value {
+        serde_json::Value::Array(items) => {
+            max == 0 || items.iter().any(|c| json_deeper_than(c, max - 1))
+        }
+        serde_json::Value::Object(map) => {
+            max == 0 || map.values().any(|c| json_deeper_than(c, max - 1))
+        }
+        _ => false,
     }
-    children
-        .into_iter()
-        .any(|child| json_deeper_than(child, max - 1))
 }
 
 /// Checks that `name` names one of the flag's variants.

@@ -790,3 +790,18 @@ fn bundles_resolve_references_among_themselves() {
         r#"segments[1].key: duplicate segment key "beta""#
     );
 }
+
+#[test]
+fn a_compiled_namespace_is_a_view() {
+    let fx = base();
+    let mut set = flagstream::engine::FlagSet::new();
+    set.upsert_segment(fx.segment.clone());
+    set.upsert_flag(simple_flag("parent", &[]));
+    assert_eq!(validate::flag(&fx.flag, &set), Ok(()));
+    set.remove_segment("beta");
+    let err = validate::flag(&fx.flag, &set).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"rules[0].segments[0]: no segment "beta" in namespace "production""#
+    );
+}
