@@ -92,6 +92,7 @@ pub fn config(dir: &TempDir) -> flagwrite::Config {
         log_format: flagstream::kit::telemetry::LogFormat::Text,
         dev_no_auth: false,
         heartbeat_ms: 200,
+        feed_capacity: 4096,
         shutdown_grace_secs: 5,
     }
 }
