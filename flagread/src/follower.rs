@@ -63,6 +63,8 @@ pub struct SyncStatus {
     subscriptions: AtomicU64,
     /// Subscriptions ended because of a gap or a protocol error, for metrics.
     resyncs: AtomicU64,
+    /// Snapshots received and applied; a resumed subscription adds none.
+    snapshots: AtomicU64,
 }
 
 /// Why a subscription ended.
@@ -121,6 +123,7 @@ impl SyncStatus {
             connected: AtomicBool::new(false),
             subscriptions: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
         }
     }
 
@@ -152,6 +155,11 @@ impl SyncStatus {
     /// Subscriptions ended by a gap or protocol error so far.
     pub fn resyncs(&self) -> u64 {
         self.resyncs.load(Ordering::Relaxed)
+    }
+
+    /// Snapshots received from the writer and applied so far.
+    pub fn snapshots(&self) -> u64 {
+        self.snapshots.load(Ordering::Relaxed)
     }
 
     fn heard(&self, head: u64) {
@@ -308,6 +316,7 @@ fn handle(
             }
             let flags = done.flags.len();
             state.install(done)?;
+            status.snapshots.fetch_add(1, Ordering::Relaxed);
             *progressed = true;
             tracing::info!(revision = end.revision, flags, "snapshot applied");
         }

@@ -85,6 +85,11 @@ pub fn render(state: &State, status: &SyncStatus, metrics: &Metrics) -> String {
         status.subscriptions() as i64,
     );
     text.gauge(
+        "flagread_snapshots_applied_total",
+        "Snapshots received from the writer and applied.",
+        status.snapshots() as i64,
+    );
+    text.gauge(
         "flagread_resyncs_total",
         "Subscriptions ended by a gap or protocol error.",
         status.resyncs() as i64,

@@ -112,6 +112,7 @@ async fn snapshot_then_changes_then_resume_without_snapshot() {
     );
     second.send([put(8, vec![flag("prod", "d", 8)])]).await;
     eventually("the change after resuming", || state.revision() == 8).await;
+    assert_eq!(status.snapshots(), 1, "resuming takes no new snapshot");
 
     drop(stop);
     tokio::time::timeout(Duration::from_secs(5), task)
