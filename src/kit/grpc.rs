@@ -18,22 +18,11 @@ pub struct TlsError {
 
 /// Builds a TLS configuration from a PEM certificate chain and key, requiring
 /// client certificates signed by `client_ca` when one is given.
-pub fn tls_config(
-    cert: &Path,
-    key: &Path,
-    client_ca: Option<&Path>,
-) -> Result<ServerTlsConfig, TlsError> {
+pub fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTlsConfig, TlsError> {
     let read = |what: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|source| TlsError {
-            what,
-            path: path.display().to_string(),
-            source,
-        })
+        std::fs::read(path).map_err(|source| TlsError { what, path: path.display().to_string(), source })
     };
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
-        read("TLS certificate", cert)?,
-        read("TLS key", key)?,
-    ));
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read("TLS certificate", cert)?, read("TLS key", key)?));
     if let Some(ca) = client_ca {
         config = config.client_ca_root(Certificate::from_pem(read("client CA", ca)?));
     }
