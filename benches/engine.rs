@@ -7,12 +7,18 @@
 //! - `all_1000`: every flag of a namespace of 1,000 mixed flags;
 //! - `compile_10000`: compiling 10,000 flags into a `FlagSet`.
 //!
+//! Each is measured twice: in wall-clock time (`targeted`, …) and in the
+//! thread's on-CPU time (`cpu/targeted`, …, read from
+//! `/proc/thread-self/schedstat`), which a machine shared with other work
+//! inflates much less.
+//!
 //! Run with `cargo bench --bench engine` (add `-- --quick` for a short run).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::Duration;
 
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use flagstream::convert;
 use flagstream::engine::FlagSet;
@@ -212,7 +218,49 @@ fn context(user: &str) -> pb::Context {
     }
 }
 
-fn benches(c: &mut Criterion) {
+/// The calling thread's on-CPU time in nanoseconds, as criterion values.
+struct CpuTime;
+
+fn on_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Measurement for CpuTime {
+    type Intermediate = u64;
+    type Value = u64;
+    fn start(&self) -> u64 {
+        on_cpu_ns()
+    }
+    fn end(&self, start: u64) -> u64 {
+        on_cpu_ns().saturating_sub(start)
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, value: &u64) -> f64 {
+        *value as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        // Values are nanoseconds, formatted as wall-clock ones are.
+        WallTime.formatter()
+    }
+}
+
+fn wall(c: &mut Criterion) {
+    benches(c, "");
+}
+
+fn cpu(c: &mut Criterion<CpuTime>) {
+    benches(c, "cpu/");
+}
+
+fn benches<M: Measurement + 'static>(c: &mut Criterion<M>, prefix: &str) {
     let mut set = FlagSet::new();
     set.upsert_flag(targeted("targeted"));
     set.upsert_flag(base("plain"));
@@ -225,13 +273,13 @@ fn benches(c: &mut Criterion) {
         .unwrap();
     let ctx = context(&user);
 
-    c.bench_function("targeted", |b| {
+    c.bench_function(&format!("{prefix}targeted"), |b| {
         b.iter(|| {
             let e = set.evaluate(black_box("targeted"), &convert::context(black_box(&ctx)));
             black_box(e.variant)
         })
     });
-    c.bench_function("plain", |b| {
+    c.bench_function(&format!("{prefix}plain"), |b| {
         b.iter(|| {
             let e = set.evaluate(black_box("plain"), &convert::context(black_box(&ctx)));
             black_box(e.variant)
@@ -243,7 +291,7 @@ fn benches(c: &mut Criterion) {
     for i in 0..1000 {
         all.upsert_flag(mixed(i));
     }
-    c.bench_function("all_1000", |b| {
+    c.bench_function(&format!("{prefix}all_1000"), |b| {
         b.iter(|| {
             let view = convert::context(black_box(&ctx));
             let mut on = 0usize;
@@ -257,7 +305,7 @@ fn benches(c: &mut Criterion) {
     });
 
     let models: Vec<Flag> = (0..10_000).map(mixed).collect();
-    let mut group = c.benchmark_group("compile");
+    let mut group = c.benchmark_group(format!("{prefix}compile"));
     group.sample_size(10);
     group.bench_function("compile_10000", |b| {
         b.iter_batched(
@@ -281,6 +329,14 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = benches
+    targets = wall
 }
-criterion_main!(engine);
+criterion_group! {
+    name = engine_cpu;
+    config = Criterion::default()
+        .with_measurement(CpuTime)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = cpu
+}
+criterion_main!(engine, engine_cpu);
