@@ -166,6 +166,9 @@ pub struct FlagSet {
     /// Flag keys in order, computed on first use after a key was added or
     /// removed (an update of an existing flag keeps it).
     order: OnceLock<Arc<[Arc<str>]>>,
+    /// The flags in key order, rebuilt from `order` by lookups (no sort) on
+    /// first use after any change: iterating it avoids a lookup per flag.
+    ordered: OnceLock<Arc<[Arc<CompiledFlag>]>>,
 }
 
 type Shard = HashMap<Arc<str>, Arc<CompiledFlag>, FastHash>;
@@ -189,6 +192,7 @@ impl FlagSet {
             self.len += 1;
             self.order = OnceLock::new();
         }
+        self.ordered = OnceLock::new();
     }
 
     /// Removes a flag; false when there was none.
@@ -199,6 +203,7 @@ impl FlagSet {
         self.shard_mut(key).remove(key);
         self.len -= 1;
         self.order = OnceLock::new();
+        self.ordered = OnceLock::new();
         true
     }
 
@@ -249,13 +254,19 @@ impl FlagSet {
 
     /// Every flag, ordered by key.
     pub fn flags(&self) -> impl Iterator<Item = &CompiledFlag> {
-        let order = self.order.get_or_init(|| {
-            let mut keys: Vec<Arc<str>> =
-                self.shards.iter().flat_map(|s| s.keys().cloned()).collect();
-            keys.sort_unstable();
-            keys.into()
+        let ordered = self.ordered.get_or_init(|| {
+            let order = self.order.get_or_init(|| {
+                let mut keys: Vec<Arc<str>> =
+                    self.shards.iter().flat_map(|s| s.keys().cloned()).collect();
+                keys.sort_unstable();
+                keys.into()
+            });
+            order
+                .iter()
+                .filter_map(|k| self.shards[shard_of(k)].get(k).cloned())
+                .collect()
         });
-        order.iter().filter_map(|k| self.get(k))
+        ordered.iter().map(|f| &**f)
     }
 
     /// Every segment, ordered by key.
