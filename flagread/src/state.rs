@@ -198,20 +198,26 @@ impl State {
     pub async fn wait_for_revision(&self, revision: u64) -> u64 {
         let mut rx = self.revision.subscribe();
         // `wait_for` only fails when the sender is dropped, and `self` owns the sender.
-        let applied = match rx.wait_for(|applied| *applied >= revision).await {
+
+        match rx.wait_for(|applied| *applied >= revision).await {
             Ok(applied) => *applied,
             Err(_) => self.revision(),
-        };
-        applied
+        }
     }
 
     /// Replaces the whole state with a complete snapshot, compiled aside and published in one
     /// swap. Counters of flags that survive unchanged in their variants keep counting.
     pub fn install(&self, snapshot: SnapshotBuilder) -> Result<(), ApplyError> {
-        let _writer = self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _writer = self
+            .write
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.current.load_full();
         if snapshot.revision < old.revision {
-            return Err(ApplyError::StaleSnapshot { applied: old.revision, got: snapshot.revision });
+            return Err(ApplyError::StaleSnapshot {
+                applied: old.revision,
+                got: snapshot.revision,
+            });
         }
         let mut namespaces: HashMap<String, NamespaceState> = HashMap::new();
         for ns in snapshot.namespaces {
@@ -230,9 +236,15 @@ impl State {
             let Some(ns) = self.namespace_for(&mut namespaces, &flag.namespace) else {
                 continue;
             };
-            let previous = old.namespaces.get(&flag.namespace).and_then(|o| o.counters.get(&flag.key));
+            let previous = old
+                .namespaces
+                .get(&flag.namespace)
+                .and_then(|o| o.counters.get(&flag.key));
             let entry = FlagCounters::reuse_or_new(previous, &flag);
-            counters.entry(flag.namespace.clone()).or_default().insert(flag.key.clone(), entry);
+            counters
+                .entry(flag.namespace.clone())
+                .or_default()
+                .insert(flag.key.clone(), entry);
             ns.flags.upsert_flag(flag);
         }
         let namespaces = namespaces
@@ -242,12 +254,18 @@ impl State {
                 (key, Arc::new(ns))
             })
             .collect();
-        let replica = Replica { revision: snapshot.revision, namespaces };
-        self.publish(replica, Applied {
+        let replica = Replica {
             revision: snapshot.revision,
-            changed: BTreeMap::new(),
-            full_refresh: true,
-        });
+            namespaces,
+        };
+        self.publish(
+            replica,
+            Applied {
+                revision: snapshot.revision,
+                changed: BTreeMap::new(),
+                full_refresh: true,
+            },
+        );
         self.ready.send_replace(true);
         Ok(())
     }
@@ -255,13 +273,21 @@ impl State {
     /// Applies one change (all its deltas) and publishes the result in one swap. Only the flags
     /// the change touches are recompiled (and, for a segment change, the flags using it).
     pub fn apply_change(&self, change: Change) -> Result<Arc<Applied>, ApplyError> {
-        let _writer = self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _writer = self
+            .write
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.current.load_full();
         if !self.is_ready() {
-            return Err(ApplyError::NoFullState { got: change.revision });
+            return Err(ApplyError::NoFullState {
+                got: change.revision,
+            });
         }
         if change.revision != old.revision + 1 {
-            return Err(ApplyError::OutOfOrder { applied: old.revision, got: change.revision });
+            return Err(ApplyError::OutOfOrder {
+                applied: old.revision,
+                got: change.revision,
+            });
         }
         // The namespaces this change touches, copied out of the old state (cheap: FlagSet clones
         // share compiled flags) and edited; `None` marks a deleted namespace.
@@ -287,7 +313,8 @@ impl State {
                     }
                 }
                 Delta::PutFlag(flag) => {
-                    let ns = slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
+                    let ns =
+                        slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
                     keys.insert(flag.key.clone());
                     ns.put_counters(&flag);
                     ns.flags.upsert_flag(flag);
@@ -301,7 +328,8 @@ impl State {
                     }
                 }
                 Delta::PutSegment(segment) => {
-                    let ns = slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
+                    let ns =
+                        slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
                     keys.extend(ns.users_of_segment(&segment.key));
                     ns.flags.upsert_segment(segment);
                 }
@@ -335,7 +363,10 @@ impl State {
                 .collect(),
             full_refresh: false,
         };
-        let replica = Replica { revision: change.revision, namespaces };
+        let replica = Replica {
+            revision: change.revision,
+            namespaces,
+        };
         Ok(self.publish(replica, applied))
     }
 
@@ -360,27 +391,39 @@ impl State {
         if !self.follows(key) {
             return None;
         }
-        Some(namespaces.entry(key.to_string()).or_insert_with(|| NamespaceState::empty(implicit(key))))
+        Some(
+            namespaces
+                .entry(key.to_string())
+                .or_insert_with(|| NamespaceState::empty(implicit(key))),
+        )
     }
 }
 
 /// A namespace record for objects that arrive before (or without) their namespace, so that a
 /// well-formed flag is never dropped.
 fn implicit(key: &str) -> model::Namespace {
-    model::Namespace { key: key.to_string(), ..Default::default() }
+    model::Namespace {
+        key: key.to_string(),
+        ..Default::default()
+    }
 }
 
 impl Replica {
     /// Every object of the state as a snapshot, for the snapshot file.
     pub fn to_snapshot(&self) -> SnapshotBuilder {
-        let mut snapshot = SnapshotBuilder { revision: self.revision, ..Default::default() };
+        let mut snapshot = SnapshotBuilder {
+            revision: self.revision,
+            ..Default::default()
+        };
         let mut keys: Vec<&String> = self.namespaces.keys().collect();
         keys.sort();
         for key in keys {
             let ns = &self.namespaces[key];
             snapshot.namespaces.push(ns.namespace.clone());
             snapshot.segments.extend(ns.flags.segments().cloned());
-            snapshot.flags.extend(ns.flags.flags().map(|f| f.source().clone()));
+            snapshot
+                .flags
+                .extend(ns.flags.flags().map(|f| f.source().clone()));
         }
         snapshot
     }
@@ -393,7 +436,11 @@ impl Replica {
 
 impl NamespaceState {
     fn empty(namespace: model::Namespace) -> NamespaceState {
-        NamespaceState { namespace, flags: FlagSet::default(), counters: Arc::default() }
+        NamespaceState {
+            namespace,
+            flags: FlagSet::default(),
+            counters: Arc::default(),
+        }
     }
 
     /// The counters of flag `key`, if it exists.
@@ -421,14 +468,24 @@ impl NamespaceState {
     fn users_of_segment(&self, key: &str) -> Vec<String> {
         self.flags
             .flags()
-            .filter(|f| f.source().rules.iter().any(|r| r.segments.iter().any(|s| s == key)))
+            .filter(|f| {
+                f.source()
+                    .rules
+                    .iter()
+                    .any(|r| r.segments.iter().any(|s| s == key))
+            })
             .map(|f| f.key().to_string())
             .collect()
     }
 
     /// Adds to `keys` every flag that (transitively) lists one of `keys` as a prerequisite.
     fn add_dependents(&self, keys: &mut BTreeSet<String>) {
-        if keys.is_empty() || !self.flags.flags().any(|f| !f.source().prerequisites.is_empty()) {
+        if keys.is_empty()
+            || !self
+                .flags
+                .flags()
+                .any(|f| !f.source().prerequisites.is_empty())
+        {
             return;
         }
         loop {
@@ -437,7 +494,12 @@ impl NamespaceState {
                 .flags
                 .flags()
                 .filter(|f| !keys.contains(f.key()))
-                .filter(|f| f.source().prerequisites.iter().any(|p| keys.contains(&p.flag)))
+                .filter(|f| {
+                    f.source()
+                        .prerequisites
+                        .iter()
+                        .any(|p| keys.contains(&p.flag))
+                })
                 .map(|f| f.key().to_string())
                 .collect();
             keys.extend(more);
@@ -451,7 +513,9 @@ impl NamespaceState {
 impl FlagCounters {
     fn new(flag: &model::Flag) -> FlagCounters {
         let variants: Vec<String> = flag.variants.iter().map(|v| v.name.clone()).collect();
-        let counts = (0..(variants.len() + 1) * REASONS.len()).map(|_| AtomicU64::new(0)).collect();
+        let counts = (0..(variants.len() + 1) * REASONS.len())
+            .map(|_| AtomicU64::new(0))
+            .collect();
         FlagCounters { variants, counts }
     }
 
@@ -468,7 +532,8 @@ impl FlagCounters {
                         Some(v) => fresh.variants.iter().position(|n| n == v),
                     };
                     if let Some(row) = row {
-                        fresh.counts[row * REASONS.len() + reason_index(reason)].store(count, Ordering::Relaxed);
+                        fresh.counts[row * REASONS.len() + reason_index(reason)]
+                            .store(count, Ordering::Relaxed);
                     }
                 }
                 Arc::new(fresh)
@@ -479,7 +544,11 @@ impl FlagCounters {
 
     fn matches(&self, flag: &model::Flag) -> bool {
         self.variants.len() == flag.variants.len()
-            && self.variants.iter().zip(&flag.variants).all(|(a, b)| *a == b.name)
+            && self
+                .variants
+                .iter()
+                .zip(&flag.variants)
+                .all(|(a, b)| *a == b.name)
     }
 
     /// Counts one evaluation: one relaxed atomic add, no lock, no allocation.
@@ -543,7 +612,11 @@ mod tests {
             flag_type: model::FlagType::Boolean,
             variants: variants
                 .iter()
-                .map(|v| model::Variant { name: v.to_string(), value: model::Value::Bool(true), description: String::new() })
+                .map(|v| model::Variant {
+                    name: v.to_string(),
+                    value: model::Value::Bool(true),
+                    description: String::new(),
+                })
                 .collect(),
             enabled: true,
             disabled_variant: variants[0].into(),
@@ -568,12 +641,22 @@ mod tests {
     }
 
     fn with_prerequisite(mut f: model::Flag, parent: &str) -> model::Flag {
-        f.prerequisites.push(model::Prerequisite { flag: parent.into(), expect_off: false, variants: vec![] });
+        f.prerequisites.push(model::Prerequisite {
+            flag: parent.into(),
+            expect_off: false,
+            variants: vec![],
+        });
         f
     }
 
     fn segment(ns: &str, key: &str) -> model::Segment {
-        model::Segment { namespace: ns.into(), key: key.into(), description: String::new(), constraints: vec![], stamp: model::Stamp::default() }
+        model::Segment {
+            namespace: ns.into(),
+            key: key.into(),
+            description: String::new(),
+            constraints: vec![],
+            stamp: model::Stamp::default(),
+        }
     }
 
     /// A state at revision 1 holding namespace `prod` with flags a (uses segment s), b (needs
@@ -588,11 +671,22 @@ mod tests {
             flag("dev", "e", &["on"]),
         ];
         let namespaces = vec![
-            model::Namespace { key: "prod".into(), ..Default::default() },
-            model::Namespace { key: "dev".into(), ..Default::default() },
+            model::Namespace {
+                key: "prod".into(),
+                ..Default::default()
+            },
+            model::Namespace {
+                key: "dev".into(),
+                ..Default::default()
+            },
         ];
         state
-            .install(SnapshotBuilder { revision: 1, namespaces, flags, segments: vec![segment("prod", "s")] })
+            .install(SnapshotBuilder {
+                revision: 1,
+                namespaces,
+                flags,
+                segments: vec![segment("prod", "s")],
+            })
             .unwrap();
         state
     }
@@ -600,7 +694,12 @@ mod tests {
     /// Applies `deltas` as revision 2 and compares the announced changed keys.
     fn check(deltas: Vec<Delta>, expected: &[(&str, &[&str])]) {
         let state = base();
-        let applied = state.apply_change(Change { revision: 2, deltas }).unwrap();
+        let applied = state
+            .apply_change(Change {
+                revision: 2,
+                deltas,
+            })
+            .unwrap();
         let expected: BTreeMap<String, Vec<String>> = expected
             .iter()
             .map(|(ns, keys)| (ns.to_string(), keys.iter().map(|k| k.to_string()).collect()))
@@ -611,30 +710,75 @@ mod tests {
 
     #[test]
     fn changed_flags_include_segment_users_and_dependents() {
-        check(vec![Delta::PutFlag(flag("prod", "d", &["on"]))], &[("prod", &["d"])]);
-        check(vec![Delta::PutFlag(flag("prod", "a", &["on"]))], &[("prod", &["a", "b", "c"])]);
-        check(vec![Delta::PutSegment(segment("prod", "s"))], &[("prod", &["a", "b", "c"])]);
-        check(vec![Delta::DeleteFlag { namespace: "prod".into(), key: "c".into() }], &[("prod", &["c"])]);
-        check(vec![Delta::DeleteNamespace("dev".into())], &[("dev", &["e"])]);
         check(
-            vec![Delta::PutFlag(flag("dev", "f", &["on"])), Delta::PutFlag(flag("new", "g", &["on"]))],
+            vec![Delta::PutFlag(flag("prod", "d", &["on"]))],
+            &[("prod", &["d"])],
+        );
+        check(
+            vec![Delta::PutFlag(flag("prod", "a", &["on"]))],
+            &[("prod", &["a", "b", "c"])],
+        );
+        check(
+            vec![Delta::PutSegment(segment("prod", "s"))],
+            &[("prod", &["a", "b", "c"])],
+        );
+        check(
+            vec![Delta::DeleteFlag {
+                namespace: "prod".into(),
+                key: "c".into(),
+            }],
+            &[("prod", &["c"])],
+        );
+        check(
+            vec![Delta::DeleteNamespace("dev".into())],
+            &[("dev", &["e"])],
+        );
+        check(
+            vec![
+                Delta::PutFlag(flag("dev", "f", &["on"])),
+                Delta::PutFlag(flag("new", "g", &["on"])),
+            ],
             &[("dev", &["f"]), ("new", &["g"])],
         );
-        check(vec![Delta::PutNamespace(model::Namespace { key: "dev".into(), ..Default::default() })], &[]);
+        check(
+            vec![Delta::PutNamespace(model::Namespace {
+                key: "dev".into(),
+                ..Default::default()
+            })],
+            &[],
+        );
     }
 
     #[test]
     fn changes_apply_in_order_only() {
         let state = base();
-        let change = |revision| Change { revision, deltas: vec![Delta::PutFlag(flag("prod", "x", &["on"]))] };
-        assert_eq!(state.apply_change(change(3)), Err(ApplyError::OutOfOrder { applied: 1, got: 3 }));
-        assert_eq!(state.apply_change(change(1)), Err(ApplyError::OutOfOrder { applied: 1, got: 1 }));
+        let change = |revision| Change {
+            revision,
+            deltas: vec![Delta::PutFlag(flag("prod", "x", &["on"]))],
+        };
+        assert_eq!(
+            state.apply_change(change(3)),
+            Err(ApplyError::OutOfOrder { applied: 1, got: 3 })
+        );
+        assert_eq!(
+            state.apply_change(change(1)),
+            Err(ApplyError::OutOfOrder { applied: 1, got: 1 })
+        );
         assert!(state.load().namespaces["prod"].flags.get("x").is_none());
         assert!(state.apply_change(change(2)).is_ok());
         let empty = State::new(None);
-        assert_eq!(empty.apply_change(change(1)), Err(ApplyError::NoFullState { got: 1 }));
-        let stale = SnapshotBuilder { revision: 1, ..Default::default() };
-        assert_eq!(state.install(stale), Err(ApplyError::StaleSnapshot { applied: 2, got: 1 }));
+        assert_eq!(
+            empty.apply_change(change(1)),
+            Err(ApplyError::NoFullState { got: 1 })
+        );
+        let stale = SnapshotBuilder {
+            revision: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            state.install(stale),
+            Err(ApplyError::StaleSnapshot { applied: 2, got: 1 })
+        );
     }
 
     #[test]
@@ -642,11 +786,20 @@ mod tests {
         let state = base();
         let before = state.load();
         state
-            .apply_change(Change { revision: 2, deltas: vec![Delta::DeleteFlag { namespace: "prod".into(), key: "d".into() }] })
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![Delta::DeleteFlag {
+                    namespace: "prod".into(),
+                    key: "d".into(),
+                }],
+            })
             .unwrap();
         assert!(before.namespaces["prod"].flags.get("d").is_some());
         assert!(state.load().namespaces["prod"].flags.get("d").is_none());
-        assert!(Arc::ptr_eq(&before.namespaces["dev"], &state.load().namespaces["dev"]), "untouched namespaces are shared");
+        assert!(
+            Arc::ptr_eq(&before.namespaces["dev"], &state.load().namespaces["dev"]),
+            "untouched namespaces are shared"
+        );
     }
 
     #[test]
@@ -654,14 +807,39 @@ mod tests {
         let state = base();
         let count = |state: &State, key: &str| -> Vec<(Option<String>, u64)> {
             let replica = state.load();
-            replica.namespaces["prod"].counters(key).unwrap().iter().map(|(v, _, n)| (v.map(str::to_string), n)).collect()
+            replica.namespaces["prod"]
+                .counters(key)
+                .unwrap()
+                .iter()
+                .map(|(v, _, n)| (v.map(str::to_string), n))
+                .collect()
         };
-        state.load().namespaces["prod"].counters("d").unwrap().record(Some("on"), Reason::Static);
-        state.load().namespaces["prod"].counters("d").unwrap().record(None, Reason::Error);
-        state.apply_change(Change { revision: 2, deltas: vec![Delta::PutFlag(flag("prod", "d", &["on"]))] }).unwrap();
+        state.load().namespaces["prod"]
+            .counters("d")
+            .unwrap()
+            .record(Some("on"), Reason::Static);
+        state.load().namespaces["prod"]
+            .counters("d")
+            .unwrap()
+            .record(None, Reason::Error);
+        state
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![Delta::PutFlag(flag("prod", "d", &["on"]))],
+            })
+            .unwrap();
         assert_eq!(count(&state, "d"), vec![(Some("on".into()), 1), (None, 1)]);
-        state.apply_change(Change { revision: 3, deltas: vec![Delta::PutFlag(flag("prod", "d", &["off", "on"]))] }).unwrap();
-        assert_eq!(count(&state, "d"), vec![(Some("on".into()), 1), (None, 1)], "counts follow the variant, not its position");
+        state
+            .apply_change(Change {
+                revision: 3,
+                deltas: vec![Delta::PutFlag(flag("prod", "d", &["off", "on"]))],
+            })
+            .unwrap();
+        assert_eq!(
+            count(&state, "d"),
+            vec![(Some("on".into()), 1), (None, 1)],
+            "counts follow the variant, not its position"
+        );
     }
 
     #[tokio::test]
@@ -673,7 +851,12 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        state.apply_change(Change { revision: 2, deltas: vec![] }).unwrap();
+        state
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![],
+            })
+            .unwrap();
         assert_eq!(waiter.await.unwrap(), 2);
     }
 }

@@ -51,9 +51,19 @@ pub fn flag(flag: &model::Flag, view: &View, prefix: &str) -> Result<(), Error> 
 
 /// Converts and validates a segment.
 pub fn segment(segment: pb::Segment, prefix: &str) -> Result<model::Segment, Error> {
-    let segment = model::Segment::try_from(segment).map_err(|e| invalid(prefix, e))?;
-    flagstream::validate::segment(&segment).map_err(|e| invalid(prefix, e))?;
+    let segment = segment_model(segment, prefix)?;
+    segment_valid(&segment, prefix)?;
     Ok(segment)
+}
+
+/// Converts a segment (without validating it).
+pub fn segment_model(segment: pb::Segment, prefix: &str) -> Result<model::Segment, Error> {
+    model::Segment::try_from(segment).map_err(|e| invalid(prefix, e))
+}
+
+/// Validates a segment.
+pub fn segment_valid(segment: &model::Segment, prefix: &str) -> Result<(), Error> {
+    flagstream::validate::segment(segment).map_err(|e| invalid(prefix, e))
 }
 
 /// Checks the request-wide options.

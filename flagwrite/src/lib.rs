@@ -84,6 +84,10 @@ pub struct Config {
     /// Milliseconds between heartbeats on the change stream.
     #[arg(long, env = "FLAGWRITE_HEARTBEAT_MS", default_value_t = 5000)]
     pub heartbeat_ms: u64,
+    /// How many recent changes are kept encoded in memory for subscribers;
+    /// subscribers further behind read the change log on disk.
+    #[arg(long, env = "FLAGWRITE_FEED_CAPACITY", default_value_t = 4096)]
+    pub feed_capacity: usize,
     /// Seconds in-flight calls get to finish after SIGTERM (keep it below the
     /// chart's terminationGracePeriodSeconds).
     #[arg(long, env = "FLAGWRITE_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
@@ -144,9 +148,6 @@ impl Config {
     }
 }
 
-/// How many recent changes the in-memory feed keeps for subscribers.
-const FEED_CAPACITY: usize = 4096;
-
 /// Serves flagwrite on `listener` until `shutdown` completes, then stops
 /// accepting, ends the change streams, lets in-flight calls finish (within
 /// the grace period), drains the writer and flushes.
@@ -157,7 +158,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         .await
         .map_err(|e| RunError::Config(format!("opening the store: {e}")))??;
     let head = store.head()?;
-    let feed = Arc::new(Feed::new(head, store.compacted()?, FEED_CAPACITY));
+    let feed = Arc::new(Feed::new(head, store.compacted()?, config.feed_capacity));
     let metrics = Arc::new(Metrics::default());
     metrics.head_revision.set(head as i64);
     let (writer, writer_task) = Writer::spawn(store.clone(), feed.clone(), metrics.clone(), config.changelog_retention);

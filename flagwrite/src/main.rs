@@ -19,6 +19,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async {
+        let shutdown = flagstream::kit::shutdown::signal();
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(listener) => listener,
             Err(e) => {
@@ -26,7 +27,7 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
-        match flagwrite::run(listener, config, flagstream::kit::shutdown::signal()).await {
+        match flagwrite::run(listener, config, shutdown).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("flagwrite: {e}");

@@ -8,6 +8,7 @@ use flagstream::pb;
 use flagstream::pb::flag_admin_server::FlagAdmin;
 use tonic::{Request, Response, Status};
 
+use crate::checks;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -309,15 +310,43 @@ impl FlagAdmin for Admin {
         let identity = admin(&request)?;
         let req = request.into_inner();
         let op = match req.source {
-            Some(pb::import_namespace_request::Source::Bundle(bundle)) => Op::Import {
-                namespace: req.namespace,
-                description: bundle.namespace.map(|n| n.description),
-                flags: bundle.flags,
-                segments: bundle.segments,
-                path: "bundle",
-            },
-            Some(pb::import_namespace_request::Source::UnleashJson(_)) => {
-                return Err(Status::unimplemented("unleash_json: the Unleash importer is not part of this build yet"));
+            Some(pb::import_namespace_request::Source::Bundle(bundle)) => {
+                // The objects' namespace fields are ignored in favour of the
+                // request's, so they are replaced before conversion.
+                let flags = bundle
+                    .flags
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut f)| {
+                        f.namespace = req.namespace.clone();
+                        checks::flag_model(f, &format!("bundle.flags[{i}]"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let segments = bundle
+                    .segments
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut s)| {
+                        s.namespace = req.namespace.clone();
+                        checks::segment_model(s, &format!("bundle.segments[{i}]"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Op::Import { namespace: req.namespace, description: bundle.namespace.map(|n| n.description), flags, segments, path: "bundle" }
+            }
+            Some(pb::import_namespace_request::Source::UnleashJson(json)) => {
+                // The importer keeps what Unleash would silently turn off (an
+                // unknown operator, a bad regex) so evaluation matches
+                // Unleash; write-time validation then refuses it, naming the
+                // feature and the field.
+                let import = flagstream::unleash::import_features(&json, &req.namespace)
+                    .map_err(|e| Status::invalid_argument(format!("unleash_json: {e}")))?;
+                Op::Import {
+                    namespace: req.namespace,
+                    description: None,
+                    flags: import.flags,
+                    segments: import.segments,
+                    path: "unleash_json",
+                }
             }
             None => return Err(Status::invalid_argument("source: one of bundle or unleash_json is required")),
         };

@@ -31,9 +31,10 @@ pub enum Op {
     CreateSegment(pb::Segment),
     UpdateSegment { segment: pb::Segment, expected: u64 },
     DeleteSegment { namespace: String, key: String, expected: u64 },
-    /// Replaces a namespace's contents; `path` prefixes error paths
-    /// (`bundle` or `unleash_json`).
-    Import { namespace: String, description: Option<String>, flags: Vec<pb::Flag>, segments: Vec<pb::Segment>, path: &'static str },
+    /// Replaces a namespace's contents (the objects' own namespace fields
+    /// are overridden); `path` prefixes error paths (`bundle` or
+    /// `unleash_json`).
+    Import { namespace: String, description: Option<String>, flags: Vec<model::Flag>, segments: Vec<model::Segment>, path: &'static str },
 }
 
 /// One write request as the service hands it to the writer.
@@ -321,7 +322,7 @@ impl Plan<'_> {
         Ok(())
     }
 
-    fn import(&mut self, namespace: String, description: Option<String>, flags: Vec<pb::Flag>, segments: Vec<pb::Segment>, path: &str) -> Result<(), Error> {
+    fn import(&mut self, namespace: String, description: Option<String>, flags: Vec<model::Flag>, segments: Vec<model::Segment>, path: &str) -> Result<(), Error> {
         let existing = self.store.namespace(&namespace)?;
         let ns_model = checks::namespace(
             pb::Namespace { key: namespace.clone(), description: description.clone().unwrap_or_else(|| existing.as_ref().map(|n| n.description.clone()).unwrap_or_default()), stamp: None },
@@ -330,20 +331,19 @@ impl Plan<'_> {
         self.namespace = namespace.clone();
         let mut view = View::default();
         let mut new_segments = Vec::with_capacity(segments.len());
-        for (i, mut segment) in segments.into_iter().enumerate() {
-            segment.namespace = namespace.clone();
-            let prefix = element(path, "segments", i, &segment.key);
-            let model = checks::segment(segment, &prefix)?;
+        for (i, mut model) in segments.into_iter().enumerate() {
+            model.namespace = namespace.clone();
+            let prefix = element(path, "segments", i, &model.key);
+            checks::segment_valid(&model, &prefix)?;
             if !view.segments.insert(model.key.clone()) {
                 return Err(Error::Invalid(format!("{prefix}.key: segment {:?} appears twice", model.key)));
             }
             new_segments.push(model);
         }
         let mut new_flags = Vec::with_capacity(flags.len());
-        for (i, mut flag) in flags.into_iter().enumerate() {
-            flag.namespace = namespace.clone();
-            let prefix = element(path, "flags", i, &flag.key);
-            let model = checks::flag_model(flag, &prefix)?;
+        for (i, mut model) in flags.into_iter().enumerate() {
+            model.namespace = namespace.clone();
+            let prefix = element(path, "flags", i, &model.key);
             if view.flags.insert(model.key.clone(), model.clone()).is_some() {
                 return Err(Error::Invalid(format!("{prefix}.key: flag {:?} appears twice", model.key)));
             }

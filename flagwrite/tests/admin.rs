@@ -427,3 +427,41 @@ async fn auth_matrix() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn unleash_import_is_atomic_and_names_the_bad_field() {
+    let server = Server::start().await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    let import = |json: &str| pb::ImportNamespaceRequest {
+        namespace: "legacy".into(),
+        source: Some(pb::import_namespace_request::Source::UnleashJson(json.into())),
+        options: options("migrate from Unleash"),
+    };
+    let good = r#"{"version": 2, "features": [
+        {"name": "simple", "enabled": true, "strategies": [{"name": "default"}]},
+        {"name": "rollout", "enabled": true, "strategies": [{"name": "flexibleRollout",
+            "parameters": {"rollout": "50", "stickiness": "default", "groupId": "rollout"},
+            "constraints": [{"contextName": "appName", "operator": "IN", "values": ["web"]}]}]}
+    ]}"#;
+    let revision = admin.import_namespace(import(good)).await.unwrap().into_inner().revision;
+    assert_eq!(revision, 1);
+    let flags = admin.list_flags(pb::ListFlagsRequest { namespace: "legacy".into(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(keys(&flags.flags), ["rollout", "simple"]);
+
+    // Unleash would silently never match an unknown operator; we refuse it,
+    // naming the feature and the field, and store nothing.
+    let bad = r#"{"version": 2, "features": [
+        {"name": "fine", "enabled": true, "strategies": [{"name": "default"}]},
+        {"name": "broken", "enabled": true, "strategies": [{"name": "default",
+            "constraints": [{"contextName": "appName", "operator": "SOUNDS_LIKE", "values": ["web"]}]}]}
+    ]}"#;
+    let status = admin.import_namespace(import(bad)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("unleash_json.flags[\"broken\"]"), "{}", status.message());
+    assert!(status.message().contains("SOUNDS_LIKE"), "{}", status.message());
+    let status = admin.import_namespace(import("{not json")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let flags = admin.list_flags(pb::ListFlagsRequest { namespace: "legacy".into(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(keys(&flags.flags), ["rollout", "simple"]);
+    server.stop().await;
+}

@@ -3,6 +3,8 @@
 //! builders for valid objects.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -92,6 +94,7 @@ pub fn config(dir: &TempDir) -> flagwrite::Config {
         log_format: flagstream::kit::telemetry::LogFormat::Text,
         dev_no_auth: false,
         heartbeat_ms: 200,
+        feed_capacity: 4096,
         shutdown_grace_secs: 5,
     }
 }
