@@ -34,9 +34,10 @@
 //!   parameter become rules that never match (a 0% random rollout), as Unleash
 //!   evaluates them false.
 //! - Constraints keep their operator (unknown ones as `Operator::Unknown`,
-//!   which never holds), `inverted` and `caseInsensitive` (ignored for IN and
-//!   NOT_IN, as Unleash does); single-value operators read `value` (or the
-//!   first of `values`). Segment ids become segment keys `segment-<id>`.
+//!   which never holds), `inverted` and `caseInsensitive` (also for IN and
+//!   NOT_IN, as the current client specification has it); single-value
+//!   operators read `value` (or the first of `values`). Segment ids become
+//!   segment keys `segment-<id>`.
 //! - Dependencies become prerequisites (`enabled: false` → `expect_off`). As
 //!   in Unleash only one level is followed: a dependency on a feature that has
 //!   dependencies itself (or is part of a cycle) becomes a prerequisite on the
@@ -492,8 +493,7 @@ fn convert_constraint(c: &UConstraint) -> Constraint {
             None => list(&c.values).into_iter().take(1).collect(),
         },
     };
-    let case_insensitive =
-        c.case_insensitive.unwrap_or(false) && !matches!(operator, Operator::In | Operator::NotIn);
+    let case_insensitive = c.case_insensitive.unwrap_or(false);
     Constraint {
         attribute: Attribute::from_name(&c.context_name),
         operator,
@@ -816,4 +816,177 @@ fn convert_feature(f: &Feature, namespace: &str) -> Flag {
     }
     flag.variants = table.variants;
     flag
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Context;
+
+    /// Imports `features` (a JSON list) and checks `isEnabled` and the
+    /// `getVariant` name for each (feature, userId, enabled, variant) case.
+    fn check(features: &str, cases: &[(&str, &str, bool, &str)]) {
+        let json = format!(r#"{{"version": 2, "features": {features}}}"#);
+        let import = import_features(&json, "ns").unwrap();
+        let mut set = FlagSet::new();
+        for flag in import.flags {
+            set.upsert_flag(flag);
+        }
+        for (feature, user, enabled, variant_name) in cases {
+            let ctx = Context {
+                user_id: user,
+                ..Context::default()
+            };
+            let e = set.evaluate(feature, &ctx);
+            assert_eq!(is_enabled(&e), *enabled, "{feature} for {user:?}");
+            assert_eq!(variant(&e).name, *variant_name, "{feature} for {user:?}");
+        }
+    }
+
+    #[test]
+    fn boolean_features() {
+        check(
+            r#"[
+              {"name": "always", "enabled": true, "strategies": []},
+              {"name": "off", "enabled": false, "strategies": []},
+              {"name": "users", "enabled": true,
+               "strategies": [{"name": "userWithId", "parameters": {"userIds": "a, b"}}]},
+              {"name": "custom", "enabled": true, "strategies": [{"name": "myOwnStrategy"}]},
+              {"name": "no-ids", "enabled": true, "strategies": [{"name": "userWithId"}]},
+              {"name": "unknown-op", "enabled": true, "strategies": [{"name": "default",
+               "constraints": [{"contextName": "userId", "operator": "SOUNDS_LIKE",
+                                "values": ["a"], "inverted": true}]}]}
+            ]"#,
+            &[
+                ("always", "", true, "disabled"),
+                ("off", "", false, "disabled"),
+                ("users", "b", true, "disabled"),
+                ("users", "c", false, "disabled"),
+                ("custom", "a", false, "disabled"),
+                ("no-ids", "a", false, "disabled"),
+                ("unknown-op", "a", false, "disabled"),
+                ("missing", "a", false, "disabled"),
+            ],
+        );
+        let import = import_features(
+            r#"{"features": [{"name": "always", "enabled": true, "strategies": []}]}"#,
+            "ns",
+        )
+        .unwrap();
+        let flag = &import.flags[0];
+        assert_eq!(flag.flag_type, FlagType::Boolean);
+        assert_eq!(
+            (
+                flag.default_variant.as_str(),
+                flag.disabled_variant.as_str()
+            ),
+            ("on", "off")
+        );
+    }
+
+    #[test]
+    fn variants_keep_names_and_payloads() {
+        let features = r#"[
+          {"name": "colors", "enabled": true,
+           "strategies": [
+             {"name": "default", "constraints": [{"contextName": "userId", "operator": "IN", "values": ["s"]}],
+              "variants": [{"name": "blue", "weight": 1, "payload": {"type": "string", "value": "strategy"}}]},
+             {"name": "default"}
+           ],
+           "variants": [{"name": "blue", "weight": 1, "payload": {"type": "string", "value": "feature"},
+                         "overrides": [{"contextName": "userId", "values": ["o"]}]}]}
+        ]"#;
+        check(
+            features,
+            &[
+                ("colors", "s", true, "blue"),
+                ("colors", "x", true, "blue"),
+                ("colors", "o", true, "blue"),
+            ],
+        );
+        let json = format!(r#"{{"features": {features}}}"#);
+        let mut set = FlagSet::new();
+        for flag in import_features(&json, "ns").unwrap().flags {
+            set.upsert_flag(flag);
+        }
+        let payload = |user: &str| {
+            let ctx = Context {
+                user_id: user,
+                ..Context::default()
+            };
+            variant(&set.evaluate("colors", &ctx)).payload.unwrap()["value"].clone()
+        };
+        assert_eq!(payload("s"), "strategy");
+        assert_eq!(payload("x"), "feature");
+        let flag = set.get("colors").unwrap();
+        assert_eq!(
+            flag.metadata()
+                .get("unleash.variant.blue~1")
+                .map(String::as_str),
+            Some("blue")
+        );
+    }
+
+    #[test]
+    fn dependencies_follow_one_level() {
+        check(
+            r#"[
+              {"name": "root", "enabled": true, "strategies": []},
+              {"name": "mid", "enabled": true, "strategies": [], "dependencies": [{"feature": "root"}]},
+              {"name": "leaf", "enabled": true, "strategies": [], "dependencies": [{"feature": "mid"}]},
+              {"name": "wants-off", "enabled": true, "strategies": [],
+               "dependencies": [{"feature": "root", "enabled": false}]}
+            ]"#,
+            &[
+                ("mid", "", true, "disabled"),
+                ("leaf", "", false, "disabled"),
+                ("wants-off", "", false, "disabled"),
+            ],
+        );
+    }
+
+    #[test]
+    fn delta_events() {
+        let mut set = FlagSet::new();
+        apply_events(
+            r#"{"events": [
+              {"type": "hydration", "eventId": 1,
+               "segments": [{"id": 7, "constraints": [{"contextName": "userId", "operator": "IN", "values": ["a"]}]}],
+               "features": [{"name": "seg", "enabled": true, "strategies": [{"name": "default", "segments": [7]}]},
+                            {"name": "gone", "enabled": true, "strategies": []}]},
+              {"type": "feature-removed", "eventId": 2, "featureName": "gone"},
+              {"type": "something-new", "eventId": 3}
+            ]}"#,
+            "ns",
+            &mut set,
+        )
+        .unwrap();
+        let on = |set: &FlagSet, key: &str| {
+            is_enabled(&set.evaluate(
+                key,
+                &Context {
+                    user_id: "a",
+                    ..Context::default()
+                },
+            ))
+        };
+        assert!(on(&set, "seg"));
+        assert!(set.get("gone").is_none());
+        assert_eq!(
+            set.segment(&segment_key(7)).map(|s| s.constraints.len()),
+            Some(1)
+        );
+        apply_events(
+            r#"{"events": [{"type": "segment-removed", "segmentId": 7}]}"#,
+            "ns",
+            &mut set,
+        )
+        .unwrap();
+        assert!(!on(&set, "seg"));
+        assert!(matches!(
+            apply_events("{", "ns", &mut set),
+            Err(UnleashError::Json(_))
+        ));
+        assert!(import_features(r#"{"features": 3}"#, "ns").is_err());
+    }
 }

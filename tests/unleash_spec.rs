@@ -12,12 +12,16 @@ use serde_json::Value as Json;
 
 const SPEC_SUBDIR: &str = "shared/conformance/unleash-client-specification/specifications";
 
-/// The specification folder: `UNLEASH_SPEC_DIR`, else `../shared/…` beside the
-/// repository, else the nearest ancestor holding `shared/…` (a worktree
-/// nested one level deeper).
+/// The specification folder: `UNLEASH_SPEC_DIR` when it exists, else
+/// `../shared/…` beside the repository, else the nearest ancestor holding
+/// `shared/…` (a worktree nested one level deeper).
 fn spec_dir() -> Option<PathBuf> {
-    if let Ok(dir) = std::env::var("UNLEASH_SPEC_DIR") {
-        return Some(PathBuf::from(dir)).filter(|d| d.is_dir());
+    // An explicit folder that exists wins; otherwise (unset, or pointing
+    // beside a nested worktree) the checkout's ancestors are searched.
+    if let Some(dir) = std::env::var_os("UNLEASH_SPEC_DIR").map(PathBuf::from) {
+        if dir.is_dir() {
+            return Some(dir);
+        }
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     root.ancestors()
@@ -79,6 +83,27 @@ impl SpecContext {
                     }
                 }
             }
+        }
+        // Unleash SDKs read a well-known field from the properties when it is
+        // not set at the top level.
+        for name in [
+            "userId",
+            "sessionId",
+            "remoteAddress",
+            "environment",
+            "appName",
+        ] {
+            if !ctx.fields.contains_key(name) {
+                if let Some(v) = ctx.properties.get(name) {
+                    ctx.fields.insert(name, v.clone());
+                }
+            }
+        }
+        if ctx.current_time_ms.is_none() {
+            ctx.current_time_ms = ctx
+                .properties
+                .get("currentTime")
+                .and_then(|v| parse::date_ms(v));
         }
         ctx
     }
