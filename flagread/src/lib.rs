@@ -277,8 +277,7 @@ pub async fn run_with(
         && let Some(snapshot) = wire::read_snapshot_file(path)?
     {
         let (revision, flags) = (snapshot.revision, snapshot.flags.len());
-        // A snapshot file is never older than an empty state, so this cannot fail.
-        let _ = state.install(snapshot);
+        state.install(snapshot);
         tracing::info!(revision, flags, path = %path.display(), "loaded the snapshot file");
     }
     let status = Arc::new(SyncStatus::new());
