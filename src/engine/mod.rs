@@ -26,6 +26,9 @@
 //!   parse never holds, whatever `inverted` says; unparsable context values
 //!   are false before `inverted`; list operands that do not parse (CIDRs,
 //!   regexes) are skipped;
+//! - date operators compare with `current_time_ms` (or the clock) when the
+//!   attribute is `currentTime`, and parse RFC 3339 from any other attribute;
+//!   other operators see `currentTime` as missing;
 //! - a rule referencing a missing segment never matches;
 //! - a prerequisite holds when its parent is on (reason STATIC,
 //!   TARGETING_MATCH or SPLIT) and, if it lists variants, served one of them;
