@@ -73,8 +73,9 @@ pub struct Config {
     /// Where to keep the last full state, so the replica can start while the writer is down.
     #[arg(long, env = "FLAGREAD_SNAPSHOT_FILE")]
     pub snapshot_file: Option<PathBuf>,
-    /// Least time between two snapshot file writes, in milliseconds.
-    #[arg(long, env = "FLAGREAD_SNAPSHOT_INTERVAL_MS", default_value_t = 1000)]
+    /// Least time between two snapshot file writes, in milliseconds. Each write encodes the
+    /// whole state, so keep it well above the time that takes for large states.
+    #[arg(long, env = "FLAGREAD_SNAPSHOT_INTERVAL_MS", default_value_t = 5000)]
     pub snapshot_interval_ms: u64,
     /// PEM certificate chain of this server (TLS with `--tls-key`).
     #[arg(long, env = "FLAGREAD_TLS_CERT", requires = "tls_key")]

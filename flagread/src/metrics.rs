@@ -20,7 +20,7 @@ pub const EVAL_BUCKETS: &[f64] = &[
 
 /// Metrics owned by the service (the per-flag counters live in the state).
 pub struct Metrics {
-    /// Time to evaluate one flag (not counting the RPC around it).
+    /// Time to evaluate the flags of one call (not counting the RPC around it).
     pub eval_latency: Histogram,
     /// Calls refused with RESOURCE_EXHAUSTED by the concurrency limit.
     pub shed: AtomicU64,
@@ -101,7 +101,7 @@ pub fn render(state: &State, status: &SyncStatus, metrics: &Metrics) -> String {
     );
     text.histogram(
         "flagread_evaluation_seconds",
-        "Time to evaluate one flag.",
+        "Time to evaluate the flags of one call (one for Evaluate, all of them for batches).",
         &metrics.eval_latency,
     );
     let mut out = text.finish();

@@ -4,9 +4,9 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use flagstream::engine;
+use flagstream::engine::{self, CompiledFlag, Evaluation};
 use flagstream::kit::auth;
 use flagstream::pb;
 use flagstream::pb::flag_eval_server::FlagEval;
@@ -144,31 +144,41 @@ impl EvalService {
                 .get("grpc-timeout")
                 .and_then(|v| v.to_str().ok()),
         );
-        match tokio::time::timeout(budget, self.state.wait_for_revision(min_revision)).await {
-            Ok(_) => Ok(self.state.load()),
-            Err(_) => Err(EvalError::RevisionNotReached {
+        let mut shutdown = self.shutdown.clone();
+        // At shutdown the wait ends at once (UNAVAILABLE), so waiting calls do not hold up the
+        // drain.
+        let reached = tokio::select! {
+            reached = tokio::time::timeout(budget, self.state.wait_for_revision(min_revision)) => reached.is_ok(),
+            _ = shutdown.changed() => false,
+        };
+        if reached {
+            Ok(self.state.load())
+        } else {
+            Err(EvalError::RevisionNotReached {
                 wanted: min_revision,
                 applied: self.state.revision(),
-            }),
+            })
         }
     }
 
-    /// Evaluates one flag and counts it; a missing flag gives a FLAG_NOT_FOUND result.
+    /// Evaluates flag `key` (already looked up as `flag`, `None` when missing) and counts it; a
+    /// missing flag gives a FLAG_NOT_FOUND result.
     fn evaluate_one(
         &self,
         ns: &NamespaceState,
         key: &str,
+        flag: Option<&CompiledFlag>,
         ctx: &engine::Context<'_>,
         revision: u64,
     ) -> pb::EvaluateResponse {
-        let started = std::time::Instant::now();
-        let evaluation = ns.flags.evaluate(key, ctx);
+        let evaluation = match flag {
+            Some(flag) => ns.flags.evaluate_flag(flag, ctx),
+            None => Evaluation::not_found(),
+        };
         if let Some(counters) = ns.counters(key) {
             counters.record(evaluation.variant, evaluation.reason);
         }
-        let response = convert::evaluation(key, &evaluation, revision);
-        self.metrics.eval_latency.observe(started.elapsed());
-        response
+        convert::evaluation(key, &evaluation, revision)
     }
 }
 
@@ -179,12 +189,7 @@ impl FlagEval for EvalService {
         request: Request<pb::EvaluateRequest>,
     ) -> Result<Response<pb::EvaluateResponse>, Status> {
         let _permit = self.admit()?;
-        let namespace = &request.get_ref().namespace;
-        auth::require(
-            &request,
-            &format!("evaluate flags of namespace {namespace:?}"),
-            |id| id.can_eval(namespace),
-        )?;
+        authorize(&request, &request.get_ref().namespace)?;
         let replica = self
             .replica_at(&request, request.get_ref().min_revision)
             .await?;
@@ -212,12 +217,10 @@ impl FlagEval for EvalService {
             .into());
         }
         let ctx = convert::context(context);
-        Ok(Response::new(self.evaluate_one(
-            ns,
-            &request.flag_key,
-            &ctx,
-            replica.revision,
-        )))
+        let started = Instant::now();
+        let response = self.evaluate_one(ns, &request.flag_key, Some(flag), &ctx, replica.revision);
+        self.metrics.eval_latency.observe(started.elapsed());
+        Ok(Response::new(response))
     }
 
     async fn evaluate_batch(
@@ -225,12 +228,7 @@ impl FlagEval for EvalService {
         request: Request<pb::EvaluateBatchRequest>,
     ) -> Result<Response<pb::EvaluateBatchResponse>, Status> {
         let _permit = self.admit()?;
-        let namespace = &request.get_ref().namespace;
-        auth::require(
-            &request,
-            &format!("evaluate flags of namespace {namespace:?}"),
-            |id| id.can_eval(namespace),
-        )?;
+        authorize(&request, &request.get_ref().namespace)?;
         let keys = request.get_ref().flag_keys.len();
         if keys > validate::MAX_BATCH_KEYS {
             return Err(EvalError::Limit {
@@ -249,11 +247,13 @@ impl FlagEval for EvalService {
         check_context(context)?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
         let ctx = convert::context(context);
+        let started = Instant::now();
         let results = request
             .flag_keys
             .iter()
-            .map(|key| self.evaluate_one(ns, key, &ctx, replica.revision))
+            .map(|key| self.evaluate_one(ns, key, ns.flags.get(key), &ctx, replica.revision))
             .collect();
+        self.metrics.eval_latency.observe(started.elapsed());
         Ok(Response::new(pb::EvaluateBatchResponse {
             results,
             revision: replica.revision,
@@ -265,12 +265,7 @@ impl FlagEval for EvalService {
         request: Request<pb::EvaluateAllRequest>,
     ) -> Result<Response<pb::EvaluateBatchResponse>, Status> {
         let _permit = self.admit()?;
-        let namespace = &request.get_ref().namespace;
-        auth::require(
-            &request,
-            &format!("evaluate flags of namespace {namespace:?}"),
-            |id| id.can_eval(namespace),
-        )?;
+        authorize(&request, &request.get_ref().namespace)?;
         let replica = self
             .replica_at(&request, request.get_ref().min_revision)
             .await?;
@@ -280,11 +275,13 @@ impl FlagEval for EvalService {
         check_context(context)?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
         let ctx = convert::context(context);
+        let started = Instant::now();
         let results = ns
             .flags
             .flags()
-            .map(|flag| self.evaluate_one(ns, flag.key(), &ctx, replica.revision))
+            .map(|flag| self.evaluate_one(ns, flag.key(), Some(flag), &ctx, replica.revision))
             .collect();
+        self.metrics.eval_latency.observe(started.elapsed());
         Ok(Response::new(pb::EvaluateBatchResponse {
             results,
             revision: replica.revision,
@@ -297,12 +294,7 @@ impl FlagEval for EvalService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let namespace = &request.get_ref().namespace;
-        auth::require(
-            &request,
-            &format!("watch flags of namespace {namespace:?}"),
-            |id| id.can_eval(namespace),
-        )?;
+        authorize(&request, &request.get_ref().namespace)?;
         let request = request.into_inner();
         if let Some(context) = &request.context {
             check_context(context)?;
@@ -399,7 +391,13 @@ impl Watcher {
             let ctx = convert::context(context);
             for key in &changed {
                 results.push(match replica.namespaces.get(&self.request.namespace) {
-                    Some(ns) => self.service.evaluate_one(ns, key, &ctx, replica.revision),
+                    Some(ns) => self.service.evaluate_one(
+                        ns,
+                        key,
+                        ns.flags.get(key),
+                        &ctx,
+                        replica.revision,
+                    ),
                     None => pb::EvaluateResponse {
                         flag_key: key.clone(),
                         reason: pb::Reason::Error.into(),
@@ -525,4 +523,18 @@ fn namespace_of<'r>(
         metrics.unknown_namespace.fetch_add(1, Ordering::Relaxed);
         EvalError::NamespaceNotFound(key.to_string())
     })
+}
+
+/// PERMISSION_DENIED unless the caller's token may evaluate flags of `namespace`. Allocates only
+/// when refusing, since it runs on every call.
+fn authorize<T>(request: &Request<T>, namespace: &str) -> Result<(), Status> {
+    let identity = auth::identity(request)?;
+    if identity.can_eval(namespace) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "token {:?} may not evaluate flags of namespace {namespace:?}",
+            identity.name
+        )))
+    }
 }
