@@ -34,7 +34,6 @@ use flagstream::kit::telemetry::LogFormat;
 use flagstream::pb::flag_admin_server::FlagAdminServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Server, ServerTlsConfig};
 
 use crate::feed::Feed;
@@ -215,7 +214,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     };
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut stopped = stop_rx.clone();
-    let served = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    // Nagle's algorithm would hold small responses back for the peer's
+    // delayed ACK, adding milliseconds to every acknowledgement.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let served = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::select! {
         result = served => result?,
         _ = async { let _ = stopped.wait_for(|s| *s).await; tokio::time::sleep(grace).await } => {
