@@ -49,6 +49,11 @@
 //!   `feature-removed`, `segment-updated` and `segment-removed` apply to a
 //!   [`FlagSet`]; unknown event types are skipped.
 //!
+//! Known difference: Unleash's Rust engine turns a whole feature off when a
+//! numeric, date or semver operand does not parse; here only that constraint
+//! never holds (as Unleash's Node SDK does). Write-time validation refuses
+//! such operands anyway.
+//!
 //! With that mapping Unleash's `isEnabled` is [`is_enabled`] (reason STATIC,
 //! TARGETING_MATCH or SPLIT) and `getVariant` is [`variant`].
 

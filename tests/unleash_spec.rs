@@ -18,10 +18,10 @@ const SPEC_SUBDIR: &str = "shared/conformance/unleash-client-specification/speci
 fn spec_dir() -> Option<PathBuf> {
     // An explicit folder that exists wins; otherwise (unset, or pointing
     // beside a nested worktree) the checkout's ancestors are searched.
-    if let Some(dir) = std::env::var_os("UNLEASH_SPEC_DIR").map(PathBuf::from) {
-        if dir.is_dir() {
-            return Some(dir);
-        }
+    if let Some(dir) = std::env::var_os("UNLEASH_SPEC_DIR").map(PathBuf::from)
+        && dir.is_dir()
+    {
+        return Some(dir);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     root.ancestors()
@@ -93,10 +93,10 @@ impl SpecContext {
             "environment",
             "appName",
         ] {
-            if !ctx.fields.contains_key(name) {
-                if let Some(v) = ctx.properties.get(name) {
-                    ctx.fields.insert(name, v.clone());
-                }
+            if !ctx.fields.contains_key(name)
+                && let Some(v) = ctx.properties.get(name)
+            {
+                ctx.fields.insert(name, v.clone());
             }
         }
         if ctx.current_time_ms.is_none() {

@@ -26,13 +26,16 @@
 //!   parse never holds, whatever `inverted` says; unparsable context values
 //!   are false before `inverted`; list operands that do not parse (CIDRs,
 //!   regexes) are skipped;
+//! - date operators compare with `current_time_ms` (or the clock) when the
+//!   attribute is `currentTime`, and parse RFC 3339 from any other attribute;
+//!   other operators see `currentTime` as missing;
 //! - a rule referencing a missing segment never matches;
 //! - a prerequisite holds when its parent is on (reason STATIC,
 //!   TARGETING_MATCH or SPLIT) and, if it lists variants, served one of them;
 //!   with `expect_off`, when the parent is off. A missing parent fails it.
-//!   Chains deeper than [`MAX_PREREQUISITE_DEPTH`] and evaluations needing
-//!   more than [`MAX_PREREQUISITE_EVALUATIONS`] parent evaluations fail,
-//!   which also ends cycles.
+//!   Chains of [`MAX_PREREQUISITE_DEPTH`] links or more, and evaluations
+//!   needing more than [`MAX_PREREQUISITE_EVALUATIONS`] parent evaluations,
+//!   fail, which also ends cycles.
 //!
 //! Evaluating does not allocate in the common path: attribute values are
 //! borrowed, hashes stream over the pieces, case-insensitive comparisons
@@ -52,9 +55,12 @@ use compile::{CompiledSegment, compile_flag};
 
 use crate::model;
 
-/// Prerequisite chains deeper than this fail (and so end cycles).
+/// Evaluation depth limit: chains of at most `MAX_PREREQUISITE_DEPTH - 1`
+/// prerequisite links (flag → parent → grandparent …) are evaluated; a longer
+/// chain fails its deepest prerequisite, which also ends cycles.
 pub const MAX_PREREQUISITE_DEPTH: u32 = 8;
-/// At most this many parent evaluations per evaluated flag; more fail.
+/// At most this many parent evaluations (counted with repeats) per evaluated
+/// flag; the prerequisite needing one more fails.
 pub const MAX_PREREQUISITE_EVALUATIONS: u32 = 64;
 
 /// What an evaluation knows about the caller: a borrowed view, built without

@@ -1111,3 +1111,9 @@ fn flag_set_is_copy_on_write_and_ordered() {
     assert!(FlagSet::new().get("a").is_none());
     assert!(FlagSet::new().is_empty());
 }
+
+#[test]
+fn flag_sets_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync + Clone + Default>() {}
+    assert_send_sync::<FlagSet>();
+}
