@@ -141,6 +141,9 @@ pub enum Error {
     /// FlagEval would be open to anyone: a tokens file or `--dev-no-auth` is required.
     #[error("--tokens-file is required (or --dev-no-auth for development)")]
     NoAuth,
+    /// Both a tokens file and `--dev-no-auth` were given; which one was meant is unclear.
+    #[error("--tokens-file and --dev-no-auth exclude each other")]
+    AuthConflict,
     /// The tokens file is unreadable or malformed.
     #[error(transparent)]
     Tokens(#[from] TokensError),
@@ -183,11 +186,19 @@ impl Config {
         config
     }
 
-    /// Checks what can be checked without side effects, so bad configuration fails with one
-    /// clear line before anything is bound.
+    /// Checks the options and reads the files they name (tokens, TLS), so bad configuration
+    /// fails with one clear line before anything is bound.
     pub fn check(&self) -> Result<(), Error> {
-        if self.tokens_file.is_none() && !self.dev_no_auth {
-            return Err(Error::NoAuth);
+        match (&self.tokens_file, self.dev_no_auth) {
+            (None, false) => return Err(Error::NoAuth),
+            (Some(_), true) => return Err(Error::AuthConflict),
+            (Some(path), false) => {
+                Tokens::load(path)?;
+            }
+            (None, true) => {}
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            kit::grpc::tls_config(cert, key, self.tls_client_ca.as_deref())?;
         }
         self.upstream_endpoint()?;
         Ok(())
@@ -277,8 +288,7 @@ pub async fn run_with(
         && let Some(snapshot) = wire::read_snapshot_file(path)?
     {
         let (revision, flags) = (snapshot.revision, snapshot.flags.len());
-        // A snapshot file is never older than an empty state, so this cannot fail.
-        let _ = state.install(snapshot);
+        state.install(snapshot);
         tracing::info!(revision, flags, path = %path.display(), "loaded the snapshot file");
     }
     let status = Arc::new(SyncStatus::new());

@@ -132,7 +132,7 @@ impl EvalService {
     ) -> Result<Arc<Replica>, EvalError> {
         let replica = self.state.load();
         if min_revision <= replica.revision {
-            return if self.state.is_ready() {
+            return if replica.ready {
                 Ok(replica)
             } else {
                 Err(EvalError::NotReady(replica.revision))

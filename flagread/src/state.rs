@@ -43,6 +43,8 @@ pub struct State {
 pub struct Replica {
     /// The revision every namespace here reflects.
     pub revision: u64,
+    /// True once a full state (a snapshot) was installed; evaluations wait for it.
+    pub ready: bool,
     /// The namespaces followed, by key. Each is behind an `Arc` so that a change copies only the
     /// namespaces it touches.
     pub namespaces: HashMap<String, Arc<NamespaceState>>,
@@ -121,9 +123,6 @@ pub enum ApplyError {
     /// A change arrived before any full state was held.
     #[error("change {got} arrived before a full state")]
     NoFullState { got: u64 },
-    /// A snapshot older than the state already held.
-    #[error("snapshot at {got} is older than the applied revision {applied}")]
-    StaleSnapshot { applied: u64, got: u64 },
 }
 
 /// Reasons in counter order; the index of a reason is its position here.
@@ -161,9 +160,9 @@ impl State {
         *self.revision.borrow()
     }
 
-    /// Whether a full state is held.
+    /// Whether a full state is held. Lock-free (it is part of the published state).
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.current.load().ready
     }
 
     /// Follows the applied revision.
@@ -207,17 +206,21 @@ impl State {
 
     /// Replaces the whole state with a complete snapshot, compiled aside and published in one
     /// swap. Counters of flags that survive unchanged in their variants keep counting.
-    pub fn install(&self, snapshot: SnapshotBuilder) -> Result<(), ApplyError> {
+    pub fn install(&self, snapshot: SnapshotBuilder) {
         let _writer = self
             .write
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.current.load_full();
+        // The writer is the source of truth: a snapshot older than the state held (a writer
+        // restored from a backup) still replaces it, loudly, rather than leaving the replica
+        // stuck on a history the writer no longer has.
         if snapshot.revision < old.revision {
-            return Err(ApplyError::StaleSnapshot {
-                applied: old.revision,
-                got: snapshot.revision,
-            });
+            tracing::warn!(
+                applied = old.revision,
+                snapshot = snapshot.revision,
+                "the writer sent a snapshot older than the state held; replacing it"
+            );
         }
         let mut namespaces: HashMap<String, NamespaceState> = HashMap::new();
         for ns in snapshot.namespaces {
@@ -256,6 +259,7 @@ impl State {
             .collect();
         let replica = Replica {
             revision: snapshot.revision,
+            ready: true,
             namespaces,
         };
         self.publish(
@@ -267,7 +271,6 @@ impl State {
             },
         );
         self.ready.send_replace(true);
-        Ok(())
     }
 
     /// Applies one change (all its deltas) and publishes the result in one swap. Only the flags
@@ -365,6 +368,7 @@ impl State {
         };
         let replica = Replica {
             revision: change.revision,
+            ready: true,
             namespaces,
         };
         Ok(self.publish(replica, applied))
@@ -680,14 +684,12 @@ mod tests {
                 ..Default::default()
             },
         ];
-        state
-            .install(SnapshotBuilder {
-                revision: 1,
-                namespaces,
-                flags,
-                segments: vec![segment("prod", "s")],
-            })
-            .unwrap();
+        state.install(SnapshotBuilder {
+            revision: 1,
+            namespaces,
+            flags,
+            segments: vec![segment("prod", "s")],
+        });
         state
     }
 
@@ -771,14 +773,13 @@ mod tests {
             empty.apply_change(change(1)),
             Err(ApplyError::NoFullState { got: 1 })
         );
-        let stale = SnapshotBuilder {
+        // An older snapshot still replaces the state: the writer is the source of truth.
+        state.install(SnapshotBuilder {
             revision: 1,
             ..Default::default()
-        };
-        assert_eq!(
-            state.install(stale),
-            Err(ApplyError::StaleSnapshot { applied: 2, got: 1 })
-        );
+        });
+        assert_eq!(state.revision(), 1);
+        assert!(state.load().namespaces.is_empty());
     }
 
     #[test]

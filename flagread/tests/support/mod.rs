@@ -67,12 +67,22 @@ impl Replication for Fake {
 impl FakeUpstream {
     /// Starts the fake on an ephemeral loopback port.
     pub async fn start() -> FakeUpstream {
+        FakeUpstream::start_with(None).await
+    }
+
+    /// Starts the fake, serving TLS when `tls` is given (its URL is then `https://`).
+    pub async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> FakeUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (subs_tx, subscriptions) = mpsc::channel(16);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).unwrap();
+        }
         tokio::spawn(
-            tonic::transport::Server::builder()
+            server
                 .add_service(ReplicationServer::new(Fake {
                     subscriptions: subs_tx,
                 }))
@@ -84,7 +94,7 @@ impl FakeUpstream {
                 ),
         );
         FakeUpstream {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
             subscriptions,
             _stop: stop,
         }
