@@ -232,6 +232,7 @@ impl FlagSet {
     }
 
     /// The compiled flag with this key.
+    #[inline]
     pub fn get(&self, key: &str) -> Option<&CompiledFlag> {
         if self.shards.is_empty() {
             return None;
@@ -240,6 +241,7 @@ impl FlagSet {
     }
 
     /// Evaluates the flag `key` for `ctx`.
+    #[inline]
     pub fn evaluate<'s>(&'s self, key: &str, ctx: &Context<'_>) -> Evaluation<'s> {
         match self.get(key) {
             Some(flag) => self.evaluate_flag(flag, ctx),
@@ -329,6 +331,7 @@ impl std::fmt::Debug for FlagSet {
 /// The shard of a key, from its length and first and last eight bytes: cheap,
 /// and independent of the hash the shard's own map uses (so a shard's keys do
 /// not crowd its buckets). Balance only affects how much a write copies.
+#[inline]
 fn shard_of(key: &str) -> usize {
     let b = key.as_bytes();
     let head = load(&b[..b.len().min(8)]);
