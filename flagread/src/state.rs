@@ -61,6 +61,9 @@ pub struct NamespaceState {
     /// same variants, so the hot path counts with one atomic add and no lock. The map is copied
     /// only when flags are created or deleted or their variants change.
     counters: Arc<HashMap<String, Arc<FlagCounters>>>,
+    /// For each flag key, the flags that list it as a prerequisite, so that a change can name
+    /// the flags whose results it may change without scanning the namespace.
+    dependents: Arc<HashMap<String, BTreeSet<String>>>,
 }
 
 /// Lock-free evaluation counters of one flag: one per (variant, reason), plus one row for
@@ -248,6 +251,7 @@ impl State {
                 .entry(flag.namespace.clone())
                 .or_default()
                 .insert(flag.key.clone(), entry);
+            ns.track_prerequisites(&flag.key, &flag.prerequisites);
             ns.flags.upsert_flag(flag);
         }
         let namespaces = namespaces
@@ -320,10 +324,12 @@ impl State {
                         slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
                     keys.insert(flag.key.clone());
                     ns.put_counters(&flag);
+                    ns.track_prerequisites(&flag.key, &flag.prerequisites);
                     ns.flags.upsert_flag(flag);
                 }
                 Delta::DeleteFlag { key, .. } => {
                     if let Some(ns) = slot {
+                        ns.track_prerequisites(&key, &[]);
                         if ns.flags.remove_flag(&key) {
                             Arc::make_mut(&mut ns.counters).remove(&key);
                         }
@@ -444,6 +450,7 @@ impl NamespaceState {
             namespace,
             flags: FlagSet::default(),
             counters: Arc::default(),
+            dependents: Arc::default(),
         }
     }
 
@@ -484,32 +491,51 @@ impl NamespaceState {
 
     /// Adds to `keys` every flag that (transitively) lists one of `keys` as a prerequisite.
     fn add_dependents(&self, keys: &mut BTreeSet<String>) {
-        if keys.is_empty()
-            || !self
-                .flags
-                .flags()
-                .any(|f| !f.source().prerequisites.is_empty())
-        {
+        if self.dependents.is_empty() {
             return;
         }
-        loop {
-            let before = keys.len();
-            let more: Vec<String> = self
-                .flags
-                .flags()
-                .filter(|f| !keys.contains(f.key()))
-                .filter(|f| {
-                    f.source()
-                        .prerequisites
-                        .iter()
-                        .any(|p| keys.contains(&p.flag))
-                })
-                .map(|f| f.key().to_string())
-                .collect();
-            keys.extend(more);
-            if keys.len() == before {
-                return;
+        let mut pending: Vec<String> = keys.iter().cloned().collect();
+        while let Some(key) = pending.pop() {
+            for child in self.dependents.get(&key).into_iter().flatten() {
+                if keys.insert(child.clone()) {
+                    pending.push(child.clone());
+                }
             }
+        }
+    }
+
+    /// Records that flag `key` now has `prerequisites` (none when deleted), replacing what the
+    /// stored flag had. Copies the index only when it changes.
+    fn track_prerequisites(&mut self, key: &str, prerequisites: &[model::Prerequisite]) {
+        let old: Vec<&str> = self
+            .flags
+            .get(key)
+            .map(|f| {
+                f.source()
+                    .prerequisites
+                    .iter()
+                    .map(|p| p.flag.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let new: Vec<&str> = prerequisites.iter().map(|p| p.flag.as_str()).collect();
+        if old == new {
+            return;
+        }
+        let index = Arc::make_mut(&mut self.dependents);
+        for parent in old {
+            if let Some(children) = index.get_mut(parent) {
+                children.remove(key);
+                if children.is_empty() {
+                    index.remove(parent);
+                }
+            }
+        }
+        for parent in new {
+            index
+                .entry(parent.to_string())
+                .or_default()
+                .insert(key.to_string());
         }
     }
 }
@@ -749,6 +775,47 @@ mod tests {
             })],
             &[],
         );
+    }
+
+    #[test]
+    fn dependents_follow_prerequisite_edits() {
+        let state = base();
+        let put = |revision, flag| Change {
+            revision,
+            deltas: vec![Delta::PutFlag(flag)],
+        };
+        // c no longer needs b; d starts to need a.
+        state
+            .apply_change(put(2, flag("prod", "c", &["on"])))
+            .unwrap();
+        state
+            .apply_change(put(3, with_prerequisite(flag("prod", "d", &["on"]), "a")))
+            .unwrap();
+        let applied = state
+            .apply_change(put(4, flag("prod", "b", &["on"])))
+            .unwrap();
+        assert_eq!(applied.changed["prod"], vec!["b".to_string()]);
+        let applied = state
+            .apply_change(put(5, with_segment(flag("prod", "a", &["on"]), "s")))
+            .unwrap();
+        assert_eq!(
+            applied.changed["prod"],
+            vec!["a".to_string(), "d".to_string()]
+        );
+        let delete = Delta::DeleteFlag {
+            namespace: "prod".into(),
+            key: "d".into(),
+        };
+        state
+            .apply_change(Change {
+                revision: 6,
+                deltas: vec![delete],
+            })
+            .unwrap();
+        let applied = state
+            .apply_change(put(7, flag("prod", "a", &["on"])))
+            .unwrap();
+        assert_eq!(applied.changed["prod"], vec!["a".to_string()]);
     }
 
     #[test]

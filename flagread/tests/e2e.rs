@@ -70,15 +70,30 @@ impl Proc {
     }
 }
 
-/// The flagwrite binary beside flagread's, built (or found up to date) once per test run. Cargo
-/// only builds the binaries of the package under test, so `cargo test -p flagread` alone would
-/// otherwise run a missing or stale writer.
+/// The flagwrite binary beside flagread's. Cargo only builds the binaries of the package under
+/// test, so under `cargo test -p flagread` alone it may be missing or older than its sources;
+/// then it is built here (once per run). Under `cargo test --workspace` it is fresh and used as
+/// it is, so the nested build (with other features) does not rebuild the world.
 fn flagwrite_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let flagread = PathBuf::from(env!("CARGO_BIN_EXE_flagread"));
         let profile_dir = flagread.parent().unwrap().to_path_buf();
-        let target_dir = profile_dir.parent().unwrap();
+        let bin = profile_dir.join("flagwrite");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sources = [
+            "flagwrite",
+            "src",
+            "proto",
+            "build.rs",
+            "Cargo.toml",
+            "Cargo.lock",
+        ]
+        .map(|p| root.join(p));
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        if built.is_some_and(|built| sources.iter().all(|s| newest(s) <= built)) {
+            return bin;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
         build
@@ -91,8 +106,8 @@ fn flagwrite_bin() -> &'static Path {
                 "flagwrite",
                 "--target-dir",
             ])
-            .arg(target_dir)
-            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+            .arg(profile_dir.parent().unwrap())
+            .current_dir(&root);
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
@@ -123,10 +138,26 @@ fn flagwrite_bin() -> &'static Path {
         }
         let status = build.status().expect("cargo runs");
         assert!(status.success(), "building flagwrite failed");
-        let bin = profile_dir.join("flagwrite");
         assert!(bin.exists(), "{} missing", bin.display());
         bin
     })
+}
+
+/// The latest modification time of `path` or anything below it.
+fn newest(path: &Path) -> std::time::SystemTime {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return std::time::SystemTime::UNIX_EPOCH;
+    };
+    let own = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+    if !meta.is_dir() {
+        return own;
+    }
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| newest(&entry.path()))
+        .fold(own, std::cmp::max)
 }
 
 /// A loopback port nobody listens on (bound and released; the processes bind it next).
