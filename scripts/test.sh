@@ -18,4 +18,6 @@ export FLAGSTREAM_GRPCURL="$PWD/$venv/bin/grpcurl"
 export FLAGSTREAM_PYTHON="$PWD/$venv/bin/python"
 export UNLEASH_SPEC_DIR="${UNLEASH_SPEC_DIR:-$PWD/../shared/conformance/unleash-client-specification/specifications}"
 
-exec cargo test --workspace --all-targets "$@"
+# Benches are not built here: criterion benches and load tests are run on
+# purpose (see README, Performance), never as part of the test suite.
+exec cargo test --workspace "$@"

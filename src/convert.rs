@@ -3,6 +3,10 @@
 //! value kinds matching the flag type) and names the offending field path;
 //! `From<model::X>` goes back and cannot fail.
 //!
+//! The evaluation side is here too: [`context`] lends a wire context to the
+//! engine without copying, and [`evaluation`] turns an engine result into an
+//! `EvaluateResponse`.
+//!
 //! Rules that need more than one message (references, limits, key syntax,
 //! parsable operands) live in `validate`, which runs on the model.
 //!
@@ -18,6 +22,7 @@
 
 use std::fmt;
 
+use crate::engine;
 use crate::model;
 use crate::pb;
 use crate::validate::MAX_JSON_DEPTH;
@@ -811,5 +816,93 @@ fn ms_to_timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Evaluation: wire context in, engine result out.
+
+/// Lends a wire context to the engine. Borrows every string and the property
+/// map in place, so building it allocates nothing; an empty property map is
+/// passed as `None` so the engine can skip property lookups.
+pub fn context(ctx: &pb::Context) -> engine::Context<'_> {
+    engine::Context {
+        targeting_key: &ctx.targeting_key,
+        user_id: &ctx.user_id,
+        session_id: &ctx.session_id,
+        remote_address: &ctx.remote_address,
+        environment: &ctx.environment,
+        app_name: &ctx.app_name,
+        current_time_ms: ctx.current_time.as_ref().map(|ts| timestamp_to_ms(*ts)),
+        properties: (!ctx.properties.is_empty()).then_some(&ctx.properties),
+    }
+}
+
+impl From<engine::Reason> for pb::Reason {
+    fn from(reason: engine::Reason) -> Self {
+        match reason {
+            engine::Reason::Static => pb::Reason::Static,
+            engine::Reason::TargetingMatch => pb::Reason::TargetingMatch,
+            engine::Reason::Split => pb::Reason::Split,
+            engine::Reason::Default => pb::Reason::Default,
+            engine::Reason::Disabled => pb::Reason::Disabled,
+            engine::Reason::PrerequisiteFailed => pb::Reason::PrerequisiteFailed,
+            engine::Reason::Error => pb::Reason::Error,
+        }
+    }
+}
+
+impl From<engine::ErrorCode> for pb::ErrorCode {
+    fn from(code: engine::ErrorCode) -> Self {
+        match code {
+            engine::ErrorCode::FlagNotFound => pb::ErrorCode::FlagNotFound,
+            engine::ErrorCode::TypeMismatch => pb::ErrorCode::TypeMismatch,
+            engine::ErrorCode::General => pb::ErrorCode::General,
+        }
+    }
+}
+
+/// Builds the response for evaluating flag `key`: the engine's result plus the
+/// replica's applied `revision`. `key` is the key asked for, so a flag that
+/// was not found is still named in the response.
+///
+/// For `TypeMismatch` (which callers set themselves after comparing
+/// `expected_type`), the message names the flag's actual type.
+pub fn evaluation(key: &str, eval: &engine::Evaluation<'_>, revision: u64) -> pb::EvaluateResponse {
+    let flag = eval.flag;
+    let error_message = match eval.error {
+        None => String::new(),
+        Some(engine::ErrorCode::FlagNotFound) => format!("flag {key:?} not found"),
+        Some(engine::ErrorCode::TypeMismatch) => match flag {
+            Some(f) => format!("flag {key:?} is a {} flag", flag_type_name(f.flag_type())),
+            None => format!("flag {key:?} is not of the expected type"),
+        },
+        Some(engine::ErrorCode::General) => format!("flag {key:?} could not be evaluated"),
+    };
+    pb::EvaluateResponse {
+        flag_key: key.to_string(),
+        value: eval.value.map(pb::TypedValue::from),
+        variant: eval.variant.unwrap_or_default().to_string(),
+        reason: pb::Reason::from(eval.reason) as i32,
+        error_code: eval
+            .error
+            .map_or(pb::ErrorCode::Unspecified, pb::ErrorCode::from) as i32,
+        error_message,
+        rule_index: eval
+            .rule_index
+            .map_or(-1, |i| i32::try_from(i).unwrap_or(i32::MAX)),
+        revision,
+        flag_revision: flag.map_or(0, |f| f.revision()),
+        r#type: flag.map_or(pb::FlagType::Unspecified, |f| {
+            pb::FlagType::from(f.flag_type())
+        }) as i32,
+        metadata: flag
+            .map(|f| {
+                f.metadata()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }

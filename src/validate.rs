@@ -46,6 +46,12 @@ pub const MAX_VALUE_BYTES: usize = 4096;
 pub const MAX_RULE_SEGMENTS: usize = 20;
 /// Most prerequisites per flag.
 pub const MAX_PREREQUISITES: usize = 20;
+/// Longest chain of prerequisites below a flag (parent, grandparent, …) that
+/// the engine evaluates; longer chains would always fail, so they are refused.
+pub const MAX_PREREQUISITE_CHAIN: u32 = crate::engine::MAX_PREREQUISITE_DEPTH - 1;
+/// Most prerequisite evaluations (counted with repeats) one evaluation of a
+/// flag may need, the engine's budget.
+pub const MAX_PREREQUISITE_EVALUATIONS: u32 = crate::engine::MAX_PREREQUISITE_EVALUATIONS;
 /// Most tags per flag.
 pub const MAX_TAGS: usize = 32;
 /// Longest tag, in bytes (tags are 1 to this many bytes).
@@ -105,6 +111,19 @@ impl NamespaceView for MemoryView {
 
     fn flag(&self, key: &str) -> Option<Cow<'_, model::Flag>> {
         self.flags.get(key).map(Cow::Borrowed)
+    }
+}
+
+/// A compiled namespace is a view too: a writer or replica that keeps one per
+/// namespace can validate against it directly.
+impl NamespaceView for crate::engine::FlagSet {
+    fn segment_exists(&self, key: &str) -> bool {
+        self.segment(key).is_some()
+    }
+
+    fn flag(&self, key: &str) -> Option<Cow<'_, model::Flag>> {
+        self.get(key)
+            .map(|compiled| Cow::Borrowed(compiled.source()))
     }
 }
 
@@ -178,6 +197,7 @@ pub fn flag(flag: &model::Flag, ns: &dyn NamespaceView) -> Result<(), FieldError
     for (i, p) in flag.prerequisites.iter().enumerate() {
         prerequisite(flag, p, ns).map_err(|e| e.at_index("prerequisites", i))?;
     }
+    prerequisite_cost(flag, ns).map_err(|e| e.at("prerequisites"))?;
     max_items(flag.tags.len(), MAX_TAGS, "tags").map_err(|e| e.at("tags"))?;
     for (i, tag) in flag.tags.iter().enumerate() {
         required(tag)
@@ -379,17 +399,15 @@ fn value(flag_type: model::FlagType, value: &model::Value) -> Result<(), FieldEr
 /// Whether `value` nests objects and arrays more than `max` levels deep. Stops
 /// descending once the answer is known, so hostile documents cost little.
 fn json_deeper_than(value: &serde_json::Value, max: usize) -> bool {
-    let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
-        serde_json::Value::Array(items) => Box::new(items.iter()),
-        serde_json::Value::Object(map) => Box::new(map.values()),
-        _ => return false,
-    };
-    if max == 0 {
-        return true;
+    match value {
+        serde_json::Value::Array(items) => {
+            max == 0 || items.iter().any(|c| json_deeper_than(c, max - 1))
+        }
+        serde_json::Value::Object(map) => {
+            max == 0 || map.values().any(|c| json_deeper_than(c, max - 1))
+        }
+        _ => false,
     }
-    children
-        .into_iter()
-        .any(|child| json_deeper_than(child, max - 1))
 }
 
 /// Checks that `name` names one of the flag's variants.
@@ -565,6 +583,83 @@ fn cycle_through(
         }
     }
     None
+}
+
+/// What evaluating a flag's prerequisites costs the engine in the worst case
+/// (every prerequisite holds, so none short-circuits).
+#[derive(Clone, Copy)]
+struct Cost {
+    /// The longest chain of prerequisites below the flag, in edges.
+    chain: u32,
+    /// Prerequisite evaluations, counted with repeats as the engine counts them.
+    evaluations: u32,
+}
+
+/// Refuses prerequisites the engine could never evaluate: chains deeper than
+/// [`MAX_PREREQUISITE_CHAIN`] or more than [`MAX_PREREQUISITE_EVALUATIONS`]
+/// evaluations. Only what lies below `flag` is seen (the view does not list
+/// dependents), which is complete for `bundle` where every flag is checked.
+fn prerequisite_cost(flag: &model::Flag, ns: &dyn NamespaceView) -> Result<(), FieldError> {
+    let mut memo = HashMap::new();
+    let cost = cost_of(&flag.prerequisites, ns, &mut memo, 0);
+    if cost.chain > MAX_PREREQUISITE_CHAIN {
+        return Err(FieldError::new(
+            "",
+            format!(
+                "a chain of more than {MAX_PREREQUISITE_CHAIN} prerequisites cannot be evaluated"
+            ),
+        ));
+    }
+    if cost.evaluations > MAX_PREREQUISITE_EVALUATIONS {
+        return Err(FieldError::new(
+            "",
+            format!(
+                "evaluating this flag would take more than {MAX_PREREQUISITE_EVALUATIONS} prerequisite evaluations"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The cost of a list of prerequisites, memoized per flag key so shared
+/// parents are visited once. Descent stops just past the chain limit, which
+/// also ends any cycle already stored; the answer is then "too deep" anyway.
+fn cost_of(
+    prerequisites: &[model::Prerequisite],
+    ns: &dyn NamespaceView,
+    memo: &mut HashMap<String, Cost>,
+    level: u32,
+) -> Cost {
+    let mut total = Cost {
+        chain: 0,
+        evaluations: 0,
+    };
+    if level > MAX_PREREQUISITE_CHAIN {
+        total.chain = u32::from(!prerequisites.is_empty());
+        return total;
+    }
+    for p in prerequisites {
+        let parent = match memo.get(&p.flag) {
+            Some(cost) => *cost,
+            None => {
+                let cost = match ns.flag(&p.flag) {
+                    Some(f) => cost_of(&f.prerequisites, ns, memo, level + 1),
+                    None => Cost {
+                        chain: 0,
+                        evaluations: 0,
+                    },
+                };
+                memo.insert(p.flag.clone(), cost);
+                cost
+            }
+        };
+        total.chain = total.chain.max(parent.chain.saturating_add(1));
+        total.evaluations = total
+            .evaluations
+            .saturating_add(parent.evaluations)
+            .saturating_add(1);
+    }
+    total
 }
 
 // ---------------------------------------------------------------------------

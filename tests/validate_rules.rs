@@ -728,6 +728,59 @@ fn prerequisites() {
 }
 
 #[test]
+fn prerequisites_the_engine_can_evaluate() {
+    // `chain(fx, n)` stores c1 -> c2 -> ... -> cn and makes the flag require
+    // c1, a chain of n edges below it.
+    let chain = |fx: &mut Fixture, n: usize| {
+        for i in 1..=n {
+            let below: Vec<String> = if i < n {
+                vec![format!("c{}", i + 1)]
+            } else {
+                vec![]
+            };
+            let below: Vec<&str> = below.iter().map(String::as_str).collect();
+            let f = simple_flag(&format!("c{i}"), &below);
+            fx.view.flags.insert(f.key.clone(), f);
+        }
+        fx.flag.prerequisites = vec![Prerequisite {
+            flag: "c1".into(),
+            expect_off: false,
+            variants: vec![],
+        }];
+    };
+    check(|fx| chain(fx, 7), ACCEPTED);
+    check(
+        |fx| chain(fx, 8),
+        "prerequisites: a chain of more than 7 prerequisites cannot be evaluated",
+    );
+    // `fan(fx, k)`: the flag requires p0..p19, each of which requires k leaves.
+    let fan = |fx: &mut Fixture, k: usize| {
+        let leaves: Vec<String> = (0..k).map(|j| format!("leaf{j}")).collect();
+        let leaves: Vec<&str> = leaves.iter().map(String::as_str).collect();
+        fx.flag.prerequisites.clear();
+        for i in 0..20 {
+            let f = simple_flag(&format!("p{i}"), &leaves);
+            fx.flag.prerequisites.push(Prerequisite {
+                flag: f.key.clone(),
+                expect_off: false,
+                variants: vec![],
+            });
+            fx.view.flags.insert(f.key.clone(), f);
+        }
+        for leaf in leaves {
+            fx.view
+                .flags
+                .insert(leaf.to_string(), simple_flag(leaf, &[]));
+        }
+    };
+    check(|fx| fan(fx, 2), ACCEPTED); // 20 * (1 + 2) = 60 evaluations.
+    check(
+        |fx| fan(fx, 3), // 20 * (1 + 3) = 80 evaluations.
+        "prerequisites: evaluating this flag would take more than 64 prerequisite evaluations",
+    );
+}
+
+#[test]
 fn context_limits() {
     check(
         |fx| fx.context.properties = (0..64).map(|i| (i.to_string(), String::new())).collect(),
@@ -788,5 +841,20 @@ fn bundles_resolve_references_among_themselves() {
     assert_eq!(
         err.to_string(),
         r#"segments[1].key: duplicate segment key "beta""#
+    );
+}
+
+#[test]
+fn a_compiled_namespace_is_a_view() {
+    let fx = base();
+    let mut set = flagstream::engine::FlagSet::new();
+    set.upsert_segment(fx.segment.clone());
+    set.upsert_flag(simple_flag("parent", &[]));
+    assert_eq!(validate::flag(&fx.flag, &set), Ok(()));
+    set.remove_segment("beta");
+    let err = validate::flag(&fx.flag, &set).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"rules[0].segments[0]: no segment "beta" in namespace "production""#
     );
 }

@@ -1,1 +1,485 @@
-//! The flagread service (being written).
+//! flagread: a FlagEval replica. It follows flagwrite's change stream into an in-memory state
+//! and evaluates flags from it, never waiting on a lock and never serving half a change.
+//!
+//! # Layout
+//! - [`state`]: the replica state (compiled flag sets per namespace behind `arc-swap`), applying
+//!   snapshots and changes, the applied-revision `watch` and the change `broadcast`.
+//! - [`follower`]: the background task that subscribes to the writer, applies what arrives and
+//!   reconnects with jittered exponential backoff.
+//! - [`wire`]: replication messages into the model, and the snapshot file.
+//! - [`service`]: the FlagEval gRPC service.
+//! - [`metrics`]: Prometheus metrics of the replica.
+//! - [`run`]: wires it all together on a bound listener; `main` only parses [`Config`], sets up
+//!   tracing, binds and calls it, and so do the tests.
+#![forbid(unsafe_code)]
+
+pub mod follower;
+pub mod metrics;
+pub mod service;
+pub mod state;
+pub mod wire;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flagstream::kit;
+use flagstream::kit::auth::{Authenticator, Tokens, TokensError};
+use flagstream::kit::grpc::TlsError;
+use flagstream::kit::telemetry::LogFormat;
+use flagstream::pb::flag_eval_server::FlagEvalServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Server};
+use tonic_health::ServingStatus;
+
+use crate::follower::{Backoff, SyncStatus, Upstream};
+use crate::metrics::Metrics;
+use crate::service::EvalService;
+use crate::state::State;
+
+/// flagread's configuration: every option is a flag and a `FLAGREAD_<NAME>` environment
+/// variable. Built (and checked with [`Config::check`]) before anything is bound.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "flagread",
+    version,
+    about = "flagstream FlagEval replica: follows flagwrite, evaluates flags from memory"
+)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "FLAGREAD_LISTEN", default_value = "0.0.0.0:50052")]
+    pub listen: SocketAddr,
+    /// The flagwrite endpoint to follow, e.g. `http://flagwrite:50051` (`https://` for TLS).
+    #[arg(
+        long,
+        env = "FLAGREAD_UPSTREAM",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub upstream: String,
+    /// Bearer token of scope `sync` presented to flagwrite.
+    #[arg(long, env = "FLAGREAD_SYNC_TOKEN", hide_env_values = true)]
+    pub sync_token: Option<String>,
+    /// Namespaces to serve, comma-separated; empty serves every namespace.
+    #[arg(long, env = "FLAGREAD_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// Tokens file for FlagEval callers (scope `eval` or `eval:<namespace>`; see kit::auth).
+    #[arg(long, env = "FLAGREAD_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Where to keep the last full state, so the replica can start while the writer is down.
+    #[arg(long, env = "FLAGREAD_SNAPSHOT_FILE")]
+    pub snapshot_file: Option<PathBuf>,
+    /// Least time between two snapshot file writes, in milliseconds. Each write encodes the
+    /// whole state, so keep it well above the time that takes for large states.
+    #[arg(long, env = "FLAGREAD_SNAPSHOT_INTERVAL_MS", default_value_t = 5000)]
+    pub snapshot_interval_ms: u64,
+    /// PEM certificate chain of this server (TLS with `--tls-key`).
+    #[arg(long, env = "FLAGREAD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of this server.
+    #[arg(long, env = "FLAGREAD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA whose client certificates this server requires.
+    #[arg(long, env = "FLAGREAD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM CA that signed flagwrite's certificate (for an `https://` upstream).
+    #[arg(long, env = "FLAGREAD_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Server name expected in flagwrite's certificate (default: the upstream host).
+    #[arg(long, env = "FLAGREAD_UPSTREAM_DOMAIN")]
+    pub upstream_domain: Option<String>,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(long, env = "FLAGREAD_METRICS_ADDR", default_value = "0.0.0.0:9092")]
+    pub metrics_addr: SocketAddr,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "FLAGREAD_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// Development only: serve FlagEval without tokens.
+    #[arg(long, env = "FLAGREAD_DEV_NO_AUTH")]
+    pub dev_no_auth: bool,
+    /// Unary calls in flight beyond which calls are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FLAGREAD_CONCURRENCY_LIMIT", default_value_t = 10_000)]
+    pub concurrency_limit: usize,
+    /// HTTP/2 streams per connection.
+    #[arg(long, env = "FLAGREAD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// Connections are closed (gracefully) after this many seconds, so clients rebalance onto
+    /// new replicas.
+    #[arg(long, env = "FLAGREAD_MAX_CONNECTION_AGE_S", default_value_t = 300)]
+    pub max_connection_age_s: u64,
+    /// Time given to calls in flight on a connection past its maximum age, in seconds.
+    #[arg(
+        long,
+        env = "FLAGREAD_MAX_CONNECTION_AGE_GRACE_S",
+        default_value_t = 30
+    )]
+    pub max_connection_age_grace_s: u64,
+    /// HTTP/2 keepalive ping interval, in seconds (server and upstream).
+    #[arg(long, env = "FLAGREAD_KEEPALIVE_S", default_value_t = 20)]
+    pub keepalive_s: u64,
+    /// Reconnect when the writer has sent nothing (not even a heartbeat) for this many seconds.
+    #[arg(long, env = "FLAGREAD_UPSTREAM_SILENCE_S", default_value_t = 30)]
+    pub upstream_silence_s: u64,
+    /// First reconnection delay in milliseconds (doubles per failure, jittered).
+    #[arg(long, env = "FLAGREAD_BACKOFF_MIN_MS", default_value_t = 100)]
+    pub backoff_min_ms: u64,
+    /// Largest reconnection delay in milliseconds.
+    #[arg(long, env = "FLAGREAD_BACKOFF_MAX_MS", default_value_t = 5000)]
+    pub backoff_max_ms: u64,
+    /// Longest drain at shutdown, in seconds (keep it below the pod's termination grace).
+    #[arg(long, env = "FLAGREAD_DRAIN_S", default_value_t = 20)]
+    pub drain_s: u64,
+}
+
+/// Why flagread could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// FlagEval would be open to anyone: a tokens file or `--dev-no-auth` is required.
+    #[error("--tokens-file is required (or --dev-no-auth for development)")]
+    NoAuth,
+    /// Both a tokens file and `--dev-no-auth` were given; which one was meant is unclear.
+    #[error("--tokens-file and --dev-no-auth exclude each other")]
+    AuthConflict,
+    /// The tokens file is unreadable or malformed.
+    #[error(transparent)]
+    Tokens(#[from] TokensError),
+    /// A TLS file is unreadable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The upstream address or its TLS settings are invalid.
+    #[error("upstream {0}")]
+    Upstream(String),
+    /// The snapshot file exists but cannot be read.
+    #[error(transparent)]
+    Snapshot(#[from] wire::WireError),
+    /// A listener could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+impl Config {
+    /// The configuration from the command line and environment.
+    pub fn from_args() -> Config {
+        <Config as clap::Parser>::parse()
+    }
+
+    /// A configuration for tests and benches: loopback, ephemeral metrics port, dev auth, short
+    /// backoff; override fields as needed.
+    pub fn local(upstream: impl Into<String>) -> Config {
+        let mut config = <Config as clap::Parser>::parse_from(["flagread", "--dev-no-auth"]);
+        config.upstream = upstream.into();
+        config.listen = "127.0.0.1:0".parse().expect("a valid address");
+        config.metrics_addr = "127.0.0.1:0".parse().expect("a valid address");
+        config.backoff_min_ms = 20;
+        config.backoff_max_ms = 500;
+        config.drain_s = 5;
+        config
+    }
+
+    /// Checks the options and reads the files they name (tokens, TLS), so bad configuration
+    /// fails with one clear line before anything is bound.
+    pub fn check(&self) -> Result<(), Error> {
+        match (&self.tokens_file, self.dev_no_auth) {
+            (None, false) => return Err(Error::NoAuth),
+            (Some(_), true) => return Err(Error::AuthConflict),
+            (Some(path), false) => {
+                Tokens::load(path)?;
+            }
+            (None, true) => {}
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            kit::grpc::tls_config(cert, key, self.tls_client_ca.as_deref())?;
+        }
+        self.upstream_endpoint()?;
+        Ok(())
+    }
+
+    /// The upstream endpoint with its timeouts, keepalive and TLS.
+    fn upstream_endpoint(&self) -> Result<Endpoint, Error> {
+        let mut endpoint = Endpoint::from_shared(self.upstream.clone())
+            .map_err(|e| Error::Upstream(format!("{:?}: {e}", self.upstream)))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(self.keepalive_s.max(1)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        if self.upstream.starts_with("https://") || self.upstream_ca.is_some() {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &self.upstream_ca {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| Error::Upstream(format!("CA {}: {e}", ca.display())))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some(domain) = &self.upstream_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::Upstream(format!("TLS: {e}")))?;
+        }
+        Ok(endpoint)
+    }
+}
+
+/// What a running replica exposes to an embedding test or bench.
+pub struct Handles {
+    /// The replica state.
+    pub state: Arc<State>,
+    /// What the follower knows about the writer.
+    pub status: Arc<SyncStatus>,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
+}
+
+/// Runs a replica on `listener` until `shutdown` completes, then drains (bounded by
+/// `config.drain_s`).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    run_with(listener, config, shutdown, |_| {}).await
+}
+
+/// As [`run`], handing `started` the replica's state and status once everything is bound (for
+/// tests and benches that watch the replica from inside).
+pub async fn run_with(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    started: impl FnOnce(Handles),
+) -> Result<(), Error> {
+    config.check()?;
+    let authenticator = match &config.tokens_file {
+        Some(path) if !config.dev_no_auth => Authenticator::new(Tokens::load(path)?),
+        _ => Authenticator::allow_all(),
+    };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(kit::grpc::tls_config(
+            cert,
+            key,
+            config.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    let upstream = Upstream {
+        endpoint: config.upstream_endpoint()?,
+        token: config.sync_token.clone(),
+        backoff: Backoff {
+            min: Duration::from_millis(config.backoff_min_ms.max(1)),
+            max: Duration::from_millis(config.backoff_max_ms.max(config.backoff_min_ms.max(1))),
+        },
+        silence: Duration::from_secs(config.upstream_silence_s.max(1)),
+    };
+    let filter = (!config.namespaces.is_empty())
+        .then(|| config.namespaces.iter().cloned().collect::<BTreeSet<_>>());
+    let state = Arc::new(State::new(filter));
+    if let Some(path) = &config.snapshot_file
+        && let Some(snapshot) = wire::read_snapshot_file(path)?
+    {
+        let (revision, flags) = (snapshot.revision, snapshot.flags.len());
+        state.install(snapshot);
+        tracing::info!(revision, flags, path = %path.display(), "loaded the snapshot file");
+    }
+    let status = Arc::new(SyncStatus::new());
+    let metrics = Arc::new(Metrics::default());
+    let metrics_listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| Error::Bind {
+            addr: config.metrics_addr,
+            source,
+        })?;
+
+    // Every background task ends when this sender is dropped (see each task's `Exit:`).
+    let (stop, stopped) = watch::channel(());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(follower::follow(
+        upstream,
+        state.clone(),
+        status.clone(),
+        stopped.clone(),
+    ));
+    if let Some(path) = config.snapshot_file.clone() {
+        let interval = Duration::from_millis(config.snapshot_interval_ms);
+        tasks.spawn(keep_snapshot_file(
+            path,
+            interval,
+            state.clone(),
+            stopped.clone(),
+        ));
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tasks.spawn(report_health(health, state.clone(), stopped.clone()));
+    let render = metrics::renderer(state.clone(), status.clone(), metrics.clone());
+    let mut metrics_stop = stopped.clone();
+    tasks.spawn(kit::metrics::serve(metrics_listener, render, async move {
+        let _ = metrics_stop.changed().await;
+    }));
+
+    let local = listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    tracing::info!(listen = %local, metrics = %metrics_addr, upstream = %config.upstream, "flagread serving");
+    started(Handles {
+        state: state.clone(),
+        status: status.clone(),
+        metrics_addr,
+    });
+
+    let eval = EvalService::new(
+        state.clone(),
+        metrics.clone(),
+        config.concurrency_limit.max(1),
+        stopped.clone(),
+    );
+    let eval = tonic::service::interceptor::InterceptedService::new(
+        FlagEvalServer::new(eval)
+            .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
+        authenticator,
+    );
+    let (reflection_v1, reflection_v1alpha) = kit::grpc::reflection();
+    let mut server = Server::builder()
+        .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .max_connection_age(Duration::from_secs(config.max_connection_age_s.max(1)))
+        .max_connection_age_grace(Duration::from_secs(config.max_connection_age_grace_s))
+        .http2_keepalive_interval(Some(Duration::from_secs(config.keepalive_s.max(1))))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    let router = server
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(eval);
+    // Small responses must not wait for Nagle's algorithm.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    });
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = drain_rx.await;
+    });
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => {
+            drop(stop);
+            result?;
+            return Ok(());
+        }
+        _ = shutdown => {}
+    }
+    tracing::info!("shutting down: draining calls in flight");
+    // Ends Watch streams and background tasks, so the drain only waits for unary calls.
+    drop(stop);
+    let _ = drain_tx.send(());
+    let drain = Duration::from_secs(config.drain_s);
+    match tokio::time::timeout(drain, &mut serve).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!(?drain, "drain took too long; stopping anyway"),
+    }
+    // The follower and health tasks end on the closed channel; the snapshot writer saves the
+    // last state first. Bounded like the drain.
+    let _ = tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    tracing::info!("flagread stopped");
+    Ok(())
+}
+
+/// Reports NOT_SERVING until a full state is held, then SERVING; NOT_SERVING again at shutdown.
+///
+/// Exit: when the shutdown channel closes.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    state: Arc<State>,
+    mut stopped: watch::Receiver<()>,
+) {
+    let mut ready = state.subscribe_ready();
+    loop {
+        let status = if *ready.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_health(&health, status).await;
+        tokio::select! {
+            changed = ready.changed() => if changed.is_err() { break },
+            _ = stopped.changed() => break,
+        }
+    }
+    set_health(&health, ServingStatus::NotServing).await;
+}
+
+/// Writes the state to the snapshot file after changes, at most once per `interval`, and once
+/// more at shutdown if anything changed since the last write.
+///
+/// Exit: when the shutdown channel closes (after the final write).
+async fn keep_snapshot_file(
+    path: PathBuf,
+    interval: Duration,
+    state: Arc<State>,
+    mut stopped: watch::Receiver<()>,
+) {
+    let mut revisions = state.subscribe_revision();
+    let mut written: Option<u64> = None;
+    loop {
+        let stopping = tokio::select! {
+            changed = revisions.changed() => changed.is_err(),
+            _ = stopped.changed() => true,
+        };
+        let replica = state.load();
+        if state.is_ready() && written != Some(replica.revision) {
+            let snapshot = replica.to_snapshot();
+            let revision = snapshot.revision;
+            let target = path.clone();
+            match tokio::task::spawn_blocking(move || wire::write_snapshot_file(&target, snapshot))
+                .await
+            {
+                Ok(Ok(())) => {
+                    written = Some(revision);
+                    tracing::debug!(revision, "snapshot file written");
+                }
+                Ok(Err(error)) => tracing::warn!(%error, "cannot write the snapshot file"),
+                Err(error) => tracing::warn!(%error, "the snapshot file writer failed"),
+            }
+        }
+        if stopping {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stopped.changed() => {}
+        }
+    }
+}
+
+/// Sets the overall status ("") and FlagEval's.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <FlagEvalServer<EvalService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}

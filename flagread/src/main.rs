@@ -1,3 +1,28 @@
-//! The flagread binary (being written).
+//! The flagread binary: parses the configuration, sets up tracing, binds the listener and hands
+//! over to `flagread::run` until SIGTERM or SIGINT.
 
-fn main() {}
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = flagread::Config::from_args();
+    flagstream::kit::telemetry::init(config.log_format);
+    if let Err(error) = config.check() {
+        eprintln!("flagread: {error}");
+        return ExitCode::FAILURE;
+    }
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("flagread: cannot bind {}: {error}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    match flagread::run(listener, config, flagstream::kit::shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flagread: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The follower: a background task that subscribes to flagwrite's Replication stream and applies
+//! what it receives to the [`State`], reconnecting with jittered exponential backoff.
+//!
+//! It always resumes from the applied revision (0 before any full state, which makes the writer
+//! send a snapshot). A change whose revision is not the applied revision + 1, or any message out
+//! of protocol, ends the subscription and the follower subscribes again from the applied
+//! revision: it never skips a revision and never publishes half of a change or snapshot.
+//!
+//! Exit: the task returns when the shutdown channel closes (its sender is dropped).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use flagstream::pb;
+use flagstream::pb::replication_client::ReplicationClient;
+use flagstream::pb::sync_message::Kind;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::transport::Endpoint;
+
+use crate::state::{ApplyError, SnapshotBuilder, State};
+use crate::wire::{self, WireError};
+
+/// Where and how to follow the writer.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// The writer's endpoint (address, TLS, timeouts).
+    pub endpoint: Endpoint,
+    /// The bearer token of scope `sync`, if the writer requires one.
+    pub token: Option<String>,
+    /// Reconnection delays.
+    pub backoff: Backoff,
+    /// How long the writer may send nothing (not even a heartbeat) before the subscription is
+    /// considered dead and reopened.
+    pub silence: Duration,
+}
+
+/// Jittered exponential backoff: the n-th consecutive failure waits a random delay between half
+/// and all of `min * 2^n`, capped at `max`, so replicas restarted together do not reconnect in
+/// lockstep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay.
+    pub min: Duration,
+    /// The largest delay.
+    pub max: Duration,
+}
+
+/// What the follower knows about the writer, for metrics, logs and health. Written by the
+/// follower only; read lock-free by anyone.
+pub struct SyncStatus {
+    /// The instant `heard_ms` counts from.
+    base: Instant,
+    /// Milliseconds after `base` when the writer was last heard from (any message); `u64::MAX`
+    /// before the first.
+    heard_ms: AtomicU64,
+    /// The writer's head revision, from heartbeats and changes.
+    head: AtomicU64,
+    /// Whether a subscription is currently open.
+    connected: AtomicBool,
+    /// Subscriptions opened, for metrics.
+    subscriptions: AtomicU64,
+    /// Subscriptions ended because of a gap or a protocol error, for metrics.
+    resyncs: AtomicU64,
+    /// Snapshots received and applied; a resumed subscription adds none.
+    snapshots: AtomicU64,
+}
+
+/// Why a subscription ended.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The writer could not be reached.
+    #[error("cannot connect to the writer: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The writer refused the subscription or the stream failed.
+    #[error("writer: {0}")]
+    Stream(#[from] tonic::Status),
+    /// The stream ended (the writer shut down).
+    #[error("the writer ended the stream")]
+    Ended,
+    /// Nothing arrived for longer than the silence limit.
+    #[error("the writer sent nothing for {0:?}")]
+    Silent(Duration),
+    /// A message out of protocol (a chunk outside a snapshot, a change inside one, ...).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A change out of order, or a stale snapshot.
+    #[error("{0}")]
+    Apply(#[from] ApplyError),
+    /// An object that does not convert into the model.
+    #[error("{0}")]
+    Wire(#[from] WireError),
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay after `failures` consecutive failures (1 for the first).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let exp = self
+            .min
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(20));
+        let cap = exp.min(self.max);
+        let half = cap / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+impl SyncStatus {
+    pub fn new() -> SyncStatus {
+        SyncStatus {
+            base: Instant::now(),
+            heard_ms: AtomicU64::new(u64::MAX),
+            head: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            subscriptions: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
+        }
+    }
+
+    /// Seconds since the writer was last heard from; `None` if it never was.
+    pub fn staleness(&self) -> Option<Duration> {
+        match self.heard_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(
+                Instant::now().saturating_duration_since(self.base + Duration::from_millis(ms)),
+            ),
+        }
+    }
+
+    /// The writer's head revision as last heard.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Relaxed)
+    }
+
+    /// Whether a subscription is open.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Subscriptions opened so far.
+    pub fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Subscriptions ended by a gap or protocol error so far.
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
+    }
+
+    /// Snapshots received from the writer and applied so far.
+    pub fn snapshots(&self) -> u64 {
+        self.snapshots.load(Ordering::Relaxed)
+    }
+
+    fn heard(&self, head: u64) {
+        let ms = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_millis() as u64;
+        self.heard_ms.store(ms, Ordering::Relaxed);
+        self.head.fetch_max(head, Ordering::Relaxed);
+    }
+}
+
+impl Default for SyncStatus {
+    fn default() -> SyncStatus {
+        SyncStatus::new()
+    }
+}
+
+/// Follows `upstream` into `state` until `shutdown` closes (its sender is dropped or sends).
+pub async fn follow(
+    upstream: Upstream,
+    state: Arc<State>,
+    status: Arc<SyncStatus>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let mut progressed = false;
+        let result = tokio::select! {
+            result = subscribe(&upstream, &state, &status, &mut progressed) => result,
+            _ = shutdown.changed() => break,
+        };
+        status.connected.store(false, Ordering::Relaxed);
+        if progressed {
+            failures = 0;
+        }
+        failures += 1;
+        let delay = upstream.backoff.delay(failures);
+        match &result {
+            FollowError::Apply(_) | FollowError::Protocol(_) | FollowError::Wire(_) => {
+                status.resyncs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %result, applied = state.revision(), ?delay, "resyncing with the writer");
+            }
+            FollowError::Connect(_)
+            | FollowError::Stream(_)
+            | FollowError::Ended
+            | FollowError::Silent(_) => {
+                tracing::warn!(
+                    error = %result,
+                    applied = state.revision(),
+                    head = status.head(),
+                    stale_s = status.staleness().map(|s| s.as_secs()),
+                    ?delay,
+                    "writer unreachable; serving the state held, reconnecting"
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    status.connected.store(false, Ordering::Relaxed);
+    tracing::debug!("follower stopped");
+}
+
+/// One subscription: opens the stream from the applied revision and applies what arrives until
+/// it fails. Sets `progressed` once anything was applied, so that backoff starts over.
+async fn subscribe(
+    upstream: &Upstream,
+    state: &State,
+    status: &SyncStatus,
+    progressed: &mut bool,
+) -> FollowError {
+    let channel = match upstream.endpoint.connect().await {
+        Ok(channel) => channel,
+        Err(error) => return error.into(),
+    };
+    let from_revision = if state.is_ready() {
+        state.revision()
+    } else {
+        0
+    };
+    let mut request = tonic::Request::new(pb::SubscribeRequest {
+        from_revision,
+        namespaces: state.followed(),
+    });
+    if let Some(token) = &upstream.token {
+        match format!("Bearer {token}").parse() {
+            Ok(value) => {
+                request.metadata_mut().insert("authorization", value);
+            }
+            Err(_) => return FollowError::Protocol("the sync token is not valid metadata".into()),
+        }
+    }
+    let mut client = ReplicationClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut stream = match client.subscribe(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return status.into(),
+    };
+    status.connected.store(true, Ordering::Relaxed);
+    status.subscriptions.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(from_revision, "subscribed to the writer");
+    let mut snapshot: Option<SnapshotBuilder> = None;
+    loop {
+        let message = match tokio::time::timeout(upstream.silence, stream.message()).await {
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) => return FollowError::Ended,
+            Ok(Err(status)) => return status.into(),
+            Err(_) => return FollowError::Silent(upstream.silence),
+        };
+        if let Err(error) = handle(message, state, status, &mut snapshot, progressed) {
+            return error;
+        }
+    }
+}
+
+/// Applies one message of the stream.
+fn handle(
+    message: pb::SyncMessage,
+    state: &State,
+    status: &SyncStatus,
+    snapshot: &mut Option<SnapshotBuilder>,
+    progressed: &mut bool,
+) -> Result<(), FollowError> {
+    let protocol = |what: &str| Err(FollowError::Protocol(what.to_string()));
+    match message.kind {
+        None => return protocol("an empty message"),
+        Some(Kind::Heartbeat(beat)) => status.heard(beat.head_revision),
+        Some(Kind::SnapshotBegin(begin)) => {
+            status.heard(begin.revision);
+            if snapshot.is_some() {
+                return protocol("a snapshot began inside another");
+            }
+            tracing::info!(revision = begin.revision, "receiving a snapshot");
+            *snapshot = Some(SnapshotBuilder {
+                revision: begin.revision,
+                ..Default::default()
+            });
+        }
+        Some(Kind::SnapshotChunk(chunk)) => {
+            status.heard(0);
+            let Some(building) = snapshot.as_mut() else {
+                return protocol("a snapshot chunk outside a snapshot");
+            };
+            wire::add_chunk(building, chunk)?;
+        }
+        Some(Kind::SnapshotEnd(end)) => {
+            status.heard(end.revision);
+            let Some(done) = snapshot.take() else {
+                return protocol("a snapshot end outside a snapshot");
+            };
+            if done.revision != end.revision {
+                return protocol("a snapshot ended at another revision than it began");
+            }
+            let flags = done.flags.len();
+            state.install(done);
+            status.snapshots.fetch_add(1, Ordering::Relaxed);
+            *progressed = true;
+            tracing::info!(revision = end.revision, flags, "snapshot applied");
+        }
+        Some(Kind::Change(change)) => {
+            status.heard(change.revision);
+            if snapshot.is_some() {
+                return protocol("a change inside a snapshot");
+            }
+            let revision = change.revision;
+            state.apply_change(wire::change(change)?)?;
+            *progressed = true;
+            tracing::debug!(revision, "change applied");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let backoff = Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        let check = |failures: u32, low_ms: u64, high_ms: u64| {
+            for _ in 0..200 {
+                let delay = backoff.delay(failures);
+                assert!(
+                    delay >= Duration::from_millis(low_ms)
+                        && delay <= Duration::from_millis(high_ms),
+                    "failure {failures}: {delay:?} not in {low_ms}..={high_ms} ms"
+                );
+            }
+        };
+        check(1, 50, 100);
+        check(2, 100, 200);
+        check(3, 200, 400);
+        check(5, 800, 1600);
+        check(6, 1000, 2000);
+        check(40, 1000, 2000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn staleness_counts_from_the_last_message() {
+        let status = SyncStatus::new();
+        assert_eq!(status.staleness(), None, "never heard from");
+        status.heard(12);
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert_eq!(status.staleness(), Some(Duration::from_secs(7)));
+        status.heard(3);
+        assert_eq!(status.head(), 12, "the head never goes back");
+        assert_eq!(status.staleness(), Some(Duration::ZERO));
+    }
+}

@@ -1,0 +1,540 @@
+//! The FlagEval gRPC service: evaluates flags from the published replica state, waits for
+//! `min_revision` within the call's deadline, and streams applied changes to `Watch` clients.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use flagstream::engine::{self, CompiledFlag, Evaluation};
+use flagstream::kit::auth;
+use flagstream::pb;
+use flagstream::pb::flag_eval_server::FlagEval;
+use flagstream::{convert, validate};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::state::{Applied, NamespaceState, Replica, State};
+
+/// The longest `min_revision` wait when the call has no deadline, as eval.proto documents.
+pub const MAX_REVISION_WAIT: Duration = Duration::from_secs(30);
+
+/// Events a `Watch` subscriber may have queued before the replica stops waiting for it and the
+/// subscriber gets a full-refresh event instead.
+const WATCH_QUEUE: usize = 64;
+
+/// The FlagEval implementation.
+#[derive(Clone)]
+pub struct EvalService {
+    /// The replica state evaluated.
+    state: Arc<State>,
+    /// Latency histogram and shed counter.
+    metrics: Arc<Metrics>,
+    /// Permits for unary calls in flight; when none is left a call is refused at once with
+    /// RESOURCE_EXHAUSTED rather than queued, so an overloaded replica sheds load to its peers.
+    inflight: Arc<Semaphore>,
+    /// The concurrency limit, for the refusal message.
+    limit: usize,
+    /// Closes at shutdown, ending every `Watch` stream so the server can drain.
+    shutdown: watch::Receiver<()>,
+}
+
+/// Why a FlagEval call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The namespace is not held by this replica.
+    #[error("namespace {0:?} not found")]
+    NamespaceNotFound(String),
+    /// The flag does not exist in the namespace.
+    #[error("flag {flag:?} not found in namespace {namespace:?}")]
+    FlagNotFound { namespace: String, flag: String },
+    /// `expected_type` is not the flag's type.
+    #[error("flag {flag:?} is of type {actual}, not {expected}")]
+    TypeMismatch {
+        flag: String,
+        actual: &'static str,
+        expected: &'static str,
+    },
+    /// `expected_type` is not a known type.
+    #[error("expected_type: unknown flag type {0}")]
+    UnknownType(i32),
+    /// A request limit was exceeded; names the limit.
+    #[error("{field}: {detail} (limit {limit})")]
+    Limit {
+        field: String,
+        detail: String,
+        limit: usize,
+    },
+    /// `min_revision` was not reached before the deadline.
+    #[error("revision {wanted} not applied yet: this replica has applied revision {applied}")]
+    RevisionNotReached { wanted: u64, applied: u64 },
+    /// No full state is held yet (the replica is starting).
+    #[error("this replica holds no full state yet (applied revision {0})")]
+    NotReady(u64),
+    /// Too many calls in flight.
+    #[error("too many calls in flight (limit {0}); retry on another replica or later")]
+    Overloaded(usize),
+}
+
+impl From<EvalError> for Status {
+    fn from(error: EvalError) -> Status {
+        let message = error.to_string();
+        match error {
+            EvalError::NamespaceNotFound(_) | EvalError::FlagNotFound { .. } => {
+                Status::not_found(message)
+            }
+            EvalError::TypeMismatch { .. }
+            | EvalError::UnknownType(_)
+            | EvalError::Limit { .. } => Status::invalid_argument(message),
+            EvalError::RevisionNotReached { .. } | EvalError::NotReady(_) => {
+                Status::unavailable(message)
+            }
+            EvalError::Overloaded(_) => Status::resource_exhausted(message),
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+impl EvalService {
+    /// A service evaluating `state`, with at most `limit` unary calls in flight.
+    pub fn new(
+        state: Arc<State>,
+        metrics: Arc<Metrics>,
+        limit: usize,
+        shutdown: watch::Receiver<()>,
+    ) -> EvalService {
+        EvalService {
+            state,
+            metrics,
+            inflight: Arc::new(Semaphore::new(limit)),
+            limit,
+            shutdown,
+        }
+    }
+
+    /// A permit for one unary call, or RESOURCE_EXHAUSTED at once.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, EvalError> {
+        self.inflight.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.shed.fetch_add(1, Ordering::Relaxed);
+            EvalError::Overloaded(self.limit)
+        })
+    }
+
+    /// The state to answer from: at least at `min_revision`, waiting for it until shortly
+    /// before the call's deadline (so the answer, not tonic's timeout, reaches the client).
+    async fn replica_at<T>(
+        &self,
+        request: &Request<T>,
+        min_revision: u64,
+    ) -> Result<Arc<Replica>, EvalError> {
+        let replica = self.state.load();
+        if min_revision <= replica.revision {
+            return if replica.ready {
+                Ok(replica)
+            } else {
+                Err(EvalError::NotReady(replica.revision))
+            };
+        }
+        let budget = wait_budget(
+            request
+                .metadata()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok()),
+        );
+        let mut shutdown = self.shutdown.clone();
+        // At shutdown the wait ends at once (UNAVAILABLE), so waiting calls do not hold up the
+        // drain.
+        let reached = tokio::select! {
+            reached = tokio::time::timeout(budget, self.state.wait_for_revision(min_revision)) => reached.is_ok(),
+            _ = shutdown.changed() => false,
+        };
+        if reached {
+            Ok(self.state.load())
+        } else {
+            Err(EvalError::RevisionNotReached {
+                wanted: min_revision,
+                applied: self.state.revision(),
+            })
+        }
+    }
+
+    /// Evaluates flag `key` (already looked up as `flag`, `None` when missing) and counts it; a
+    /// missing flag gives a FLAG_NOT_FOUND result.
+    fn evaluate_one(
+        &self,
+        ns: &NamespaceState,
+        key: &str,
+        flag: Option<&CompiledFlag>,
+        ctx: &engine::Context<'_>,
+        revision: u64,
+    ) -> pb::EvaluateResponse {
+        let evaluation = match flag {
+            Some(flag) => ns.flags.evaluate_flag(flag, ctx),
+            None => Evaluation::not_found(),
+        };
+        if let Some(counters) = ns.counters(key) {
+            counters.record(evaluation.variant, evaluation.reason);
+        }
+        convert::evaluation(key, &evaluation, revision)
+    }
+}
+
+#[tonic::async_trait]
+impl FlagEval for EvalService {
+    async fn evaluate(
+        &self,
+        request: Request<pb::EvaluateRequest>,
+    ) -> Result<Response<pb::EvaluateResponse>, Status> {
+        let _permit = self.admit()?;
+        authorize(&request, &request.get_ref().namespace)?;
+        let replica = self
+            .replica_at(&request, request.get_ref().min_revision)
+            .await?;
+        let request = request.into_inner();
+        let empty = pb::Context::default();
+        let context = request.context.as_ref().unwrap_or(&empty);
+        check_context(context)?;
+        let expected = expected_type(request.expected_type)?;
+        let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
+        let Some(flag) = ns.flags.get(&request.flag_key) else {
+            return Err(EvalError::FlagNotFound {
+                namespace: request.namespace,
+                flag: request.flag_key,
+            }
+            .into());
+        };
+        if let Some(expected) = expected
+            && flag.flag_type() != expected
+        {
+            return Err(EvalError::TypeMismatch {
+                flag: request.flag_key,
+                actual: convert::flag_type_name(flag.flag_type()),
+                expected: convert::flag_type_name(expected),
+            }
+            .into());
+        }
+        let ctx = convert::context(context);
+        let started = Instant::now();
+        let response = self.evaluate_one(ns, &request.flag_key, Some(flag), &ctx, replica.revision);
+        self.metrics.eval_latency.observe(started.elapsed());
+        Ok(Response::new(response))
+    }
+
+    async fn evaluate_batch(
+        &self,
+        request: Request<pb::EvaluateBatchRequest>,
+    ) -> Result<Response<pb::EvaluateBatchResponse>, Status> {
+        let _permit = self.admit()?;
+        authorize(&request, &request.get_ref().namespace)?;
+        let keys = request.get_ref().flag_keys.len();
+        if keys > validate::MAX_BATCH_KEYS {
+            return Err(EvalError::Limit {
+                field: "flag_keys".into(),
+                detail: format!("{keys} keys asked for"),
+                limit: validate::MAX_BATCH_KEYS,
+            }
+            .into());
+        }
+        let replica = self
+            .replica_at(&request, request.get_ref().min_revision)
+            .await?;
+        let request = request.into_inner();
+        let empty = pb::Context::default();
+        let context = request.context.as_ref().unwrap_or(&empty);
+        check_context(context)?;
+        let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
+        let ctx = convert::context(context);
+        let started = Instant::now();
+        let results = request
+            .flag_keys
+            .iter()
+            .map(|key| self.evaluate_one(ns, key, ns.flags.get(key), &ctx, replica.revision))
+            .collect();
+        self.metrics.eval_latency.observe(started.elapsed());
+        Ok(Response::new(pb::EvaluateBatchResponse {
+            results,
+            revision: replica.revision,
+        }))
+    }
+
+    async fn evaluate_all(
+        &self,
+        request: Request<pb::EvaluateAllRequest>,
+    ) -> Result<Response<pb::EvaluateBatchResponse>, Status> {
+        let _permit = self.admit()?;
+        authorize(&request, &request.get_ref().namespace)?;
+        let replica = self
+            .replica_at(&request, request.get_ref().min_revision)
+            .await?;
+        let request = request.into_inner();
+        let empty = pb::Context::default();
+        let context = request.context.as_ref().unwrap_or(&empty);
+        check_context(context)?;
+        let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
+        let ctx = convert::context(context);
+        let started = Instant::now();
+        let results = ns
+            .flags
+            .flags()
+            .map(|flag| self.evaluate_one(ns, flag.key(), Some(flag), &ctx, replica.revision))
+            .collect();
+        self.metrics.eval_latency.observe(started.elapsed());
+        Ok(Response::new(pb::EvaluateBatchResponse {
+            results,
+            revision: replica.revision,
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        authorize(&request, &request.get_ref().namespace)?;
+        let request = request.into_inner();
+        if let Some(context) = &request.context {
+            check_context(context)?;
+        }
+        // Subscribe before reading the state, so that no change falls between the two.
+        let changes = self.state.subscribe_changes();
+        let replica = self.state.load();
+        if !self.state.is_ready() {
+            return Err(EvalError::NotReady(replica.revision).into());
+        }
+        namespace_of(&replica, &request.namespace, &self.metrics)?;
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let first = pb::WatchEvent {
+            revision: replica.revision,
+            ..Default::default()
+        };
+        // Cannot fail: the channel is new and has room.
+        let _ = tx.try_send(Ok(first));
+        let watcher = Watcher {
+            service: self.clone(),
+            request,
+            from: replica.revision,
+            tx,
+        };
+        tokio::spawn(watcher.run(changes, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One `Watch` subscription: forwards applied changes that touch its namespace.
+///
+/// Exit: when the client goes away (the receiver is dropped), when the state's change channel
+/// closes, or at shutdown (so that the server's drain is not held up by open streams).
+struct Watcher {
+    service: EvalService,
+    request: pb::WatchRequest,
+    /// Changes at or below this revision were already reported by the first event.
+    from: u64,
+    tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+}
+
+impl Watcher {
+    async fn run(
+        self,
+        mut changes: broadcast::Receiver<Arc<Applied>>,
+        mut shutdown: watch::Receiver<()>,
+    ) {
+        loop {
+            let event = tokio::select! {
+                _ = self.tx.closed() => return,
+                _ = shutdown.changed() => return,
+                change = changes.recv() => match change {
+                    Ok(applied) if applied.revision <= self.from && !applied.full_refresh => continue,
+                    Ok(applied) => self.event(&applied),
+                    // The subscriber fell behind the backlog: tell it to refresh everything.
+                    Err(broadcast::error::RecvError::Lagged(_)) => Some(pb::WatchEvent {
+                        revision: self.service.state.revision(),
+                        full_refresh: true,
+                        ..Default::default()
+                    }),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if let Some(event) = event
+                && self.tx.send(Ok(event)).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// The event for one applied change, or `None` when it does not concern this subscriber.
+    fn event(&self, applied: &Applied) -> Option<pb::WatchEvent> {
+        if applied.full_refresh {
+            return Some(pb::WatchEvent {
+                revision: applied.revision,
+                full_refresh: true,
+                ..Default::default()
+            });
+        }
+        let keys = applied.changed.get(&self.request.namespace)?;
+        let changed: Vec<String> = keys
+            .iter()
+            .filter(|key| self.request.flag_keys.is_empty() || self.request.flag_keys.contains(key))
+            .cloned()
+            .collect();
+        if changed.is_empty() {
+            return None;
+        }
+        let mut results = Vec::new();
+        if let Some(context) = &self.request.context {
+            // The newest state: at least this change, perhaps more (the next event repeats them).
+            let replica = self.service.state.load();
+            let ctx = convert::context(context);
+            for key in &changed {
+                results.push(match replica.namespaces.get(&self.request.namespace) {
+                    Some(ns) => self.service.evaluate_one(
+                        ns,
+                        key,
+                        ns.flags.get(key),
+                        &ctx,
+                        replica.revision,
+                    ),
+                    None => pb::EvaluateResponse {
+                        flag_key: key.clone(),
+                        reason: pb::Reason::Error.into(),
+                        error_code: pb::ErrorCode::FlagNotFound.into(),
+                        error_message: format!("namespace {:?} not found", self.request.namespace),
+                        rule_index: -1,
+                        revision: replica.revision,
+                        ..Default::default()
+                    },
+                });
+            }
+        }
+        Some(pb::WatchEvent {
+            revision: applied.revision,
+            changed_flags: changed,
+            results,
+            full_refresh: false,
+        })
+    }
+}
+
+/// How long a `min_revision` wait may last given the call's `grpc-timeout` header: a little
+/// less than the deadline (tonic answers CANCELLED at the deadline itself), at most
+/// [`MAX_REVISION_WAIT`].
+pub fn wait_budget(grpc_timeout: Option<&str>) -> Duration {
+    let Some(deadline) = grpc_timeout.and_then(parse_grpc_timeout) else {
+        return MAX_REVISION_WAIT;
+    };
+    let margin = (deadline / 10).min(Duration::from_millis(50));
+    deadline.saturating_sub(margin).min(MAX_REVISION_WAIT)
+}
+
+/// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of H M S m u n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 || !value.is_ascii() {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Checks the context's documented limits (properties, key and value sizes).
+fn check_context(context: &pb::Context) -> Result<(), EvalError> {
+    let limit = |field: String, detail: String, limit: usize| {
+        Err(EvalError::Limit {
+            field,
+            detail,
+            limit,
+        })
+    };
+    if context.properties.len() > validate::MAX_CONTEXT_PROPERTIES {
+        return limit(
+            "context.properties".into(),
+            format!("{} properties", context.properties.len()),
+            validate::MAX_CONTEXT_PROPERTIES,
+        );
+    }
+    for (key, value) in &context.properties {
+        if key.len() > validate::MAX_CONTEXT_KEY_BYTES {
+            return limit(
+                "context.properties".into(),
+                format!("a key of {} bytes", key.len()),
+                validate::MAX_CONTEXT_KEY_BYTES,
+            );
+        }
+        if value.len() > validate::MAX_CONTEXT_VALUE_BYTES {
+            return limit(
+                format!("context.properties[{key:?}]"),
+                format!("{} bytes", value.len()),
+                validate::MAX_CONTEXT_VALUE_BYTES,
+            );
+        }
+    }
+    let fields = [
+        ("context.targeting_key", &context.targeting_key),
+        ("context.user_id", &context.user_id),
+        ("context.session_id", &context.session_id),
+        ("context.remote_address", &context.remote_address),
+        ("context.environment", &context.environment),
+        ("context.app_name", &context.app_name),
+    ];
+    for (field, value) in fields {
+        if value.len() > validate::MAX_CONTEXT_VALUE_BYTES {
+            return limit(
+                field.into(),
+                format!("{} bytes", value.len()),
+                validate::MAX_CONTEXT_VALUE_BYTES,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The flag type asked for, `None` when unspecified.
+fn expected_type(value: i32) -> Result<Option<flagstream::model::FlagType>, EvalError> {
+    use flagstream::model::FlagType;
+    match pb::FlagType::try_from(value) {
+        Ok(pb::FlagType::Unspecified) => Ok(None),
+        Ok(pb::FlagType::Boolean) => Ok(Some(FlagType::Boolean)),
+        Ok(pb::FlagType::String) => Ok(Some(FlagType::String)),
+        Ok(pb::FlagType::Number) => Ok(Some(FlagType::Number)),
+        Ok(pb::FlagType::Json) => Ok(Some(FlagType::Json)),
+        Err(_) => Err(EvalError::UnknownType(value)),
+    }
+}
+
+/// The namespace `key` of `replica`, or NOT_FOUND.
+fn namespace_of<'r>(
+    replica: &'r Replica,
+    key: &str,
+    metrics: &Metrics,
+) -> Result<&'r NamespaceState, EvalError> {
+    replica.namespaces.get(key).map(|ns| &**ns).ok_or_else(|| {
+        metrics.unknown_namespace.fetch_add(1, Ordering::Relaxed);
+        EvalError::NamespaceNotFound(key.to_string())
+    })
+}
+
+/// PERMISSION_DENIED unless the caller's token may evaluate flags of `namespace`. Allocates only
+/// when refusing, since it runs on every call.
+fn authorize<T>(request: &Request<T>, namespace: &str) -> Result<(), Status> {
+    let identity = auth::identity(request)?;
+    if identity.can_eval(namespace) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "token {:?} may not evaluate flags of namespace {namespace:?}",
+            identity.name
+        )))
+    }
+}

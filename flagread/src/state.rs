@@ -1,0 +1,930 @@
+//! The replica state: every followed namespace compiled into an `engine::FlagSet`, published
+//! whole behind `arc-swap` so evaluations never lock and never see half of a change.
+//!
+//! Only the follower (or the snapshot file loader) writes here, one change at a time; every
+//! write builds the next [`Replica`] aside (copy-on-write: a `FlagSet` clone shares its compiled
+//! flags, so only the flags a change touches are recompiled) and publishes it with one atomic
+//! pointer swap, then announces the new revision on a `watch` channel (for `min_revision` waits)
+//! and the changed flag keys on a `broadcast` channel (for `Watch` subscribers).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use flagstream::engine::{FlagSet, Reason};
+use flagstream::model;
+use tokio::sync::{broadcast, watch};
+
+/// How many applied changes a slow `Watch` subscriber may fall behind before it is told to
+/// refresh everything instead (see [`Applied::full_refresh`]).
+const CHANGE_BACKLOG: usize = 1024;
+
+/// The shared replica state. Cheap to share behind an `Arc`; readers call [`State::load`].
+pub struct State {
+    /// The published state. Readers `load` it without locking; the writer swaps in a new one.
+    current: ArcSwap<Replica>,
+    /// Serializes writers so that two applies never race on building the next state. Readers
+    /// never touch it.
+    write: Mutex<()>,
+    /// The applied revision, for `min_revision` waits and staleness metrics.
+    revision: watch::Sender<u64>,
+    /// True once a full state is held (health turns SERVING).
+    ready: watch::Sender<bool>,
+    /// One message per applied change, for `Watch` subscribers.
+    changes: broadcast::Sender<Arc<Applied>>,
+    /// Namespaces this replica serves; `None` means all. Objects of other namespaces are ignored
+    /// even if the writer sends them.
+    filter: Option<BTreeSet<String>>,
+}
+
+/// One immutable, complete state of the replica at one revision.
+#[derive(Default)]
+pub struct Replica {
+    /// The revision every namespace here reflects.
+    pub revision: u64,
+    /// True once a full state (a snapshot) was installed; evaluations wait for it.
+    pub ready: bool,
+    /// The namespaces followed, by key. Each is behind an `Arc` so that a change copies only the
+    /// namespaces it touches.
+    pub namespaces: HashMap<String, Arc<NamespaceState>>,
+}
+
+/// One namespace of a [`Replica`].
+#[derive(Clone)]
+pub struct NamespaceState {
+    /// The namespace's own record (description, stamp).
+    pub namespace: model::Namespace,
+    /// Its flags and segments, compiled.
+    pub flags: FlagSet,
+    /// Evaluation counters per flag key, shared by every state that holds the same flag with the
+    /// same variants, so the hot path counts with one atomic add and no lock. The map is copied
+    /// only when flags are created or deleted or their variants change.
+    counters: Arc<HashMap<String, Arc<FlagCounters>>>,
+    /// For each flag key, the flags that list it as a prerequisite, so that a change can name
+    /// the flags whose results it may change without scanning the namespace.
+    dependents: Arc<HashMap<String, BTreeSet<String>>>,
+}
+
+/// Lock-free evaluation counters of one flag: one per (variant, reason), plus one row for
+/// evaluations that served no variant.
+pub struct FlagCounters {
+    /// Variant names in declaration order; row `i` counts variant `i`, the last row "no variant".
+    variants: Vec<String>,
+    /// `(variants.len() + 1) * REASONS.len()` counters.
+    counts: Box<[AtomicU64]>,
+}
+
+/// What one applied change did, as announced to `Watch` subscribers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The applied revision after the change.
+    pub revision: u64,
+    /// Keys of the flags whose definition or result may have changed, by namespace, sorted.
+    pub changed: BTreeMap<String, Vec<String>>,
+    /// The whole state was replaced (a snapshot): subscribers should refresh everything.
+    pub full_refresh: bool,
+}
+
+/// One committed write, in model types: what the follower hands to [`State::apply_change`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The revision the write committed; must be the applied revision + 1.
+    pub revision: u64,
+    /// The objects it put or deleted, applied together.
+    pub deltas: Vec<Delta>,
+}
+
+/// One object put or deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    PutNamespace(model::Namespace),
+    DeleteNamespace(String),
+    PutFlag(model::Flag),
+    DeleteFlag { namespace: String, key: String },
+    PutSegment(model::Segment),
+    DeleteSegment { namespace: String, key: String },
+}
+
+/// A full state being received (a snapshot between SnapshotBegin and SnapshotEnd), kept aside
+/// until it is complete.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SnapshotBuilder {
+    /// The revision the snapshot is taken at.
+    pub revision: u64,
+    pub namespaces: Vec<model::Namespace>,
+    pub flags: Vec<model::Flag>,
+    pub segments: Vec<model::Segment>,
+}
+
+/// Why a change or snapshot could not be applied. Nothing is published when one is returned.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    /// A change arrived whose revision is not the applied revision + 1.
+    #[error("change {got} does not follow the applied revision {applied}")]
+    OutOfOrder { applied: u64, got: u64 },
+    /// A change arrived before any full state was held.
+    #[error("change {got} arrived before a full state")]
+    NoFullState { got: u64 },
+}
+
+/// Reasons in counter order; the index of a reason is its position here.
+pub const REASONS: [Reason; 7] = [
+    Reason::Static,
+    Reason::TargetingMatch,
+    Reason::Split,
+    Reason::Default,
+    Reason::Disabled,
+    Reason::PrerequisiteFailed,
+    Reason::Error,
+];
+
+impl State {
+    /// An empty state (revision 0, not ready) serving `filter` (`None` = every namespace).
+    pub fn new(filter: Option<BTreeSet<String>>) -> State {
+        State {
+            current: ArcSwap::from_pointee(Replica::default()),
+            write: Mutex::new(()),
+            revision: watch::channel(0).0,
+            ready: watch::channel(false).0,
+            changes: broadcast::channel(CHANGE_BACKLOG).0,
+            filter,
+        }
+    }
+
+    /// The current state. Never blocks; the returned `Arc` stays valid (and unchanged) however
+    /// many changes are applied meanwhile.
+    pub fn load(&self) -> Arc<Replica> {
+        self.current.load_full()
+    }
+
+    /// The applied revision.
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    /// Whether a full state is held. Lock-free (it is part of the published state).
+    pub fn is_ready(&self) -> bool {
+        self.current.load().ready
+    }
+
+    /// Follows the applied revision.
+    pub fn subscribe_revision(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// Follows readiness (false until the first full state).
+    pub fn subscribe_ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Follows applied changes. Subscribe before reading the current revision, so that no
+    /// change falls between the two.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Arc<Applied>> {
+        self.changes.subscribe()
+    }
+
+    /// Whether this replica serves `namespace` at all (it may not exist yet).
+    pub fn follows(&self, namespace: &str) -> bool {
+        self.filter.as_ref().is_none_or(|f| f.contains(namespace))
+    }
+
+    /// The namespaces this replica was asked to follow, for the subscription request; empty
+    /// means all.
+    pub fn followed(&self) -> Vec<String> {
+        self.filter.iter().flatten().cloned().collect()
+    }
+
+    /// Waits until the applied revision is at least `revision`; returns the applied revision.
+    /// The caller bounds the wait (with the call's deadline).
+    pub async fn wait_for_revision(&self, revision: u64) -> u64 {
+        let mut rx = self.revision.subscribe();
+        // `wait_for` only fails when the sender is dropped, and `self` owns the sender.
+
+        match rx.wait_for(|applied| *applied >= revision).await {
+            Ok(applied) => *applied,
+            Err(_) => self.revision(),
+        }
+    }
+
+    /// Replaces the whole state with a complete snapshot, compiled aside and published in one
+    /// swap. Counters of flags that survive unchanged in their variants keep counting.
+    pub fn install(&self, snapshot: SnapshotBuilder) {
+        let _writer = self
+            .write
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let old = self.current.load_full();
+        // The writer is the source of truth: a snapshot older than the state held (a writer
+        // restored from a backup) still replaces it, loudly, rather than leaving the replica
+        // stuck on a history the writer no longer has.
+        if snapshot.revision < old.revision {
+            tracing::warn!(
+                applied = old.revision,
+                snapshot = snapshot.revision,
+                "the writer sent a snapshot older than the state held; replacing it"
+            );
+        }
+        let mut namespaces: HashMap<String, NamespaceState> = HashMap::new();
+        for ns in snapshot.namespaces {
+            if self.follows(&ns.key) {
+                namespaces.insert(ns.key.clone(), NamespaceState::empty(ns));
+            }
+        }
+        // Segments first, so each flag compiles once against the segments it references.
+        for segment in snapshot.segments {
+            if let Some(ns) = self.namespace_for(&mut namespaces, &segment.namespace) {
+                ns.flags.upsert_segment(segment);
+            }
+        }
+        let mut counters: HashMap<String, HashMap<String, Arc<FlagCounters>>> = HashMap::new();
+        for flag in snapshot.flags {
+            let Some(ns) = self.namespace_for(&mut namespaces, &flag.namespace) else {
+                continue;
+            };
+            let previous = old
+                .namespaces
+                .get(&flag.namespace)
+                .and_then(|o| o.counters.get(&flag.key));
+            let entry = FlagCounters::reuse_or_new(previous, &flag);
+            counters
+                .entry(flag.namespace.clone())
+                .or_default()
+                .insert(flag.key.clone(), entry);
+            ns.track_prerequisites(&flag.key, &flag.prerequisites);
+            ns.flags.upsert_flag(flag);
+        }
+        let namespaces = namespaces
+            .into_iter()
+            .map(|(key, mut ns)| {
+                ns.counters = Arc::new(counters.remove(&key).unwrap_or_default());
+                (key, Arc::new(ns))
+            })
+            .collect();
+        let replica = Replica {
+            revision: snapshot.revision,
+            ready: true,
+            namespaces,
+        };
+        self.publish(
+            replica,
+            Applied {
+                revision: snapshot.revision,
+                changed: BTreeMap::new(),
+                full_refresh: true,
+            },
+        );
+        self.ready.send_replace(true);
+    }
+
+    /// Applies one change (all its deltas) and publishes the result in one swap. Only the flags
+    /// the change touches are recompiled (and, for a segment change, the flags using it).
+    pub fn apply_change(&self, change: Change) -> Result<Arc<Applied>, ApplyError> {
+        let _writer = self
+            .write
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let old = self.current.load_full();
+        if !self.is_ready() {
+            return Err(ApplyError::NoFullState {
+                got: change.revision,
+            });
+        }
+        if change.revision != old.revision + 1 {
+            return Err(ApplyError::OutOfOrder {
+                applied: old.revision,
+                got: change.revision,
+            });
+        }
+        // The namespaces this change touches, copied out of the old state (cheap: FlagSet clones
+        // share compiled flags) and edited; `None` marks a deleted namespace.
+        let mut touched: HashMap<String, Option<NamespaceState>> = HashMap::new();
+        let mut changed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for delta in change.deltas {
+            let namespace = delta.namespace().to_string();
+            if !self.follows(&namespace) {
+                continue;
+            }
+            let slot = touched
+                .entry(namespace.clone())
+                .or_insert_with(|| old.namespaces.get(&namespace).map(|ns| (**ns).clone()));
+            let keys = changed.entry(namespace.clone()).or_default();
+            match delta {
+                Delta::PutNamespace(record) => match slot {
+                    Some(ns) => ns.namespace = record,
+                    None => *slot = Some(NamespaceState::empty(record)),
+                },
+                Delta::DeleteNamespace(_) => {
+                    if let Some(ns) = slot.take() {
+                        keys.extend(ns.flags.flags().map(|f| f.key().to_string()));
+                    }
+                }
+                Delta::PutFlag(flag) => {
+                    let ns =
+                        slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
+                    keys.insert(flag.key.clone());
+                    ns.put_counters(&flag);
+                    ns.track_prerequisites(&flag.key, &flag.prerequisites);
+                    ns.flags.upsert_flag(flag);
+                }
+                Delta::DeleteFlag { key, .. } => {
+                    if let Some(ns) = slot {
+                        ns.track_prerequisites(&key, &[]);
+                        if ns.flags.remove_flag(&key) {
+                            Arc::make_mut(&mut ns.counters).remove(&key);
+                        }
+                        keys.insert(key);
+                    }
+                }
+                Delta::PutSegment(segment) => {
+                    let ns =
+                        slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
+                    keys.extend(ns.users_of_segment(&segment.key));
+                    ns.flags.upsert_segment(segment);
+                }
+                Delta::DeleteSegment { key, .. } => {
+                    if let Some(ns) = slot {
+                        keys.extend(ns.users_of_segment(&key));
+                        ns.flags.remove_segment(&key);
+                    }
+                }
+            }
+        }
+        let mut namespaces = old.namespaces.clone();
+        for (key, ns) in touched {
+            match ns {
+                Some(ns) => namespaces.insert(key, Arc::new(ns)),
+                None => namespaces.remove(&key),
+            };
+        }
+        // A flag whose prerequisite changed may now evaluate differently too.
+        for (namespace, keys) in changed.iter_mut() {
+            if let Some(ns) = namespaces.get(namespace) {
+                ns.add_dependents(keys);
+            }
+        }
+        let applied = Applied {
+            revision: change.revision,
+            changed: changed
+                .into_iter()
+                .filter(|(_, keys)| !keys.is_empty())
+                .map(|(ns, keys)| (ns, keys.into_iter().collect()))
+                .collect(),
+            full_refresh: false,
+        };
+        let replica = Replica {
+            revision: change.revision,
+            ready: true,
+            namespaces,
+        };
+        Ok(self.publish(replica, applied))
+    }
+
+    /// Swaps in `replica` and announces it, in that order, so that anyone woken by the
+    /// announcement already sees the new state.
+    fn publish(&self, replica: Replica, applied: Applied) -> Arc<Applied> {
+        let revision = replica.revision;
+        self.current.store(Arc::new(replica));
+        self.revision.send_replace(revision);
+        let applied = Arc::new(applied);
+        // No subscribers is fine: nobody is watching.
+        let _ = self.changes.send(applied.clone());
+        applied
+    }
+
+    /// The namespace `key` of a snapshot being built, if followed and present.
+    fn namespace_for<'a>(
+        &self,
+        namespaces: &'a mut HashMap<String, NamespaceState>,
+        key: &str,
+    ) -> Option<&'a mut NamespaceState> {
+        if !self.follows(key) {
+            return None;
+        }
+        Some(
+            namespaces
+                .entry(key.to_string())
+                .or_insert_with(|| NamespaceState::empty(implicit(key))),
+        )
+    }
+}
+
+/// A namespace record for objects that arrive before (or without) their namespace, so that a
+/// well-formed flag is never dropped.
+fn implicit(key: &str) -> model::Namespace {
+    model::Namespace {
+        key: key.to_string(),
+        ..Default::default()
+    }
+}
+
+impl Replica {
+    /// Every object of the state as a snapshot, for the snapshot file.
+    pub fn to_snapshot(&self) -> SnapshotBuilder {
+        let mut snapshot = SnapshotBuilder {
+            revision: self.revision,
+            ..Default::default()
+        };
+        let mut keys: Vec<&String> = self.namespaces.keys().collect();
+        keys.sort();
+        for key in keys {
+            let ns = &self.namespaces[key];
+            snapshot.namespaces.push(ns.namespace.clone());
+            snapshot.segments.extend(ns.flags.segments().cloned());
+            snapshot
+                .flags
+                .extend(ns.flags.flags().map(|f| f.source().clone()));
+        }
+        snapshot
+    }
+
+    /// Number of flags held, over all namespaces.
+    pub fn flag_count(&self) -> usize {
+        self.namespaces.values().map(|ns| ns.flags.len()).sum()
+    }
+}
+
+impl NamespaceState {
+    fn empty(namespace: model::Namespace) -> NamespaceState {
+        NamespaceState {
+            namespace,
+            flags: FlagSet::default(),
+            counters: Arc::default(),
+            dependents: Arc::default(),
+        }
+    }
+
+    /// The counters of flag `key`, if it exists.
+    pub fn counters(&self, key: &str) -> Option<&FlagCounters> {
+        self.counters.get(key).map(|c| &**c)
+    }
+
+    /// Every flag's counters, for rendering metrics.
+    pub fn all_counters(&self) -> impl Iterator<Item = (&str, &FlagCounters)> {
+        self.counters.iter().map(|(k, c)| (k.as_str(), &**c))
+    }
+
+    /// Makes sure `flag` has counters matching its variants, copying the counter map only when
+    /// the flag is new or its variants changed.
+    fn put_counters(&mut self, flag: &model::Flag) {
+        let existing = self.counters.get(&flag.key);
+        if existing.is_some_and(|c| c.matches(flag)) {
+            return;
+        }
+        let fresh = FlagCounters::reuse_or_new(existing, flag);
+        Arc::make_mut(&mut self.counters).insert(flag.key.clone(), fresh);
+    }
+
+    /// Keys of the flags with a rule that references segment `key`.
+    fn users_of_segment(&self, key: &str) -> Vec<String> {
+        self.flags
+            .flags()
+            .filter(|f| {
+                f.source()
+                    .rules
+                    .iter()
+                    .any(|r| r.segments.iter().any(|s| s == key))
+            })
+            .map(|f| f.key().to_string())
+            .collect()
+    }
+
+    /// Adds to `keys` every flag that (transitively) lists one of `keys` as a prerequisite.
+    fn add_dependents(&self, keys: &mut BTreeSet<String>) {
+        if self.dependents.is_empty() {
+            return;
+        }
+        let mut pending: Vec<String> = keys.iter().cloned().collect();
+        while let Some(key) = pending.pop() {
+            for child in self.dependents.get(&key).into_iter().flatten() {
+                if keys.insert(child.clone()) {
+                    pending.push(child.clone());
+                }
+            }
+        }
+    }
+
+    /// Records that flag `key` now has `prerequisites` (none when deleted), replacing what the
+    /// stored flag had. Copies the index only when it changes.
+    fn track_prerequisites(&mut self, key: &str, prerequisites: &[model::Prerequisite]) {
+        let old: Vec<&str> = self
+            .flags
+            .get(key)
+            .map(|f| {
+                f.source()
+                    .prerequisites
+                    .iter()
+                    .map(|p| p.flag.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let new: Vec<&str> = prerequisites.iter().map(|p| p.flag.as_str()).collect();
+        if old == new {
+            return;
+        }
+        let index = Arc::make_mut(&mut self.dependents);
+        for parent in old {
+            if let Some(children) = index.get_mut(parent) {
+                children.remove(key);
+                if children.is_empty() {
+                    index.remove(parent);
+                }
+            }
+        }
+        for parent in new {
+            index
+                .entry(parent.to_string())
+                .or_default()
+                .insert(key.to_string());
+        }
+    }
+}
+
+impl FlagCounters {
+    fn new(flag: &model::Flag) -> FlagCounters {
+        let variants: Vec<String> = flag.variants.iter().map(|v| v.name.clone()).collect();
+        let counts = (0..(variants.len() + 1) * REASONS.len())
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        FlagCounters { variants, counts }
+    }
+
+    /// The previous counters when the variants are the same (so counts keep growing across
+    /// edits), otherwise new counters carrying over the counts of variants that remain.
+    fn reuse_or_new(previous: Option<&Arc<FlagCounters>>, flag: &model::Flag) -> Arc<FlagCounters> {
+        match previous {
+            Some(previous) if previous.matches(flag) => previous.clone(),
+            Some(previous) => {
+                let fresh = FlagCounters::new(flag);
+                for (variant, reason, count) in previous.iter() {
+                    let row = match variant {
+                        None => Some(fresh.variants.len()),
+                        Some(v) => fresh.variants.iter().position(|n| n == v),
+                    };
+                    if let Some(row) = row {
+                        fresh.counts[row * REASONS.len() + reason_index(reason)]
+                            .store(count, Ordering::Relaxed);
+                    }
+                }
+                Arc::new(fresh)
+            }
+            None => Arc::new(FlagCounters::new(flag)),
+        }
+    }
+
+    fn matches(&self, flag: &model::Flag) -> bool {
+        self.variants.len() == flag.variants.len()
+            && self
+                .variants
+                .iter()
+                .zip(&flag.variants)
+                .all(|(a, b)| *a == b.name)
+    }
+
+    /// Counts one evaluation: one relaxed atomic add, no lock, no allocation.
+    pub fn record(&self, variant: Option<&str>, reason: Reason) {
+        let row = variant
+            .and_then(|v| self.variants.iter().position(|n| n == v))
+            .unwrap_or(self.variants.len());
+        self.counts[row * REASONS.len() + reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every non-zero counter as (variant, reason, count); variant `None` means none was served.
+    pub fn iter(&self) -> impl Iterator<Item = (Option<&str>, Reason, u64)> + '_ {
+        self.counts.iter().enumerate().filter_map(|(i, count)| {
+            let count = count.load(Ordering::Relaxed);
+            if count == 0 {
+                return None;
+            }
+            let row = i / REASONS.len();
+            let variant = self.variants.get(row).map(String::as_str);
+            Some((variant, REASONS[i % REASONS.len()], count))
+        })
+    }
+}
+
+/// The position of `reason` in [`REASONS`].
+pub fn reason_index(reason: Reason) -> usize {
+    match reason {
+        Reason::Static => 0,
+        Reason::TargetingMatch => 1,
+        Reason::Split => 2,
+        Reason::Default => 3,
+        Reason::Disabled => 4,
+        Reason::PrerequisiteFailed => 5,
+        Reason::Error => 6,
+    }
+}
+
+impl Delta {
+    /// The namespace the object belongs to.
+    pub fn namespace(&self) -> &str {
+        match self {
+            Delta::PutNamespace(ns) => &ns.key,
+            Delta::DeleteNamespace(key) => key,
+            Delta::PutFlag(flag) => &flag.namespace,
+            Delta::DeleteFlag { namespace, .. } => namespace,
+            Delta::PutSegment(segment) => &segment.namespace,
+            Delta::DeleteSegment { namespace, .. } => namespace,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flag(ns: &str, key: &str, variants: &[&str]) -> model::Flag {
+        model::Flag {
+            namespace: ns.into(),
+            key: key.into(),
+            description: String::new(),
+            flag_type: model::FlagType::Boolean,
+            variants: variants
+                .iter()
+                .map(|v| model::Variant {
+                    name: v.to_string(),
+                    value: model::Value::Bool(true),
+                    description: String::new(),
+                })
+                .collect(),
+            enabled: true,
+            disabled_variant: variants[0].into(),
+            default_variant: variants[0].into(),
+            rules: vec![],
+            prerequisites: vec![],
+            tags: vec![],
+            metadata: BTreeMap::new(),
+            stamp: model::Stamp::default(),
+        }
+    }
+
+    fn with_segment(mut f: model::Flag, segment: &str) -> model::Flag {
+        f.rules.push(model::Rule {
+            name: String::new(),
+            constraints: vec![],
+            segments: vec![segment.into()],
+            rollout: None,
+            serve: model::Serve::Variant(f.variants[0].name.clone()),
+        });
+        f
+    }
+
+    fn with_prerequisite(mut f: model::Flag, parent: &str) -> model::Flag {
+        f.prerequisites.push(model::Prerequisite {
+            flag: parent.into(),
+            expect_off: false,
+            variants: vec![],
+        });
+        f
+    }
+
+    fn segment(ns: &str, key: &str) -> model::Segment {
+        model::Segment {
+            namespace: ns.into(),
+            key: key.into(),
+            description: String::new(),
+            constraints: vec![],
+            stamp: model::Stamp::default(),
+        }
+    }
+
+    /// A state at revision 1 holding namespace `prod` with flags a (uses segment s), b (needs
+    /// a), c (needs b), d, and namespace `dev` with flag e.
+    fn base() -> State {
+        let state = State::new(None);
+        let flags = vec![
+            with_segment(flag("prod", "a", &["on"]), "s"),
+            with_prerequisite(flag("prod", "b", &["on"]), "a"),
+            with_prerequisite(flag("prod", "c", &["on"]), "b"),
+            flag("prod", "d", &["on"]),
+            flag("dev", "e", &["on"]),
+        ];
+        let namespaces = vec![
+            model::Namespace {
+                key: "prod".into(),
+                ..Default::default()
+            },
+            model::Namespace {
+                key: "dev".into(),
+                ..Default::default()
+            },
+        ];
+        state.install(SnapshotBuilder {
+            revision: 1,
+            namespaces,
+            flags,
+            segments: vec![segment("prod", "s")],
+        });
+        state
+    }
+
+    /// Applies `deltas` as revision 2 and compares the announced changed keys.
+    fn check(deltas: Vec<Delta>, expected: &[(&str, &[&str])]) {
+        let state = base();
+        let applied = state
+            .apply_change(Change {
+                revision: 2,
+                deltas,
+            })
+            .unwrap();
+        let expected: BTreeMap<String, Vec<String>> = expected
+            .iter()
+            .map(|(ns, keys)| (ns.to_string(), keys.iter().map(|k| k.to_string()).collect()))
+            .collect();
+        assert_eq!(applied.changed, expected);
+        assert_eq!((applied.revision, state.revision()), (2, 2));
+    }
+
+    #[test]
+    fn changed_flags_include_segment_users_and_dependents() {
+        check(
+            vec![Delta::PutFlag(flag("prod", "d", &["on"]))],
+            &[("prod", &["d"])],
+        );
+        check(
+            vec![Delta::PutFlag(flag("prod", "a", &["on"]))],
+            &[("prod", &["a", "b", "c"])],
+        );
+        check(
+            vec![Delta::PutSegment(segment("prod", "s"))],
+            &[("prod", &["a", "b", "c"])],
+        );
+        check(
+            vec![Delta::DeleteFlag {
+                namespace: "prod".into(),
+                key: "c".into(),
+            }],
+            &[("prod", &["c"])],
+        );
+        check(
+            vec![Delta::DeleteNamespace("dev".into())],
+            &[("dev", &["e"])],
+        );
+        check(
+            vec![
+                Delta::PutFlag(flag("dev", "f", &["on"])),
+                Delta::PutFlag(flag("new", "g", &["on"])),
+            ],
+            &[("dev", &["f"]), ("new", &["g"])],
+        );
+        check(
+            vec![Delta::PutNamespace(model::Namespace {
+                key: "dev".into(),
+                ..Default::default()
+            })],
+            &[],
+        );
+    }
+
+    #[test]
+    fn dependents_follow_prerequisite_edits() {
+        let state = base();
+        let put = |revision, flag| Change {
+            revision,
+            deltas: vec![Delta::PutFlag(flag)],
+        };
+        // c no longer needs b; d starts to need a.
+        state
+            .apply_change(put(2, flag("prod", "c", &["on"])))
+            .unwrap();
+        state
+            .apply_change(put(3, with_prerequisite(flag("prod", "d", &["on"]), "a")))
+            .unwrap();
+        let applied = state
+            .apply_change(put(4, flag("prod", "b", &["on"])))
+            .unwrap();
+        assert_eq!(applied.changed["prod"], vec!["b".to_string()]);
+        let applied = state
+            .apply_change(put(5, with_segment(flag("prod", "a", &["on"]), "s")))
+            .unwrap();
+        assert_eq!(
+            applied.changed["prod"],
+            vec!["a".to_string(), "d".to_string()]
+        );
+        let delete = Delta::DeleteFlag {
+            namespace: "prod".into(),
+            key: "d".into(),
+        };
+        state
+            .apply_change(Change {
+                revision: 6,
+                deltas: vec![delete],
+            })
+            .unwrap();
+        let applied = state
+            .apply_change(put(7, flag("prod", "a", &["on"])))
+            .unwrap();
+        assert_eq!(applied.changed["prod"], vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn changes_apply_in_order_only() {
+        let state = base();
+        let change = |revision| Change {
+            revision,
+            deltas: vec![Delta::PutFlag(flag("prod", "x", &["on"]))],
+        };
+        assert_eq!(
+            state.apply_change(change(3)),
+            Err(ApplyError::OutOfOrder { applied: 1, got: 3 })
+        );
+        assert_eq!(
+            state.apply_change(change(1)),
+            Err(ApplyError::OutOfOrder { applied: 1, got: 1 })
+        );
+        assert!(state.load().namespaces["prod"].flags.get("x").is_none());
+        assert!(state.apply_change(change(2)).is_ok());
+        let empty = State::new(None);
+        assert_eq!(
+            empty.apply_change(change(1)),
+            Err(ApplyError::NoFullState { got: 1 })
+        );
+        // An older snapshot still replaces the state: the writer is the source of truth.
+        state.install(SnapshotBuilder {
+            revision: 1,
+            ..Default::default()
+        });
+        assert_eq!(state.revision(), 1);
+        assert!(state.load().namespaces.is_empty());
+    }
+
+    #[test]
+    fn readers_keep_the_state_they_loaded() {
+        let state = base();
+        let before = state.load();
+        state
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![Delta::DeleteFlag {
+                    namespace: "prod".into(),
+                    key: "d".into(),
+                }],
+            })
+            .unwrap();
+        assert!(before.namespaces["prod"].flags.get("d").is_some());
+        assert!(state.load().namespaces["prod"].flags.get("d").is_none());
+        assert!(
+            Arc::ptr_eq(&before.namespaces["dev"], &state.load().namespaces["dev"]),
+            "untouched namespaces are shared"
+        );
+    }
+
+    #[test]
+    fn counters_survive_edits_and_carry_over_variants() {
+        let state = base();
+        let count = |state: &State, key: &str| -> Vec<(Option<String>, u64)> {
+            let replica = state.load();
+            replica.namespaces["prod"]
+                .counters(key)
+                .unwrap()
+                .iter()
+                .map(|(v, _, n)| (v.map(str::to_string), n))
+                .collect()
+        };
+        state.load().namespaces["prod"]
+            .counters("d")
+            .unwrap()
+            .record(Some("on"), Reason::Static);
+        state.load().namespaces["prod"]
+            .counters("d")
+            .unwrap()
+            .record(None, Reason::Error);
+        state
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![Delta::PutFlag(flag("prod", "d", &["on"]))],
+            })
+            .unwrap();
+        assert_eq!(count(&state, "d"), vec![(Some("on".into()), 1), (None, 1)]);
+        state
+            .apply_change(Change {
+                revision: 3,
+                deltas: vec![Delta::PutFlag(flag("prod", "d", &["off", "on"]))],
+            })
+            .unwrap();
+        assert_eq!(
+            count(&state, "d"),
+            vec![(Some("on".into()), 1), (None, 1)],
+            "counts follow the variant, not its position"
+        );
+    }
+
+    #[tokio::test]
+    async fn revision_waits_end_when_the_revision_is_applied() {
+        let state = Arc::new(base());
+        let waiter = tokio::spawn({
+            let state = state.clone();
+            async move { state.wait_for_revision(2).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        state
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![],
+            })
+            .unwrap();
+        assert_eq!(waiter.await.unwrap(), 2);
+    }
+}
