@@ -69,9 +69,6 @@ struct Job {
     reply: oneshot::Sender<Result<Outcome, Error>>,
 }
 
-/// Most writes committed under one flush.
-const MAX_BATCH: usize = 1024;
-
 impl Writer {
     /// Starts the writer task. It ends when every `Writer` clone is dropped
     /// and the queue is drained.
@@ -89,59 +86,107 @@ impl Writer {
     }
 }
 
+/// A write committed (or refused) but not yet acknowledged: it waits for
+/// the next flush that starts after its commit.
+struct Pending {
+    reply: oneshot::Sender<Result<Outcome, Error>>,
+    result: Result<Outcome, Error>,
+    record: Option<LogRecord>,
+    started: Instant,
+}
+
+type Flush = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::store::StoreError>> + Send>>;
+
+/// The writer loop. Writes are committed as they arrive, even while a flush
+/// is running; a flush covers everything committed before it started, so
+/// each flush acknowledges the group of writes committed since the previous
+/// one (group commit, pipelined with the next group's commits).
 async fn run(store: Store, feed: Arc<Feed>, metrics: Arc<Metrics>, retention: u64, mut rx: mpsc::Receiver<Job>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    // Committed, waiting for a flush to start.
+    let mut waiting: Vec<Pending> = Vec::new();
+    // The flush in progress and the writes it will make durable.
+    let mut flushing: Option<(Flush, Vec<Pending>)> = None;
+    let mut open = true;
+    let mut healthy = true;
+    loop {
+        if flushing.is_none() && !waiting.is_empty() {
+            let group = std::mem::take(&mut waiting);
+            if group.iter().any(|p| p.record.is_some()) {
+                let store = store.clone();
+                flushing = Some((Box::pin(async move { store.flush().await }), group));
+            } else {
+                // Only refusals and dry runs: nothing to make durable.
+                acknowledge(group, &feed, &metrics);
             }
+            continue;
         }
-        let started = Instant::now();
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut committed = Vec::new();
-        for job in batch.drain(..) {
-            let result = apply(&store, &job.request);
-            if let Ok((_, Some(record))) = &result {
-                committed.push(record.clone());
-            }
-            replies.push((job.reply, result.map(|(outcome, _)| outcome)));
+        if !open && flushing.is_none() && waiting.is_empty() {
+            return;
         }
-        if !committed.is_empty() {
-            if let Err(e) = store.flush().await {
-                // The writes are committed in memory but not durable: tell
-                // every writer of the batch, and stop taking writes, since
-                // the store can no longer keep its promise.
-                tracing::error!(error = %e, "flush failed; refusing further writes");
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(Error::Store(crate::store::StoreError::Corrupt(format!("flush failed: {e}")))));
+        tokio::select! {
+            job = rx.recv(), if open => match job {
+                Some(job) => {
+                    let started = Instant::now();
+                    let result = if healthy { apply(&store, &job.request) } else { Err(Error::ShuttingDown) };
+                    let (result, record) = match result {
+                        Ok((outcome, record)) => (Ok(outcome), record),
+                        Err(e) => (Err(e), None),
+                    };
+                    waiting.push(Pending { reply: job.reply, result, record, started });
                 }
-                rx.close();
-                continue;
-            }
-            for record in &committed {
-                feed.publish(record);
-            }
-            metrics.head_revision.set(committed.last().map_or(0, |r| r.revision) as i64);
-        }
-        let elapsed = started.elapsed();
-        for (reply, result) in replies {
-            metrics.write_latency.observe(elapsed);
-            let _ = reply.send(result);
-        }
-        if retention > 0 && !committed.is_empty() {
-            // Compaction is cheap to check and runs between batches, so it
-            // never races a commit; `retention / 16` of slack batches removals.
-            let head = committed.last().map_or(0, |r| r.revision);
-            let compacted = feed.compacted();
-            if head.saturating_sub(compacted) > retention + retention / 16 {
-                match store.compact(retention) {
-                    Ok(_) => feed.set_compacted(store.compacted().unwrap_or(compacted)),
-                    Err(e) => tracing::warn!(error = %e, "change-log compaction failed"),
+                None => open = false,
+            },
+            flushed = async { (&mut flushing.as_mut().expect("guarded by the condition").0).await }, if flushing.is_some() => {
+                let (_, group) = flushing.take().expect("guarded by the condition");
+                match flushed {
+                    Ok(()) => {
+                        let head = group.iter().filter_map(|p| p.record.as_ref()).map(|r| r.revision).max();
+                        acknowledge(group, &feed, &metrics);
+                        if let Some(head) = head {
+                            compact(&store, &feed, retention, head);
+                        }
+                    }
+                    Err(e) => {
+                        // The writes are committed in memory but not durable:
+                        // tell their writers, and refuse further writes, since
+                        // the store can no longer keep its promise.
+                        tracing::error!(error = %e, "flush failed; refusing further writes");
+                        healthy = false;
+                        for pending in group {
+                            let _ = pending.reply.send(Err(Error::Store(crate::store::StoreError::Corrupt(format!("flush failed: {e}")))));
+                        }
+                    }
                 }
             }
+        }
+    }
+}
+
+/// Publishes a durable group to subscribers (in revision order) and answers
+/// its writers.
+fn acknowledge(group: Vec<Pending>, feed: &Feed, metrics: &Metrics) {
+    for pending in group {
+        if let Some(record) = &pending.record {
+            feed.publish(record);
+            metrics.head_revision.set(record.revision as i64);
+        }
+        metrics.write_latency.observe(pending.started.elapsed());
+        let _ = pending.reply.send(pending.result);
+    }
+}
+
+/// Compacts the change log when it holds more than `retention` revisions
+/// (with `retention / 16` of slack so removals come in batches). Runs in the
+/// writer between commits, so it never races one.
+fn compact(store: &Store, feed: &Feed, retention: u64, head: u64) {
+    if retention == 0 {
+        return;
+    }
+    let compacted = feed.compacted();
+    if head.saturating_sub(compacted) > retention + retention / 16 {
+        match store.compact(retention) {
+            Ok(_) => feed.set_compacted(store.compacted().unwrap_or(compacted)),
+            Err(e) => tracing::warn!(error = %e, "change-log compaction failed"),
         }
     }
 }
