@@ -229,7 +229,7 @@ pub async fn follow(
 /// it fails. Sets `progressed` once anything was applied, so that backoff starts over.
 async fn subscribe(
     upstream: &Upstream,
-    state: &State,
+    state: &Arc<State>,
     status: &SyncStatus,
     progressed: &mut bool,
 ) -> FollowError {
@@ -270,20 +270,38 @@ async fn subscribe(
             Ok(Err(status)) => return status.into(),
             Err(_) => return FollowError::Silent(upstream.silence),
         };
-        if let Err(error) = handle(message, state, status, &mut snapshot, progressed) {
-            return error;
+        match handle(message, state, status, &mut snapshot, progressed) {
+            Ok(None) => {}
+            Ok(Some(done)) => {
+                // Compiling a large snapshot takes a while: off the async workers, so that
+                // evaluations of the current state go on meanwhile.
+                let (revision, flags) = (done.revision, done.flags.len());
+                let installer = state.clone();
+                if let Err(error) =
+                    tokio::task::spawn_blocking(move || installer.install(done)).await
+                {
+                    return FollowError::Protocol(format!(
+                        "installing the snapshot failed: {error}"
+                    ));
+                }
+                status.snapshots.fetch_add(1, Ordering::Relaxed);
+                *progressed = true;
+                tracing::info!(revision, flags, "snapshot applied");
+            }
+            Err(error) => return error,
         }
     }
 }
 
-/// Applies one message of the stream.
+/// Applies one message of the stream; returns a snapshot once it is complete, for the caller to
+/// install.
 fn handle(
     message: pb::SyncMessage,
     state: &State,
     status: &SyncStatus,
     snapshot: &mut Option<SnapshotBuilder>,
     progressed: &mut bool,
-) -> Result<(), FollowError> {
+) -> Result<Option<SnapshotBuilder>, FollowError> {
     let protocol = |what: &str| Err(FollowError::Protocol(what.to_string()));
     match message.kind {
         None => return protocol("an empty message"),
@@ -314,11 +332,7 @@ fn handle(
             if done.revision != end.revision {
                 return protocol("a snapshot ended at another revision than it began");
             }
-            let flags = done.flags.len();
-            state.install(done);
-            status.snapshots.fetch_add(1, Ordering::Relaxed);
-            *progressed = true;
-            tracing::info!(revision = end.revision, flags, "snapshot applied");
+            return Ok(Some(done));
         }
         Some(Kind::Change(change)) => {
             status.heard(change.revision);
@@ -331,7 +345,7 @@ fn handle(
             tracing::debug!(revision, "change applied");
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]

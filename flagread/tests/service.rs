@@ -386,6 +386,14 @@ async fn watch_reports_the_revision_then_each_change_with_results() {
             .unwrap()
             .unwrap()
     }
+    // A second subscriber asks for flag `a` only, without a context.
+    let only_a = pb::WatchRequest {
+        namespace: "prod".into(),
+        context: None,
+        flag_keys: vec!["a".into()],
+    };
+    let mut only_a = client.watch(only_a).await.unwrap().into_inner();
+    assert_eq!(next(&mut only_a).await.revision, 5);
     let first = next(&mut events).await;
     assert_eq!(
         (
@@ -419,6 +427,13 @@ async fn watch_reports_the_revision_then_each_change_with_results() {
         event.results[0].error_code,
         i32::from(pb::ErrorCode::FlagNotFound)
     );
+
+    let event = next(&mut only_a).await;
+    assert_eq!(
+        (event.revision, event.changed_flags.clone()),
+        (8, vec!["a".to_string()])
+    );
+    assert!(event.results.is_empty(), "no context, no results");
 
     // A new snapshot asks the client to refresh everything.
     sub.send(snapshot(20, vec![flag("prod", "a", 20)])).await;
