@@ -79,32 +79,45 @@ pub fn render(state: &State, status: &SyncStatus, metrics: &Metrics) -> String {
         "Flags held, over all namespaces.",
         replica.flag_count() as i64,
     );
-    text.gauge(
-        "flagread_subscriptions_total",
-        "Subscriptions opened to the writer.",
-        status.subscriptions() as i64,
-    );
-    text.gauge(
-        "flagread_snapshots_applied_total",
-        "Snapshots received from the writer and applied.",
-        status.snapshots() as i64,
-    );
-    text.gauge(
-        "flagread_resyncs_total",
-        "Subscriptions ended by a gap or protocol error.",
-        status.resyncs() as i64,
-    );
-    text.gauge(
-        "flagread_shed_total",
-        "Calls refused by the concurrency limit.",
-        metrics.shed.load(Ordering::Relaxed) as i64,
-    );
     text.histogram(
         "flagread_evaluation_seconds",
         "Time to evaluate the flags of one call (one for Evaluate, all of them for batches).",
         &metrics.eval_latency,
     );
     let mut out = text.finish();
+    let counters = [
+        (
+            "flagread_subscriptions_total",
+            "Subscriptions opened to the writer.",
+            status.subscriptions(),
+        ),
+        (
+            "flagread_snapshots_applied_total",
+            "Snapshots received from the writer and applied.",
+            status.snapshots(),
+        ),
+        (
+            "flagread_resyncs_total",
+            "Subscriptions ended by a gap or protocol error.",
+            status.resyncs(),
+        ),
+        (
+            "flagread_shed_total",
+            "Calls refused by the concurrency limit.",
+            metrics.shed.load(Ordering::Relaxed),
+        ),
+        (
+            "flagread_unknown_namespace_total",
+            "Calls naming a namespace this replica does not hold.",
+            metrics.unknown_namespace.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP flagread_evaluations_total Evaluations by namespace, flag, variant and reason.\n# TYPE flagread_evaluations_total counter"
