@@ -302,7 +302,7 @@ impl FlagEval for EvalService {
         // Subscribe before reading the state, so that no change falls between the two.
         let changes = self.state.subscribe_changes();
         let replica = self.state.load();
-        if !self.state.is_ready() {
+        if !replica.ready {
             return Err(EvalError::NotReady(replica.revision).into());
         }
         namespace_of(&replica, &request.namespace, &self.metrics)?;
