@@ -32,6 +32,8 @@ struct Server {
 }
 
 impl Server {
+    // The child is killed and waited for in `Drop`.
+    #[allow(clippy::zombie_processes)]
     fn start() -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("flagwrite-bench-{}", std::process::id()));
@@ -73,7 +75,7 @@ impl Drop for Server {
 }
 
 fn toggle(i: u64, key: &str) -> pb::SetFlagEnabledRequest {
-    pb::SetFlagEnabledRequest { namespace: "bench".into(), key: key.into(), enabled: i % 2 == 0, ..Default::default() }
+    pb::SetFlagEnabledRequest { namespace: "bench".into(), key: key.into(), enabled: i.is_multiple_of(2), ..Default::default() }
 }
 
 async fn writes(channel: &Channel, clients: u64, total: u64) -> Duration {

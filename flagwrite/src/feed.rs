@@ -99,8 +99,8 @@ impl Feed {
 /// Encodes a change-log record as the stream's `Change`.
 pub fn encode(record: &LogRecord) -> EncodedChange {
     let deltas = record.entries.iter().filter_map(delta).collect();
-    let full = pb::Change { revision: record.revision, time: record.time.clone(), deltas };
-    let empty = pb::Change { revision: record.revision, time: record.time.clone(), deltas: Vec::new() };
+    let full = pb::Change { revision: record.revision, time: record.time, deltas };
+    let empty = pb::Change { revision: record.revision, time: record.time, deltas: Vec::new() };
     EncodedChange {
         revision: record.revision,
         namespace: record.namespace.clone(),

@@ -161,7 +161,7 @@ impl Follower {
             while last < head {
                 let changes = match feed.after(last, CATCH_UP_STEP) {
                     Some(changes) if !changes.is_empty() => changes,
-                    _ => match self.from_disk(last, head).await? {
+                    _ => match self.read_log(last, head).await? {
                         Some(changes) => changes,
                         None => {
                             snapshot = true;
@@ -200,7 +200,7 @@ impl Follower {
 
     /// Reads the changes after `last` (up to `head`) from the change log.
     /// `None` when they were compacted away.
-    async fn from_disk(&self, last: u64, head: u64) -> Result<Option<Vec<EncodedChange>>, Stop> {
+    async fn read_log(&self, last: u64, head: u64) -> Result<Option<Vec<EncodedChange>>, Stop> {
         let store = self.service.store.clone();
         let feed = self.service.feed.clone();
         let read = tokio::task::spawn_blocking(move || {

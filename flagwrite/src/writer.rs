@@ -198,7 +198,7 @@ fn apply(store: &Store, request: &WriteRequest) -> Result<(Outcome, Option<LogRe
     let revision = store.head()? + 1;
     let now = SystemTime::now();
     let stamp_time = prost_types::Timestamp::from(now);
-    let mut plan = Plan { store, revision, actor: &request.actor, time: stamp_time.clone(), entries: Vec::new(), object: None, namespace: String::new() };
+    let mut plan = Plan { store, revision, actor: &request.actor, time: stamp_time, entries: Vec::new(), object: None, namespace: String::new() };
     plan.build(&request.op)?;
     if request.validate_only {
         return Ok((Outcome { revision: 0, object: plan.object }, None));
@@ -347,7 +347,7 @@ impl Plan<'_> {
                 let mut users = Vec::new();
                 for flag in self.store.flags_after(&namespace, "") {
                     let flag = flag?;
-                    if flag.rules.iter().any(|r| r.segments.iter().any(|s| *s == key)) {
+                    if flag.rules.iter().any(|r| r.segments.contains(&key)) {
                         users.push(flag.key);
                     }
                 }
@@ -450,7 +450,7 @@ impl Plan<'_> {
         pb::Stamp {
             created_revision: old.map_or(self.revision, |s| s.created_revision),
             updated_revision: self.revision,
-            updated_at: Some(self.time.clone()),
+            updated_at: Some(self.time),
             updated_by: self.actor.to_string(),
         }
     }

@@ -188,3 +188,68 @@ async fn a_stalled_subscriber_does_not_delay_writes() {
     assert_eq!(head, n + 2);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn large_snapshots_come_in_chunks_of_about_one_mib() {
+    let server = Server::start().await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    create_namespace(&mut admin, "prod").await;
+    // 600 flags of about 4 KiB each: about 2.4 MiB in all.
+    for i in 0..600 {
+        let mut f = flag("prod", &format!("big{i:03}"));
+        f.description = "x".repeat(4000);
+        create_flag(&mut admin, f).await;
+    }
+    let mut stream = subscribe(&server, 0, &[]).await;
+    let Kind::SnapshotBegin(begin) = next(&mut stream).await else { panic!("expected SnapshotBegin") };
+    assert_eq!(begin.revision, 601);
+    let mut sizes = Vec::new();
+    let mut flags = 0;
+    loop {
+        match next(&mut stream).await {
+            Kind::SnapshotChunk(chunk) => {
+                sizes.push(prost::Message::encoded_len(&chunk));
+                flags += chunk.flags.len();
+            }
+            Kind::SnapshotEnd(end) => {
+                assert_eq!(end.revision, 601);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(flags, 600);
+    assert!(sizes.len() >= 3, "chunk sizes {sizes:?}");
+    assert!(sizes.iter().all(|s| *s <= 1024 * 1024 + 8 * 1024), "chunk sizes {sizes:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_endpoint_reports_writes_head_and_subscribers() {
+    let port = common::process::free_port();
+    let server = Server::start_with(|c| c.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap())).await;
+    let mut admin = populate(&server, 2).await;
+    let _ = admin.create_flag(pb::CreateFlagRequest { flag: Some(flag("prod", "f000")), options: None }).await.unwrap_err();
+    let mut stream = subscribe(&server, 3, &[]).await;
+    let _ = stream.message().await;
+    let scrape = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        socket.read_to_string(&mut body).await.unwrap();
+        body
+    };
+    let body = scrape.await;
+    for line in [
+        "HTTP/1.1 200 OK",
+        "flagwrite_writes_total{rpc=\"CreateFlag\",outcome=\"ok\"} 2",
+        "flagwrite_writes_total{rpc=\"CreateFlag\",outcome=\"already_exists\"} 1",
+        "flagwrite_head_revision 3",
+        "flagwrite_subscribers 1",
+        "flagwrite_write_duration_seconds_count 4",
+    ] {
+        assert!(body.lines().any(|l| l.trim_end() == line), "missing {line:?} in\n{body}");
+    }
+    server.stop().await;
+}

@@ -17,6 +17,8 @@ pub fn free_port() -> u16 {
 
 impl Process {
     /// Starts flagwrite with `args` on a fresh port and waits until it accepts connections.
+    // The child is killed and waited for in `Drop`.
+    #[allow(clippy::zombie_processes)]
     pub fn start(data_dir: &std::path::Path, args: &[&str]) -> Process {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_flagwrite"))
