@@ -63,6 +63,8 @@ pub struct SyncStatus {
     subscriptions: AtomicU64,
     /// Subscriptions ended because of a gap or a protocol error, for metrics.
     resyncs: AtomicU64,
+    /// Snapshots received and applied; a resumed subscription adds none.
+    snapshots: AtomicU64,
 }
 
 /// Why a subscription ended.
@@ -93,14 +95,19 @@ pub enum FollowError {
 
 impl Default for Backoff {
     fn default() -> Backoff {
-        Backoff { min: Duration::from_millis(100), max: Duration::from_secs(5) }
+        Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
     }
 }
 
 impl Backoff {
     /// The delay after `failures` consecutive failures (1 for the first).
     pub fn delay(&self, failures: u32) -> Duration {
-        let exp = self.min.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
+        let exp = self
+            .min
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(20));
         let cap = exp.min(self.max);
         let half = cap / 2;
         half + half.mul_f64(fastrand::f64())
@@ -116,6 +123,7 @@ impl SyncStatus {
             connected: AtomicBool::new(false),
             subscriptions: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
         }
     }
 
@@ -123,7 +131,9 @@ impl SyncStatus {
     pub fn staleness(&self) -> Option<Duration> {
         match self.heard_ms.load(Ordering::Relaxed) {
             u64::MAX => None,
-            ms => Some(Instant::now().saturating_duration_since(self.base + Duration::from_millis(ms))),
+            ms => Some(
+                Instant::now().saturating_duration_since(self.base + Duration::from_millis(ms)),
+            ),
         }
     }
 
@@ -147,8 +157,15 @@ impl SyncStatus {
         self.resyncs.load(Ordering::Relaxed)
     }
 
+    /// Snapshots received from the writer and applied so far.
+    pub fn snapshots(&self) -> u64 {
+        self.snapshots.load(Ordering::Relaxed)
+    }
+
     fn heard(&self, head: u64) {
-        let ms = Instant::now().saturating_duration_since(self.base).as_millis() as u64;
+        let ms = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_millis() as u64;
         self.heard_ms.store(ms, Ordering::Relaxed);
         self.head.fetch_max(head, Ordering::Relaxed);
     }
@@ -185,7 +202,10 @@ pub async fn follow(
                 status.resyncs.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %result, applied = state.revision(), ?delay, "resyncing with the writer");
             }
-            FollowError::Connect(_) | FollowError::Stream(_) | FollowError::Ended | FollowError::Silent(_) => {
+            FollowError::Connect(_)
+            | FollowError::Stream(_)
+            | FollowError::Ended
+            | FollowError::Silent(_) => {
                 tracing::warn!(
                     error = %result,
                     applied = state.revision(),
@@ -209,7 +229,7 @@ pub async fn follow(
 /// it fails. Sets `progressed` once anything was applied, so that backoff starts over.
 async fn subscribe(
     upstream: &Upstream,
-    state: &State,
+    state: &Arc<State>,
     status: &SyncStatus,
     progressed: &mut bool,
 ) -> FollowError {
@@ -217,9 +237,15 @@ async fn subscribe(
         Ok(channel) => channel,
         Err(error) => return error.into(),
     };
-    let from_revision = if state.is_ready() { state.revision() } else { 0 };
-    let mut request =
-        tonic::Request::new(pb::SubscribeRequest { from_revision, namespaces: state.followed() });
+    let from_revision = if state.is_ready() {
+        state.revision()
+    } else {
+        0
+    };
+    let mut request = tonic::Request::new(pb::SubscribeRequest {
+        from_revision,
+        namespaces: state.followed(),
+    });
     if let Some(token) = &upstream.token {
         match format!("Bearer {token}").parse() {
             Ok(value) => {
@@ -228,8 +254,7 @@ async fn subscribe(
             Err(_) => return FollowError::Protocol("the sync token is not valid metadata".into()),
         }
     }
-    let mut client = ReplicationClient::new(channel)
-.max_decoding_message_size(64 << 20);
+    let mut client = ReplicationClient::new(channel).max_decoding_message_size(64 << 20);
     let mut stream = match client.subscribe(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => return status.into(),
@@ -245,20 +270,38 @@ async fn subscribe(
             Ok(Err(status)) => return status.into(),
             Err(_) => return FollowError::Silent(upstream.silence),
         };
-        if let Err(error) = handle(message, state, status, &mut snapshot, progressed) {
-            return error;
+        match handle(message, state, status, &mut snapshot, progressed) {
+            Ok(None) => {}
+            Ok(Some(done)) => {
+                // Compiling a large snapshot takes a while: off the async workers, so that
+                // evaluations of the current state go on meanwhile.
+                let (revision, flags) = (done.revision, done.flags.len());
+                let installer = state.clone();
+                if let Err(error) =
+                    tokio::task::spawn_blocking(move || installer.install(done)).await
+                {
+                    return FollowError::Protocol(format!(
+                        "installing the snapshot failed: {error}"
+                    ));
+                }
+                status.snapshots.fetch_add(1, Ordering::Relaxed);
+                *progressed = true;
+                tracing::info!(revision, flags, "snapshot applied");
+            }
+            Err(error) => return error,
         }
     }
 }
 
-/// Applies one message of the stream.
+/// Applies one message of the stream; returns a snapshot once it is complete, for the caller to
+/// install.
 fn handle(
     message: pb::SyncMessage,
     state: &State,
     status: &SyncStatus,
     snapshot: &mut Option<SnapshotBuilder>,
     progressed: &mut bool,
-) -> Result<(), FollowError> {
+) -> Result<Option<SnapshotBuilder>, FollowError> {
     let protocol = |what: &str| Err(FollowError::Protocol(what.to_string()));
     match message.kind {
         None => return protocol("an empty message"),
@@ -269,7 +312,10 @@ fn handle(
                 return protocol("a snapshot began inside another");
             }
             tracing::info!(revision = begin.revision, "receiving a snapshot");
-            *snapshot = Some(SnapshotBuilder { revision: begin.revision, ..Default::default() });
+            *snapshot = Some(SnapshotBuilder {
+                revision: begin.revision,
+                ..Default::default()
+            });
         }
         Some(Kind::SnapshotChunk(chunk)) => {
             status.heard(0);
@@ -286,10 +332,7 @@ fn handle(
             if done.revision != end.revision {
                 return protocol("a snapshot ended at another revision than it began");
             }
-            let flags = done.flags.len();
-            state.install(done)?;
-            *progressed = true;
-            tracing::info!(revision = end.revision, flags, "snapshot applied");
+            return Ok(Some(done));
         }
         Some(Kind::Change(change)) => {
             status.heard(change.revision);
@@ -302,7 +345,7 @@ fn handle(
             tracing::debug!(revision, "change applied");
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -311,12 +354,16 @@ mod tests {
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {
-        let backoff = Backoff { min: Duration::from_millis(100), max: Duration::from_secs(2) };
+        let backoff = Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
         let check = |failures: u32, low_ms: u64, high_ms: u64| {
             for _ in 0..200 {
                 let delay = backoff.delay(failures);
                 assert!(
-                    delay >= Duration::from_millis(low_ms) && delay <= Duration::from_millis(high_ms),
+                    delay >= Duration::from_millis(low_ms)
+                        && delay <= Duration::from_millis(high_ms),
                     "failure {failures}: {delay:?} not in {low_ms}..={high_ms} ms"
                 );
             }

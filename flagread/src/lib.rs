@@ -45,13 +45,21 @@ use crate::state::State;
 /// flagread's configuration: every option is a flag and a `FLAGREAD_<NAME>` environment
 /// variable. Built (and checked with [`Config::check`]) before anything is bound.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "flagread", version, about = "flagstream FlagEval replica: follows flagwrite, evaluates flags from memory")]
+#[command(
+    name = "flagread",
+    version,
+    about = "flagstream FlagEval replica: follows flagwrite, evaluates flags from memory"
+)]
 pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "FLAGREAD_LISTEN", default_value = "0.0.0.0:50052")]
     pub listen: SocketAddr,
     /// The flagwrite endpoint to follow, e.g. `http://flagwrite:50051` (`https://` for TLS).
-    #[arg(long, env = "FLAGREAD_UPSTREAM", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "FLAGREAD_UPSTREAM",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub upstream: String,
     /// Bearer token of scope `sync` presented to flagwrite.
     #[arg(long, env = "FLAGREAD_SYNC_TOKEN", hide_env_values = true)]
@@ -65,8 +73,9 @@ pub struct Config {
     /// Where to keep the last full state, so the replica can start while the writer is down.
     #[arg(long, env = "FLAGREAD_SNAPSHOT_FILE")]
     pub snapshot_file: Option<PathBuf>,
-    /// Least time between two snapshot file writes, in milliseconds.
-    #[arg(long, env = "FLAGREAD_SNAPSHOT_INTERVAL_MS", default_value_t = 1000)]
+    /// Least time between two snapshot file writes, in milliseconds. Each write encodes the
+    /// whole state, so keep it well above the time that takes for large states.
+    #[arg(long, env = "FLAGREAD_SNAPSHOT_INTERVAL_MS", default_value_t = 5000)]
     pub snapshot_interval_ms: u64,
     /// PEM certificate chain of this server (TLS with `--tls-key`).
     #[arg(long, env = "FLAGREAD_TLS_CERT", requires = "tls_key")]
@@ -103,7 +112,11 @@ pub struct Config {
     #[arg(long, env = "FLAGREAD_MAX_CONNECTION_AGE_S", default_value_t = 300)]
     pub max_connection_age_s: u64,
     /// Time given to calls in flight on a connection past its maximum age, in seconds.
-    #[arg(long, env = "FLAGREAD_MAX_CONNECTION_AGE_GRACE_S", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "FLAGREAD_MAX_CONNECTION_AGE_GRACE_S",
+        default_value_t = 30
+    )]
     pub max_connection_age_grace_s: u64,
     /// HTTP/2 keepalive ping interval, in seconds (server and upstream).
     #[arg(long, env = "FLAGREAD_KEEPALIVE_S", default_value_t = 20)]
@@ -128,6 +141,9 @@ pub enum Error {
     /// FlagEval would be open to anyone: a tokens file or `--dev-no-auth` is required.
     #[error("--tokens-file is required (or --dev-no-auth for development)")]
     NoAuth,
+    /// Both a tokens file and `--dev-no-auth` were given; which one was meant is unclear.
+    #[error("--tokens-file and --dev-no-auth exclude each other")]
+    AuthConflict,
     /// The tokens file is unreadable or malformed.
     #[error(transparent)]
     Tokens(#[from] TokensError),
@@ -142,7 +158,10 @@ pub enum Error {
     Snapshot(#[from] wire::WireError),
     /// A listener could not be bound.
     #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -167,11 +186,19 @@ impl Config {
         config
     }
 
-    /// Checks what can be checked without side effects, so bad configuration fails with one
-    /// clear line before anything is bound.
+    /// Checks the options and reads the files they name (tokens, TLS), so bad configuration
+    /// fails with one clear line before anything is bound.
     pub fn check(&self) -> Result<(), Error> {
-        if self.tokens_file.is_none() && !self.dev_no_auth {
-            return Err(Error::NoAuth);
+        match (&self.tokens_file, self.dev_no_auth) {
+            (None, false) => return Err(Error::NoAuth),
+            (Some(_), true) => return Err(Error::AuthConflict),
+            (Some(path), false) => {
+                Tokens::load(path)?;
+            }
+            (None, true) => {}
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            kit::grpc::tls_config(cert, key, self.tls_client_ca.as_deref())?;
         }
         self.upstream_endpoint()?;
         Ok(())
@@ -189,13 +216,16 @@ impl Config {
         if self.upstream.starts_with("https://") || self.upstream_ca.is_some() {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.upstream_ca {
-                let pem = std::fs::read(ca).map_err(|e| Error::Upstream(format!("CA {}: {e}", ca.display())))?;
+                let pem = std::fs::read(ca)
+                    .map_err(|e| Error::Upstream(format!("CA {}: {e}", ca.display())))?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             if let Some(domain) = &self.upstream_domain {
                 tls = tls.domain_name(domain.clone());
             }
-            endpoint = endpoint.tls_config(tls).map_err(|e| Error::Upstream(format!("TLS: {e}")))?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::Upstream(format!("TLS: {e}")))?;
         }
         Ok(endpoint)
     }
@@ -213,7 +243,11 @@ pub struct Handles {
 
 /// Runs a replica on `listener` until `shutdown` completes, then drains (bounded by
 /// `config.drain_s`).
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     run_with(listener, config, shutdown, |_| {}).await
 }
 
@@ -231,7 +265,11 @@ pub async fn run_with(
         _ => Authenticator::allow_all(),
     };
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(kit::grpc::tls_config(cert, key, config.tls_client_ca.as_deref())?),
+        (Some(cert), Some(key)) => Some(kit::grpc::tls_config(
+            cert,
+            key,
+            config.tls_client_ca.as_deref(),
+        )?),
         _ => None,
     };
     let upstream = Upstream {
@@ -243,30 +281,48 @@ pub async fn run_with(
         },
         silence: Duration::from_secs(config.upstream_silence_s.max(1)),
     };
-    let filter = (!config.namespaces.is_empty()).then(|| config.namespaces.iter().cloned().collect::<BTreeSet<_>>());
+    let filter = (!config.namespaces.is_empty())
+        .then(|| config.namespaces.iter().cloned().collect::<BTreeSet<_>>());
     let state = Arc::new(State::new(filter));
-    if let Some(path) = &config.snapshot_file {
-        if let Some(snapshot) = wire::read_snapshot_file(path)? {
-            let (revision, flags) = (snapshot.revision, snapshot.flags.len());
-            // A snapshot file is never older than an empty state, so this cannot fail.
-            let _ = state.install(snapshot);
-            tracing::info!(revision, flags, path = %path.display(), "loaded the snapshot file");
-        }
+    if let Some(path) = &config.snapshot_file
+        && let Some(snapshot) = wire::read_snapshot_file(path)?
+    {
+        let (revision, flags) = (snapshot.revision, snapshot.flags.len());
+        state.install(snapshot);
+        tracing::info!(revision, flags, path = %path.display(), "loaded the snapshot file");
     }
     let status = Arc::new(SyncStatus::new());
     let metrics = Arc::new(Metrics::default());
     let metrics_listener = TcpListener::bind(config.metrics_addr)
         .await
-        .map_err(|source| Error::Bind { addr: config.metrics_addr, source })?;
-    let metrics_addr = metrics_listener.local_addr().map_err(|source| Error::Bind { addr: config.metrics_addr, source })?;
+        .map_err(|source| Error::Bind {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| Error::Bind {
+            addr: config.metrics_addr,
+            source,
+        })?;
 
     // Every background task ends when this sender is dropped (see each task's `Exit:`).
     let (stop, stopped) = watch::channel(());
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(follower::follow(upstream, state.clone(), status.clone(), stopped.clone()));
+    tasks.spawn(follower::follow(
+        upstream,
+        state.clone(),
+        status.clone(),
+        stopped.clone(),
+    ));
     if let Some(path) = config.snapshot_file.clone() {
         let interval = Duration::from_millis(config.snapshot_interval_ms);
-        tasks.spawn(keep_snapshot_file(path, interval, state.clone(), stopped.clone()));
+        tasks.spawn(keep_snapshot_file(
+            path,
+            interval,
+            state.clone(),
+            stopped.clone(),
+        ));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     tasks.spawn(report_health(health, state.clone(), stopped.clone()));
@@ -276,13 +332,26 @@ pub async fn run_with(
         let _ = metrics_stop.changed().await;
     }));
 
-    let local = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
+    let local = listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.listen,
+        source,
+    })?;
     tracing::info!(listen = %local, metrics = %metrics_addr, upstream = %config.upstream, "flagread serving");
-    started(Handles { state: state.clone(), status: status.clone(), metrics_addr });
+    started(Handles {
+        state: state.clone(),
+        status: status.clone(),
+        metrics_addr,
+    });
 
-    let eval = EvalService::new(state.clone(), metrics.clone(), config.concurrency_limit.max(1), stopped.clone());
+    let eval = EvalService::new(
+        state.clone(),
+        metrics.clone(),
+        config.concurrency_limit.max(1),
+        stopped.clone(),
+    );
     let eval = tonic::service::interceptor::InterceptedService::new(
-        FlagEvalServer::new(eval).max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
+        FlagEvalServer::new(eval)
+            .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
         authenticator,
     );
     let (reflection_v1, reflection_v1alpha) = kit::grpc::reflection();
@@ -347,7 +416,11 @@ async fn report_health(
 ) {
     let mut ready = state.subscribe_ready();
     loop {
-        let status = if *ready.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if *ready.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
         set_health(&health, status).await;
         tokio::select! {
             changed = ready.changed() => if changed.is_err() { break },
@@ -361,7 +434,12 @@ async fn report_health(
 /// more at shutdown if anything changed since the last write.
 ///
 /// Exit: when the shutdown channel closes (after the final write).
-async fn keep_snapshot_file(path: PathBuf, interval: Duration, state: Arc<State>, mut stopped: watch::Receiver<()>) {
+async fn keep_snapshot_file(
+    path: PathBuf,
+    interval: Duration,
+    state: Arc<State>,
+    mut stopped: watch::Receiver<()>,
+) {
     let mut revisions = state.subscribe_revision();
     let mut written: Option<u64> = None;
     loop {
@@ -374,7 +452,9 @@ async fn keep_snapshot_file(path: PathBuf, interval: Duration, state: Arc<State>
             let snapshot = replica.to_snapshot();
             let revision = snapshot.revision;
             let target = path.clone();
-            match tokio::task::spawn_blocking(move || wire::write_snapshot_file(&target, snapshot)).await {
+            match tokio::task::spawn_blocking(move || wire::write_snapshot_file(&target, snapshot))
+                .await
+            {
                 Ok(Ok(())) => {
                     written = Some(revision);
                     tracing::debug!(revision, "snapshot file written");
@@ -397,6 +477,9 @@ async fn keep_snapshot_file(path: PathBuf, interval: Duration, state: Arc<State>
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health
-        .set_service_status(<FlagEvalServer<EvalService> as tonic::server::NamedService>::NAME, status)
+        .set_service_status(
+            <FlagEvalServer<EvalService> as tonic::server::NamedService>::NAME,
+            status,
+        )
         .await;
 }

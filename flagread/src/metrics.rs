@@ -14,12 +14,13 @@ use crate::state::State;
 /// Latency buckets for in-memory evaluations: 1 µs to 100 ms (evaluations are microseconds; the
 /// tail shows scheduling stalls).
 pub const EVAL_BUCKETS: &[f64] = &[
-    0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.01, 0.1,
+    0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
+    0.01, 0.1,
 ];
 
 /// Metrics owned by the service (the per-flag counters live in the state).
 pub struct Metrics {
-    /// Time to evaluate one flag (not counting the RPC around it).
+    /// Time to evaluate the flags of one call (not counting the RPC around it).
     pub eval_latency: Histogram,
     /// Calls refused with RESOURCE_EXHAUSTED by the concurrency limit.
     pub shed: AtomicU64,
@@ -29,7 +30,11 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Metrics {
-        Metrics { eval_latency: Histogram::new(EVAL_BUCKETS), shed: AtomicU64::new(0), unknown_namespace: AtomicU64::new(0) }
+        Metrics {
+            eval_latency: Histogram::new(EVAL_BUCKETS),
+            shed: AtomicU64::new(0),
+            unknown_namespace: AtomicU64::new(0),
+        }
     }
 }
 
@@ -39,22 +44,80 @@ pub fn render(state: &State, status: &SyncStatus, metrics: &Metrics) -> String {
     let applied = replica.revision;
     let head = status.head().max(applied);
     let mut text = Text::default();
-    text.gauge("flagread_applied_revision", "Revision of the state being served.", applied as i64);
-    text.gauge("flagread_head_revision", "The writer's head revision, as last heard.", head as i64);
-    text.gauge("flagread_lag_revisions", "Head revision minus applied revision.", (head - applied) as i64);
+    text.gauge(
+        "flagread_applied_revision",
+        "Revision of the state being served.",
+        applied as i64,
+    );
+    text.gauge(
+        "flagread_head_revision",
+        "The writer's head revision, as last heard.",
+        head as i64,
+    );
+    text.gauge(
+        "flagread_lag_revisions",
+        "Head revision minus applied revision.",
+        (head - applied) as i64,
+    );
     text.gauge(
         "flagread_staleness_seconds",
         "Seconds since the writer was last heard from (-1: never).",
         status.staleness().map_or(-1, |s| s.as_secs() as i64),
     );
-    text.gauge("flagread_connected", "1 while subscribed to the writer.", i64::from(status.connected()));
-    text.gauge("flagread_ready", "1 once a full state is held (health SERVING).", i64::from(state.is_ready()));
-    text.gauge("flagread_flags", "Flags held, over all namespaces.", replica.flag_count() as i64);
-    text.gauge("flagread_subscriptions_total", "Subscriptions opened to the writer.", status.subscriptions() as i64);
-    text.gauge("flagread_resyncs_total", "Subscriptions ended by a gap or protocol error.", status.resyncs() as i64);
-    text.gauge("flagread_shed_total", "Calls refused by the concurrency limit.", metrics.shed.load(Ordering::Relaxed) as i64);
-    text.histogram("flagread_evaluation_seconds", "Time to evaluate one flag.", &metrics.eval_latency);
+    text.gauge(
+        "flagread_connected",
+        "1 while subscribed to the writer.",
+        i64::from(status.connected()),
+    );
+    text.gauge(
+        "flagread_ready",
+        "1 once a full state is held (health SERVING).",
+        i64::from(state.is_ready()),
+    );
+    text.gauge(
+        "flagread_flags",
+        "Flags held, over all namespaces.",
+        replica.flag_count() as i64,
+    );
+    text.histogram(
+        "flagread_evaluation_seconds",
+        "Time to evaluate the flags of one call (one for Evaluate, all of them for batches).",
+        &metrics.eval_latency,
+    );
     let mut out = text.finish();
+    let counters = [
+        (
+            "flagread_subscriptions_total",
+            "Subscriptions opened to the writer.",
+            status.subscriptions(),
+        ),
+        (
+            "flagread_snapshots_applied_total",
+            "Snapshots received from the writer and applied.",
+            status.snapshots(),
+        ),
+        (
+            "flagread_resyncs_total",
+            "Subscriptions ended by a gap or protocol error.",
+            status.resyncs(),
+        ),
+        (
+            "flagread_shed_total",
+            "Calls refused by the concurrency limit.",
+            metrics.shed.load(Ordering::Relaxed),
+        ),
+        (
+            "flagread_unknown_namespace_total",
+            "Calls naming a namespace this replica does not hold.",
+            metrics.unknown_namespace.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP flagread_evaluations_total Evaluations by namespace, flag, variant and reason.\n# TYPE flagread_evaluations_total counter"
@@ -105,5 +168,8 @@ fn reason_label(reason: flagstream::engine::Reason) -> &'static str {
 
 /// Escapes a label value as the Prometheus text format requires.
 fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

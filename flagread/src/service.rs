@@ -4,9 +4,9 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use flagstream::engine;
+use flagstream::engine::{self, CompiledFlag, Evaluation};
 use flagstream::kit::auth;
 use flagstream::pb;
 use flagstream::pb::flag_eval_server::FlagEval;
@@ -52,13 +52,21 @@ pub enum EvalError {
     FlagNotFound { namespace: String, flag: String },
     /// `expected_type` is not the flag's type.
     #[error("flag {flag:?} is of type {actual}, not {expected}")]
-    TypeMismatch { flag: String, actual: &'static str, expected: &'static str },
+    TypeMismatch {
+        flag: String,
+        actual: &'static str,
+        expected: &'static str,
+    },
     /// `expected_type` is not a known type.
     #[error("expected_type: unknown flag type {0}")]
     UnknownType(i32),
     /// A request limit was exceeded; names the limit.
     #[error("{field}: {detail} (limit {limit})")]
-    Limit { field: String, detail: String, limit: usize },
+    Limit {
+        field: String,
+        detail: String,
+        limit: usize,
+    },
     /// `min_revision` was not reached before the deadline.
     #[error("revision {wanted} not applied yet: this replica has applied revision {applied}")]
     RevisionNotReached { wanted: u64, applied: u64 },
@@ -74,11 +82,15 @@ impl From<EvalError> for Status {
     fn from(error: EvalError) -> Status {
         let message = error.to_string();
         match error {
-            EvalError::NamespaceNotFound(_) | EvalError::FlagNotFound { .. } => Status::not_found(message),
-            EvalError::TypeMismatch { .. } | EvalError::UnknownType(_) | EvalError::Limit { .. } => {
-                Status::invalid_argument(message)
+            EvalError::NamespaceNotFound(_) | EvalError::FlagNotFound { .. } => {
+                Status::not_found(message)
             }
-            EvalError::RevisionNotReached { .. } | EvalError::NotReady(_) => Status::unavailable(message),
+            EvalError::TypeMismatch { .. }
+            | EvalError::UnknownType(_)
+            | EvalError::Limit { .. } => Status::invalid_argument(message),
+            EvalError::RevisionNotReached { .. } | EvalError::NotReady(_) => {
+                Status::unavailable(message)
+            }
             EvalError::Overloaded(_) => Status::resource_exhausted(message),
         }
     }
@@ -88,8 +100,19 @@ type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent
 
 impl EvalService {
     /// A service evaluating `state`, with at most `limit` unary calls in flight.
-    pub fn new(state: Arc<State>, metrics: Arc<Metrics>, limit: usize, shutdown: watch::Receiver<()>) -> EvalService {
-        EvalService { state, metrics, inflight: Arc::new(Semaphore::new(limit)), limit, shutdown }
+    pub fn new(
+        state: Arc<State>,
+        metrics: Arc<Metrics>,
+        limit: usize,
+        shutdown: watch::Receiver<()>,
+    ) -> EvalService {
+        EvalService {
+            state,
+            metrics,
+            inflight: Arc::new(Semaphore::new(limit)),
+            limit,
+            shutdown,
+        }
     }
 
     /// A permit for one unary call, or RESOURCE_EXHAUSTED at once.
@@ -102,38 +125,74 @@ impl EvalService {
 
     /// The state to answer from: at least at `min_revision`, waiting for it until shortly
     /// before the call's deadline (so the answer, not tonic's timeout, reaches the client).
-    async fn replica_at<T>(&self, request: &Request<T>, min_revision: u64) -> Result<Arc<Replica>, EvalError> {
+    async fn replica_at<T>(
+        &self,
+        request: &Request<T>,
+        min_revision: u64,
+    ) -> Result<Arc<Replica>, EvalError> {
         let replica = self.state.load();
         if min_revision <= replica.revision {
-            return if self.state.is_ready() { Ok(replica) } else { Err(EvalError::NotReady(replica.revision)) };
+            return if replica.ready {
+                Ok(replica)
+            } else {
+                Err(EvalError::NotReady(replica.revision))
+            };
         }
-        let budget = wait_budget(request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()));
-        match tokio::time::timeout(budget, self.state.wait_for_revision(min_revision)).await {
-            Ok(_) => Ok(self.state.load()),
-            Err(_) => Err(EvalError::RevisionNotReached { wanted: min_revision, applied: self.state.revision() }),
+        let budget = wait_budget(
+            request
+                .metadata()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok()),
+        );
+        let mut shutdown = self.shutdown.clone();
+        // At shutdown the wait ends at once (UNAVAILABLE), so waiting calls do not hold up the
+        // drain.
+        let reached = tokio::select! {
+            reached = tokio::time::timeout(budget, self.state.wait_for_revision(min_revision)) => reached.is_ok(),
+            _ = shutdown.changed() => false,
+        };
+        if reached {
+            Ok(self.state.load())
+        } else {
+            Err(EvalError::RevisionNotReached {
+                wanted: min_revision,
+                applied: self.state.revision(),
+            })
         }
     }
 
-    /// Evaluates one flag and counts it; a missing flag gives a FLAG_NOT_FOUND result.
-    fn evaluate_one(&self, ns: &NamespaceState, key: &str, ctx: &engine::Context<'_>, revision: u64) -> pb::EvaluateResponse {
-        let started = std::time::Instant::now();
-        let evaluation = ns.flags.evaluate(key, ctx);
+    /// Evaluates flag `key` (already looked up as `flag`, `None` when missing) and counts it; a
+    /// missing flag gives a FLAG_NOT_FOUND result.
+    fn evaluate_one(
+        &self,
+        ns: &NamespaceState,
+        key: &str,
+        flag: Option<&CompiledFlag>,
+        ctx: &engine::Context<'_>,
+        revision: u64,
+    ) -> pb::EvaluateResponse {
+        let evaluation = match flag {
+            Some(flag) => ns.flags.evaluate_flag(flag, ctx),
+            None => Evaluation::not_found(),
+        };
         if let Some(counters) = ns.counters(key) {
             counters.record(evaluation.variant, evaluation.reason);
         }
-        let response = convert::evaluation(key, &evaluation, revision);
-        self.metrics.eval_latency.observe(started.elapsed());
-        response
+        convert::evaluation(key, &evaluation, revision)
     }
 }
 
 #[tonic::async_trait]
 impl FlagEval for EvalService {
-    async fn evaluate(&self, request: Request<pb::EvaluateRequest>) -> Result<Response<pb::EvaluateResponse>, Status> {
+    async fn evaluate(
+        &self,
+        request: Request<pb::EvaluateRequest>,
+    ) -> Result<Response<pb::EvaluateResponse>, Status> {
         let _permit = self.admit()?;
-        let namespace = &request.get_ref().namespace;
-        auth::require(&request, &format!("evaluate flags of namespace {namespace:?}"), |id| id.can_eval(namespace))?;
-        let replica = self.replica_at(&request, request.get_ref().min_revision).await?;
+        authorize(&request, &request.get_ref().namespace)?;
+        let replica = self
+            .replica_at(&request, request.get_ref().min_revision)
+            .await?;
         let request = request.into_inner();
         let empty = pb::Context::default();
         let context = request.context.as_ref().unwrap_or(&empty);
@@ -141,20 +200,27 @@ impl FlagEval for EvalService {
         let expected = expected_type(request.expected_type)?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
         let Some(flag) = ns.flags.get(&request.flag_key) else {
-            return Err(EvalError::FlagNotFound { namespace: request.namespace, flag: request.flag_key }.into());
-        };
-        if let Some(expected) = expected {
-            if flag.flag_type() != expected {
-                return Err(EvalError::TypeMismatch {
-                    flag: request.flag_key,
-                    actual: convert::flag_type_name(flag.flag_type()),
-                    expected: convert::flag_type_name(expected),
-                }
-                .into());
+            return Err(EvalError::FlagNotFound {
+                namespace: request.namespace,
+                flag: request.flag_key,
             }
+            .into());
+        };
+        if let Some(expected) = expected
+            && flag.flag_type() != expected
+        {
+            return Err(EvalError::TypeMismatch {
+                flag: request.flag_key,
+                actual: convert::flag_type_name(flag.flag_type()),
+                expected: convert::flag_type_name(expected),
+            }
+            .into());
         }
         let ctx = convert::context(context);
-        Ok(Response::new(self.evaluate_one(ns, &request.flag_key, &ctx, replica.revision)))
+        let started = Instant::now();
+        let response = self.evaluate_one(ns, &request.flag_key, Some(flag), &ctx, replica.revision);
+        self.metrics.eval_latency.observe(started.elapsed());
+        Ok(Response::new(response))
     }
 
     async fn evaluate_batch(
@@ -162,8 +228,7 @@ impl FlagEval for EvalService {
         request: Request<pb::EvaluateBatchRequest>,
     ) -> Result<Response<pb::EvaluateBatchResponse>, Status> {
         let _permit = self.admit()?;
-        let namespace = &request.get_ref().namespace;
-        auth::require(&request, &format!("evaluate flags of namespace {namespace:?}"), |id| id.can_eval(namespace))?;
+        authorize(&request, &request.get_ref().namespace)?;
         let keys = request.get_ref().flag_keys.len();
         if keys > validate::MAX_BATCH_KEYS {
             return Err(EvalError::Limit {
@@ -173,15 +238,26 @@ impl FlagEval for EvalService {
             }
             .into());
         }
-        let replica = self.replica_at(&request, request.get_ref().min_revision).await?;
+        let replica = self
+            .replica_at(&request, request.get_ref().min_revision)
+            .await?;
         let request = request.into_inner();
         let empty = pb::Context::default();
         let context = request.context.as_ref().unwrap_or(&empty);
         check_context(context)?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
         let ctx = convert::context(context);
-        let results = request.flag_keys.iter().map(|key| self.evaluate_one(ns, key, &ctx, replica.revision)).collect();
-        Ok(Response::new(pb::EvaluateBatchResponse { results, revision: replica.revision }))
+        let started = Instant::now();
+        let results = request
+            .flag_keys
+            .iter()
+            .map(|key| self.evaluate_one(ns, key, ns.flags.get(key), &ctx, replica.revision))
+            .collect();
+        self.metrics.eval_latency.observe(started.elapsed());
+        Ok(Response::new(pb::EvaluateBatchResponse {
+            results,
+            revision: replica.revision,
+        }))
     }
 
     async fn evaluate_all(
@@ -189,24 +265,36 @@ impl FlagEval for EvalService {
         request: Request<pb::EvaluateAllRequest>,
     ) -> Result<Response<pb::EvaluateBatchResponse>, Status> {
         let _permit = self.admit()?;
-        let namespace = &request.get_ref().namespace;
-        auth::require(&request, &format!("evaluate flags of namespace {namespace:?}"), |id| id.can_eval(namespace))?;
-        let replica = self.replica_at(&request, request.get_ref().min_revision).await?;
+        authorize(&request, &request.get_ref().namespace)?;
+        let replica = self
+            .replica_at(&request, request.get_ref().min_revision)
+            .await?;
         let request = request.into_inner();
         let empty = pb::Context::default();
         let context = request.context.as_ref().unwrap_or(&empty);
         check_context(context)?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
         let ctx = convert::context(context);
-        let results = ns.flags.flags().map(|flag| self.evaluate_one(ns, flag.key(), &ctx, replica.revision)).collect();
-        Ok(Response::new(pb::EvaluateBatchResponse { results, revision: replica.revision }))
+        let started = Instant::now();
+        let results = ns
+            .flags
+            .flags()
+            .map(|flag| self.evaluate_one(ns, flag.key(), Some(flag), &ctx, replica.revision))
+            .collect();
+        self.metrics.eval_latency.observe(started.elapsed());
+        Ok(Response::new(pb::EvaluateBatchResponse {
+            results,
+            revision: replica.revision,
+        }))
     }
 
     type WatchStream = WatchStream;
 
-    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let namespace = &request.get_ref().namespace;
-        auth::require(&request, &format!("watch flags of namespace {namespace:?}"), |id| id.can_eval(namespace))?;
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        authorize(&request, &request.get_ref().namespace)?;
         let request = request.into_inner();
         if let Some(context) = &request.context {
             check_context(context)?;
@@ -214,15 +302,23 @@ impl FlagEval for EvalService {
         // Subscribe before reading the state, so that no change falls between the two.
         let changes = self.state.subscribe_changes();
         let replica = self.state.load();
-        if !self.state.is_ready() {
+        if !replica.ready {
             return Err(EvalError::NotReady(replica.revision).into());
         }
         namespace_of(&replica, &request.namespace, &self.metrics)?;
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-        let first = pb::WatchEvent { revision: replica.revision, ..Default::default() };
+        let first = pb::WatchEvent {
+            revision: replica.revision,
+            ..Default::default()
+        };
         // Cannot fail: the channel is new and has room.
         let _ = tx.try_send(Ok(first));
-        let watcher = Watcher { service: self.clone(), request, from: replica.revision, tx };
+        let watcher = Watcher {
+            service: self.clone(),
+            request,
+            from: replica.revision,
+            tx,
+        };
         tokio::spawn(watcher.run(changes, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -241,7 +337,11 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn run(self, mut changes: broadcast::Receiver<Arc<Applied>>, mut shutdown: watch::Receiver<()>) {
+    async fn run(
+        self,
+        mut changes: broadcast::Receiver<Arc<Applied>>,
+        mut shutdown: watch::Receiver<()>,
+    ) {
         loop {
             let event = tokio::select! {
                 _ = self.tx.closed() => return,
@@ -258,10 +358,10 @@ impl Watcher {
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
             };
-            if let Some(event) = event {
-                if self.tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
+            if let Some(event) = event
+                && self.tx.send(Ok(event)).await.is_err()
+            {
+                return;
             }
         }
     }
@@ -269,7 +369,11 @@ impl Watcher {
     /// The event for one applied change, or `None` when it does not concern this subscriber.
     fn event(&self, applied: &Applied) -> Option<pb::WatchEvent> {
         if applied.full_refresh {
-            return Some(pb::WatchEvent { revision: applied.revision, full_refresh: true, ..Default::default() });
+            return Some(pb::WatchEvent {
+                revision: applied.revision,
+                full_refresh: true,
+                ..Default::default()
+            });
         }
         let keys = applied.changed.get(&self.request.namespace)?;
         let changed: Vec<String> = keys
@@ -287,7 +391,13 @@ impl Watcher {
             let ctx = convert::context(context);
             for key in &changed {
                 results.push(match replica.namespaces.get(&self.request.namespace) {
-                    Some(ns) => self.service.evaluate_one(ns, key, &ctx, replica.revision),
+                    Some(ns) => self.service.evaluate_one(
+                        ns,
+                        key,
+                        ns.flags.get(key),
+                        &ctx,
+                        replica.revision,
+                    ),
                     None => pb::EvaluateResponse {
                         flag_key: key.clone(),
                         reason: pb::Reason::Error.into(),
@@ -300,7 +410,12 @@ impl Watcher {
                 });
             }
         }
-        Some(pb::WatchEvent { revision: applied.revision, changed_flags: changed, results, full_refresh: false })
+        Some(pb::WatchEvent {
+            revision: applied.revision,
+            changed_flags: changed,
+            results,
+            full_refresh: false,
+        })
     }
 }
 
@@ -335,7 +450,13 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 
 /// Checks the context's documented limits (properties, key and value sizes).
 fn check_context(context: &pb::Context) -> Result<(), EvalError> {
-    let limit = |field: String, detail: String, limit: usize| Err(EvalError::Limit { field, detail, limit });
+    let limit = |field: String, detail: String, limit: usize| {
+        Err(EvalError::Limit {
+            field,
+            detail,
+            limit,
+        })
+    };
     if context.properties.len() > validate::MAX_CONTEXT_PROPERTIES {
         return limit(
             "context.properties".into(),
@@ -345,10 +466,18 @@ fn check_context(context: &pb::Context) -> Result<(), EvalError> {
     }
     for (key, value) in &context.properties {
         if key.len() > validate::MAX_CONTEXT_KEY_BYTES {
-            return limit("context.properties".into(), format!("a key of {} bytes", key.len()), validate::MAX_CONTEXT_KEY_BYTES);
+            return limit(
+                "context.properties".into(),
+                format!("a key of {} bytes", key.len()),
+                validate::MAX_CONTEXT_KEY_BYTES,
+            );
         }
         if value.len() > validate::MAX_CONTEXT_VALUE_BYTES {
-            return limit(format!("context.properties[{key:?}]"), format!("{} bytes", value.len()), validate::MAX_CONTEXT_VALUE_BYTES);
+            return limit(
+                format!("context.properties[{key:?}]"),
+                format!("{} bytes", value.len()),
+                validate::MAX_CONTEXT_VALUE_BYTES,
+            );
         }
     }
     let fields = [
@@ -361,7 +490,11 @@ fn check_context(context: &pb::Context) -> Result<(), EvalError> {
     ];
     for (field, value) in fields {
         if value.len() > validate::MAX_CONTEXT_VALUE_BYTES {
-            return limit(field.into(), format!("{} bytes", value.len()), validate::MAX_CONTEXT_VALUE_BYTES);
+            return limit(
+                field.into(),
+                format!("{} bytes", value.len()),
+                validate::MAX_CONTEXT_VALUE_BYTES,
+            );
         }
     }
     Ok(())
@@ -381,9 +514,27 @@ fn expected_type(value: i32) -> Result<Option<flagstream::model::FlagType>, Eval
 }
 
 /// The namespace `key` of `replica`, or NOT_FOUND.
-fn namespace_of<'r>(replica: &'r Replica, key: &str, metrics: &Metrics) -> Result<&'r NamespaceState, EvalError> {
+fn namespace_of<'r>(
+    replica: &'r Replica,
+    key: &str,
+    metrics: &Metrics,
+) -> Result<&'r NamespaceState, EvalError> {
     replica.namespaces.get(key).map(|ns| &**ns).ok_or_else(|| {
         metrics.unknown_namespace.fetch_add(1, Ordering::Relaxed);
         EvalError::NamespaceNotFound(key.to_string())
     })
+}
+
+/// PERMISSION_DENIED unless the caller's token may evaluate flags of `namespace`. Allocates only
+/// when refusing, since it runs on every call.
+fn authorize<T>(request: &Request<T>, namespace: &str) -> Result<(), Status> {
+    let identity = auth::identity(request)?;
+    if identity.can_eval(namespace) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "token {:?} may not evaluate flags of namespace {namespace:?}",
+            identity.name
+        )))
+    }
 }

@@ -43,6 +43,8 @@ pub struct State {
 pub struct Replica {
     /// The revision every namespace here reflects.
     pub revision: u64,
+    /// True once a full state (a snapshot) was installed; evaluations wait for it.
+    pub ready: bool,
     /// The namespaces followed, by key. Each is behind an `Arc` so that a change copies only the
     /// namespaces it touches.
     pub namespaces: HashMap<String, Arc<NamespaceState>>,
@@ -59,6 +61,9 @@ pub struct NamespaceState {
     /// same variants, so the hot path counts with one atomic add and no lock. The map is copied
     /// only when flags are created or deleted or their variants change.
     counters: Arc<HashMap<String, Arc<FlagCounters>>>,
+    /// For each flag key, the flags that list it as a prerequisite, so that a change can name
+    /// the flags whose results it may change without scanning the namespace.
+    dependents: Arc<HashMap<String, BTreeSet<String>>>,
 }
 
 /// Lock-free evaluation counters of one flag: one per (variant, reason), plus one row for
@@ -121,9 +126,6 @@ pub enum ApplyError {
     /// A change arrived before any full state was held.
     #[error("change {got} arrived before a full state")]
     NoFullState { got: u64 },
-    /// A snapshot older than the state already held.
-    #[error("snapshot at {got} is older than the applied revision {applied}")]
-    StaleSnapshot { applied: u64, got: u64 },
 }
 
 /// Reasons in counter order; the index of a reason is its position here.
@@ -161,9 +163,9 @@ impl State {
         *self.revision.borrow()
     }
 
-    /// Whether a full state is held.
+    /// Whether a full state is held. Lock-free (it is part of the published state).
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.current.load().ready
     }
 
     /// Follows the applied revision.
@@ -198,20 +200,30 @@ impl State {
     pub async fn wait_for_revision(&self, revision: u64) -> u64 {
         let mut rx = self.revision.subscribe();
         // `wait_for` only fails when the sender is dropped, and `self` owns the sender.
-        let applied = match rx.wait_for(|applied| *applied >= revision).await {
+
+        match rx.wait_for(|applied| *applied >= revision).await {
             Ok(applied) => *applied,
             Err(_) => self.revision(),
-        };
-        applied
+        }
     }
 
     /// Replaces the whole state with a complete snapshot, compiled aside and published in one
     /// swap. Counters of flags that survive unchanged in their variants keep counting.
-    pub fn install(&self, snapshot: SnapshotBuilder) -> Result<(), ApplyError> {
-        let _writer = self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    pub fn install(&self, snapshot: SnapshotBuilder) {
+        let _writer = self
+            .write
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.current.load_full();
+        // The writer is the source of truth: a snapshot older than the state held (a writer
+        // restored from a backup) still replaces it, loudly, rather than leaving the replica
+        // stuck on a history the writer no longer has.
         if snapshot.revision < old.revision {
-            return Err(ApplyError::StaleSnapshot { applied: old.revision, got: snapshot.revision });
+            tracing::warn!(
+                applied = old.revision,
+                snapshot = snapshot.revision,
+                "the writer sent a snapshot older than the state held; replacing it"
+            );
         }
         let mut namespaces: HashMap<String, NamespaceState> = HashMap::new();
         for ns in snapshot.namespaces {
@@ -230,9 +242,16 @@ impl State {
             let Some(ns) = self.namespace_for(&mut namespaces, &flag.namespace) else {
                 continue;
             };
-            let previous = old.namespaces.get(&flag.namespace).and_then(|o| o.counters.get(&flag.key));
+            let previous = old
+                .namespaces
+                .get(&flag.namespace)
+                .and_then(|o| o.counters.get(&flag.key));
             let entry = FlagCounters::reuse_or_new(previous, &flag);
-            counters.entry(flag.namespace.clone()).or_default().insert(flag.key.clone(), entry);
+            counters
+                .entry(flag.namespace.clone())
+                .or_default()
+                .insert(flag.key.clone(), entry);
+            ns.track_prerequisites(&flag.key, &flag.prerequisites);
             ns.flags.upsert_flag(flag);
         }
         let namespaces = namespaces
@@ -242,26 +261,40 @@ impl State {
                 (key, Arc::new(ns))
             })
             .collect();
-        let replica = Replica { revision: snapshot.revision, namespaces };
-        self.publish(replica, Applied {
+        let replica = Replica {
             revision: snapshot.revision,
-            changed: BTreeMap::new(),
-            full_refresh: true,
-        });
+            ready: true,
+            namespaces,
+        };
+        self.publish(
+            replica,
+            Applied {
+                revision: snapshot.revision,
+                changed: BTreeMap::new(),
+                full_refresh: true,
+            },
+        );
         self.ready.send_replace(true);
-        Ok(())
     }
 
     /// Applies one change (all its deltas) and publishes the result in one swap. Only the flags
     /// the change touches are recompiled (and, for a segment change, the flags using it).
     pub fn apply_change(&self, change: Change) -> Result<Arc<Applied>, ApplyError> {
-        let _writer = self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _writer = self
+            .write
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.current.load_full();
         if !self.is_ready() {
-            return Err(ApplyError::NoFullState { got: change.revision });
+            return Err(ApplyError::NoFullState {
+                got: change.revision,
+            });
         }
         if change.revision != old.revision + 1 {
-            return Err(ApplyError::OutOfOrder { applied: old.revision, got: change.revision });
+            return Err(ApplyError::OutOfOrder {
+                applied: old.revision,
+                got: change.revision,
+            });
         }
         // The namespaces this change touches, copied out of the old state (cheap: FlagSet clones
         // share compiled flags) and edited; `None` marks a deleted namespace.
@@ -287,13 +320,16 @@ impl State {
                     }
                 }
                 Delta::PutFlag(flag) => {
-                    let ns = slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
+                    let ns =
+                        slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
                     keys.insert(flag.key.clone());
                     ns.put_counters(&flag);
+                    ns.track_prerequisites(&flag.key, &flag.prerequisites);
                     ns.flags.upsert_flag(flag);
                 }
                 Delta::DeleteFlag { key, .. } => {
                     if let Some(ns) = slot {
+                        ns.track_prerequisites(&key, &[]);
                         if ns.flags.remove_flag(&key) {
                             Arc::make_mut(&mut ns.counters).remove(&key);
                         }
@@ -301,7 +337,8 @@ impl State {
                     }
                 }
                 Delta::PutSegment(segment) => {
-                    let ns = slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
+                    let ns =
+                        slot.get_or_insert_with(|| NamespaceState::empty(implicit(&namespace)));
                     keys.extend(ns.users_of_segment(&segment.key));
                     ns.flags.upsert_segment(segment);
                 }
@@ -335,7 +372,11 @@ impl State {
                 .collect(),
             full_refresh: false,
         };
-        let replica = Replica { revision: change.revision, namespaces };
+        let replica = Replica {
+            revision: change.revision,
+            ready: true,
+            namespaces,
+        };
         Ok(self.publish(replica, applied))
     }
 
@@ -360,27 +401,39 @@ impl State {
         if !self.follows(key) {
             return None;
         }
-        Some(namespaces.entry(key.to_string()).or_insert_with(|| NamespaceState::empty(implicit(key))))
+        Some(
+            namespaces
+                .entry(key.to_string())
+                .or_insert_with(|| NamespaceState::empty(implicit(key))),
+        )
     }
 }
 
 /// A namespace record for objects that arrive before (or without) their namespace, so that a
 /// well-formed flag is never dropped.
 fn implicit(key: &str) -> model::Namespace {
-    model::Namespace { key: key.to_string(), ..Default::default() }
+    model::Namespace {
+        key: key.to_string(),
+        ..Default::default()
+    }
 }
 
 impl Replica {
     /// Every object of the state as a snapshot, for the snapshot file.
     pub fn to_snapshot(&self) -> SnapshotBuilder {
-        let mut snapshot = SnapshotBuilder { revision: self.revision, ..Default::default() };
+        let mut snapshot = SnapshotBuilder {
+            revision: self.revision,
+            ..Default::default()
+        };
         let mut keys: Vec<&String> = self.namespaces.keys().collect();
         keys.sort();
         for key in keys {
             let ns = &self.namespaces[key];
             snapshot.namespaces.push(ns.namespace.clone());
             snapshot.segments.extend(ns.flags.segments().cloned());
-            snapshot.flags.extend(ns.flags.flags().map(|f| f.source().clone()));
+            snapshot
+                .flags
+                .extend(ns.flags.flags().map(|f| f.source().clone()));
         }
         snapshot
     }
@@ -393,7 +446,12 @@ impl Replica {
 
 impl NamespaceState {
     fn empty(namespace: model::Namespace) -> NamespaceState {
-        NamespaceState { namespace, flags: FlagSet::default(), counters: Arc::default() }
+        NamespaceState {
+            namespace,
+            flags: FlagSet::default(),
+            counters: Arc::default(),
+            dependents: Arc::default(),
+        }
     }
 
     /// The counters of flag `key`, if it exists.
@@ -421,29 +479,63 @@ impl NamespaceState {
     fn users_of_segment(&self, key: &str) -> Vec<String> {
         self.flags
             .flags()
-            .filter(|f| f.source().rules.iter().any(|r| r.segments.iter().any(|s| s == key)))
+            .filter(|f| {
+                f.source()
+                    .rules
+                    .iter()
+                    .any(|r| r.segments.iter().any(|s| s == key))
+            })
             .map(|f| f.key().to_string())
             .collect()
     }
 
     /// Adds to `keys` every flag that (transitively) lists one of `keys` as a prerequisite.
     fn add_dependents(&self, keys: &mut BTreeSet<String>) {
-        if keys.is_empty() || !self.flags.flags().any(|f| !f.source().prerequisites.is_empty()) {
+        if self.dependents.is_empty() {
             return;
         }
-        loop {
-            let before = keys.len();
-            let more: Vec<String> = self
-                .flags
-                .flags()
-                .filter(|f| !keys.contains(f.key()))
-                .filter(|f| f.source().prerequisites.iter().any(|p| keys.contains(&p.flag)))
-                .map(|f| f.key().to_string())
-                .collect();
-            keys.extend(more);
-            if keys.len() == before {
-                return;
+        let mut pending: Vec<String> = keys.iter().cloned().collect();
+        while let Some(key) = pending.pop() {
+            for child in self.dependents.get(&key).into_iter().flatten() {
+                if keys.insert(child.clone()) {
+                    pending.push(child.clone());
+                }
             }
+        }
+    }
+
+    /// Records that flag `key` now has `prerequisites` (none when deleted), replacing what the
+    /// stored flag had. Copies the index only when it changes.
+    fn track_prerequisites(&mut self, key: &str, prerequisites: &[model::Prerequisite]) {
+        let old: Vec<&str> = self
+            .flags
+            .get(key)
+            .map(|f| {
+                f.source()
+                    .prerequisites
+                    .iter()
+                    .map(|p| p.flag.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let new: Vec<&str> = prerequisites.iter().map(|p| p.flag.as_str()).collect();
+        if old == new {
+            return;
+        }
+        let index = Arc::make_mut(&mut self.dependents);
+        for parent in old {
+            if let Some(children) = index.get_mut(parent) {
+                children.remove(key);
+                if children.is_empty() {
+                    index.remove(parent);
+                }
+            }
+        }
+        for parent in new {
+            index
+                .entry(parent.to_string())
+                .or_default()
+                .insert(key.to_string());
         }
     }
 }
@@ -451,7 +543,9 @@ impl NamespaceState {
 impl FlagCounters {
     fn new(flag: &model::Flag) -> FlagCounters {
         let variants: Vec<String> = flag.variants.iter().map(|v| v.name.clone()).collect();
-        let counts = (0..(variants.len() + 1) * REASONS.len()).map(|_| AtomicU64::new(0)).collect();
+        let counts = (0..(variants.len() + 1) * REASONS.len())
+            .map(|_| AtomicU64::new(0))
+            .collect();
         FlagCounters { variants, counts }
     }
 
@@ -468,7 +562,8 @@ impl FlagCounters {
                         Some(v) => fresh.variants.iter().position(|n| n == v),
                     };
                     if let Some(row) = row {
-                        fresh.counts[row * REASONS.len() + reason_index(reason)].store(count, Ordering::Relaxed);
+                        fresh.counts[row * REASONS.len() + reason_index(reason)]
+                            .store(count, Ordering::Relaxed);
                     }
                 }
                 Arc::new(fresh)
@@ -479,7 +574,11 @@ impl FlagCounters {
 
     fn matches(&self, flag: &model::Flag) -> bool {
         self.variants.len() == flag.variants.len()
-            && self.variants.iter().zip(&flag.variants).all(|(a, b)| *a == b.name)
+            && self
+                .variants
+                .iter()
+                .zip(&flag.variants)
+                .all(|(a, b)| *a == b.name)
     }
 
     /// Counts one evaluation: one relaxed atomic add, no lock, no allocation.
@@ -543,7 +642,11 @@ mod tests {
             flag_type: model::FlagType::Boolean,
             variants: variants
                 .iter()
-                .map(|v| model::Variant { name: v.to_string(), value: model::Value::Bool(true), description: String::new() })
+                .map(|v| model::Variant {
+                    name: v.to_string(),
+                    value: model::Value::Bool(true),
+                    description: String::new(),
+                })
                 .collect(),
             enabled: true,
             disabled_variant: variants[0].into(),
@@ -568,12 +671,22 @@ mod tests {
     }
 
     fn with_prerequisite(mut f: model::Flag, parent: &str) -> model::Flag {
-        f.prerequisites.push(model::Prerequisite { flag: parent.into(), expect_off: false, variants: vec![] });
+        f.prerequisites.push(model::Prerequisite {
+            flag: parent.into(),
+            expect_off: false,
+            variants: vec![],
+        });
         f
     }
 
     fn segment(ns: &str, key: &str) -> model::Segment {
-        model::Segment { namespace: ns.into(), key: key.into(), description: String::new(), constraints: vec![], stamp: model::Stamp::default() }
+        model::Segment {
+            namespace: ns.into(),
+            key: key.into(),
+            description: String::new(),
+            constraints: vec![],
+            stamp: model::Stamp::default(),
+        }
     }
 
     /// A state at revision 1 holding namespace `prod` with flags a (uses segment s), b (needs
@@ -588,19 +701,33 @@ mod tests {
             flag("dev", "e", &["on"]),
         ];
         let namespaces = vec![
-            model::Namespace { key: "prod".into(), ..Default::default() },
-            model::Namespace { key: "dev".into(), ..Default::default() },
+            model::Namespace {
+                key: "prod".into(),
+                ..Default::default()
+            },
+            model::Namespace {
+                key: "dev".into(),
+                ..Default::default()
+            },
         ];
-        state
-            .install(SnapshotBuilder { revision: 1, namespaces, flags, segments: vec![segment("prod", "s")] })
-            .unwrap();
+        state.install(SnapshotBuilder {
+            revision: 1,
+            namespaces,
+            flags,
+            segments: vec![segment("prod", "s")],
+        });
         state
     }
 
     /// Applies `deltas` as revision 2 and compares the announced changed keys.
     fn check(deltas: Vec<Delta>, expected: &[(&str, &[&str])]) {
         let state = base();
-        let applied = state.apply_change(Change { revision: 2, deltas }).unwrap();
+        let applied = state
+            .apply_change(Change {
+                revision: 2,
+                deltas,
+            })
+            .unwrap();
         let expected: BTreeMap<String, Vec<String>> = expected
             .iter()
             .map(|(ns, keys)| (ns.to_string(), keys.iter().map(|k| k.to_string()).collect()))
@@ -611,30 +738,115 @@ mod tests {
 
     #[test]
     fn changed_flags_include_segment_users_and_dependents() {
-        check(vec![Delta::PutFlag(flag("prod", "d", &["on"]))], &[("prod", &["d"])]);
-        check(vec![Delta::PutFlag(flag("prod", "a", &["on"]))], &[("prod", &["a", "b", "c"])]);
-        check(vec![Delta::PutSegment(segment("prod", "s"))], &[("prod", &["a", "b", "c"])]);
-        check(vec![Delta::DeleteFlag { namespace: "prod".into(), key: "c".into() }], &[("prod", &["c"])]);
-        check(vec![Delta::DeleteNamespace("dev".into())], &[("dev", &["e"])]);
         check(
-            vec![Delta::PutFlag(flag("dev", "f", &["on"])), Delta::PutFlag(flag("new", "g", &["on"]))],
+            vec![Delta::PutFlag(flag("prod", "d", &["on"]))],
+            &[("prod", &["d"])],
+        );
+        check(
+            vec![Delta::PutFlag(flag("prod", "a", &["on"]))],
+            &[("prod", &["a", "b", "c"])],
+        );
+        check(
+            vec![Delta::PutSegment(segment("prod", "s"))],
+            &[("prod", &["a", "b", "c"])],
+        );
+        check(
+            vec![Delta::DeleteFlag {
+                namespace: "prod".into(),
+                key: "c".into(),
+            }],
+            &[("prod", &["c"])],
+        );
+        check(
+            vec![Delta::DeleteNamespace("dev".into())],
+            &[("dev", &["e"])],
+        );
+        check(
+            vec![
+                Delta::PutFlag(flag("dev", "f", &["on"])),
+                Delta::PutFlag(flag("new", "g", &["on"])),
+            ],
             &[("dev", &["f"]), ("new", &["g"])],
         );
-        check(vec![Delta::PutNamespace(model::Namespace { key: "dev".into(), ..Default::default() })], &[]);
+        check(
+            vec![Delta::PutNamespace(model::Namespace {
+                key: "dev".into(),
+                ..Default::default()
+            })],
+            &[],
+        );
+    }
+
+    #[test]
+    fn dependents_follow_prerequisite_edits() {
+        let state = base();
+        let put = |revision, flag| Change {
+            revision,
+            deltas: vec![Delta::PutFlag(flag)],
+        };
+        // c no longer needs b; d starts to need a.
+        state
+            .apply_change(put(2, flag("prod", "c", &["on"])))
+            .unwrap();
+        state
+            .apply_change(put(3, with_prerequisite(flag("prod", "d", &["on"]), "a")))
+            .unwrap();
+        let applied = state
+            .apply_change(put(4, flag("prod", "b", &["on"])))
+            .unwrap();
+        assert_eq!(applied.changed["prod"], vec!["b".to_string()]);
+        let applied = state
+            .apply_change(put(5, with_segment(flag("prod", "a", &["on"]), "s")))
+            .unwrap();
+        assert_eq!(
+            applied.changed["prod"],
+            vec!["a".to_string(), "d".to_string()]
+        );
+        let delete = Delta::DeleteFlag {
+            namespace: "prod".into(),
+            key: "d".into(),
+        };
+        state
+            .apply_change(Change {
+                revision: 6,
+                deltas: vec![delete],
+            })
+            .unwrap();
+        let applied = state
+            .apply_change(put(7, flag("prod", "a", &["on"])))
+            .unwrap();
+        assert_eq!(applied.changed["prod"], vec!["a".to_string()]);
     }
 
     #[test]
     fn changes_apply_in_order_only() {
         let state = base();
-        let change = |revision| Change { revision, deltas: vec![Delta::PutFlag(flag("prod", "x", &["on"]))] };
-        assert_eq!(state.apply_change(change(3)), Err(ApplyError::OutOfOrder { applied: 1, got: 3 }));
-        assert_eq!(state.apply_change(change(1)), Err(ApplyError::OutOfOrder { applied: 1, got: 1 }));
+        let change = |revision| Change {
+            revision,
+            deltas: vec![Delta::PutFlag(flag("prod", "x", &["on"]))],
+        };
+        assert_eq!(
+            state.apply_change(change(3)),
+            Err(ApplyError::OutOfOrder { applied: 1, got: 3 })
+        );
+        assert_eq!(
+            state.apply_change(change(1)),
+            Err(ApplyError::OutOfOrder { applied: 1, got: 1 })
+        );
         assert!(state.load().namespaces["prod"].flags.get("x").is_none());
         assert!(state.apply_change(change(2)).is_ok());
         let empty = State::new(None);
-        assert_eq!(empty.apply_change(change(1)), Err(ApplyError::NoFullState { got: 1 }));
-        let stale = SnapshotBuilder { revision: 1, ..Default::default() };
-        assert_eq!(state.install(stale), Err(ApplyError::StaleSnapshot { applied: 2, got: 1 }));
+        assert_eq!(
+            empty.apply_change(change(1)),
+            Err(ApplyError::NoFullState { got: 1 })
+        );
+        // An older snapshot still replaces the state: the writer is the source of truth.
+        state.install(SnapshotBuilder {
+            revision: 1,
+            ..Default::default()
+        });
+        assert_eq!(state.revision(), 1);
+        assert!(state.load().namespaces.is_empty());
     }
 
     #[test]
@@ -642,11 +854,20 @@ mod tests {
         let state = base();
         let before = state.load();
         state
-            .apply_change(Change { revision: 2, deltas: vec![Delta::DeleteFlag { namespace: "prod".into(), key: "d".into() }] })
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![Delta::DeleteFlag {
+                    namespace: "prod".into(),
+                    key: "d".into(),
+                }],
+            })
             .unwrap();
         assert!(before.namespaces["prod"].flags.get("d").is_some());
         assert!(state.load().namespaces["prod"].flags.get("d").is_none());
-        assert!(Arc::ptr_eq(&before.namespaces["dev"], &state.load().namespaces["dev"]), "untouched namespaces are shared");
+        assert!(
+            Arc::ptr_eq(&before.namespaces["dev"], &state.load().namespaces["dev"]),
+            "untouched namespaces are shared"
+        );
     }
 
     #[test]
@@ -654,14 +875,39 @@ mod tests {
         let state = base();
         let count = |state: &State, key: &str| -> Vec<(Option<String>, u64)> {
             let replica = state.load();
-            replica.namespaces["prod"].counters(key).unwrap().iter().map(|(v, _, n)| (v.map(str::to_string), n)).collect()
+            replica.namespaces["prod"]
+                .counters(key)
+                .unwrap()
+                .iter()
+                .map(|(v, _, n)| (v.map(str::to_string), n))
+                .collect()
         };
-        state.load().namespaces["prod"].counters("d").unwrap().record(Some("on"), Reason::Static);
-        state.load().namespaces["prod"].counters("d").unwrap().record(None, Reason::Error);
-        state.apply_change(Change { revision: 2, deltas: vec![Delta::PutFlag(flag("prod", "d", &["on"]))] }).unwrap();
+        state.load().namespaces["prod"]
+            .counters("d")
+            .unwrap()
+            .record(Some("on"), Reason::Static);
+        state.load().namespaces["prod"]
+            .counters("d")
+            .unwrap()
+            .record(None, Reason::Error);
+        state
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![Delta::PutFlag(flag("prod", "d", &["on"]))],
+            })
+            .unwrap();
         assert_eq!(count(&state, "d"), vec![(Some("on".into()), 1), (None, 1)]);
-        state.apply_change(Change { revision: 3, deltas: vec![Delta::PutFlag(flag("prod", "d", &["off", "on"]))] }).unwrap();
-        assert_eq!(count(&state, "d"), vec![(Some("on".into()), 1), (None, 1)], "counts follow the variant, not its position");
+        state
+            .apply_change(Change {
+                revision: 3,
+                deltas: vec![Delta::PutFlag(flag("prod", "d", &["off", "on"]))],
+            })
+            .unwrap();
+        assert_eq!(
+            count(&state, "d"),
+            vec![(Some("on".into()), 1), (None, 1)],
+            "counts follow the variant, not its position"
+        );
     }
 
     #[tokio::test]
@@ -673,7 +919,12 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        state.apply_change(Change { revision: 2, deltas: vec![] }).unwrap();
+        state
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![],
+            })
+            .unwrap();
         assert_eq!(waiter.await.unwrap(), 2);
     }
 }

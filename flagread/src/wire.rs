@@ -43,12 +43,24 @@ pub fn change(change: pb::Change) -> Result<Change, WireError> {
     let mut deltas = Vec::with_capacity(change.deltas.len());
     for delta in change.deltas {
         let delta = match delta.kind.ok_or(WireError::EmptyDelta { revision })? {
-            DeltaKind::PutNamespace(ns) => Delta::PutNamespace(model::Namespace::try_from(ns).map_err(convert)?),
+            DeltaKind::PutNamespace(ns) => {
+                Delta::PutNamespace(model::Namespace::try_from(ns).map_err(convert)?)
+            }
             DeltaKind::DeleteNamespace(key) => Delta::DeleteNamespace(key),
-            DeltaKind::PutFlag(flag) => Delta::PutFlag(model::Flag::try_from(flag).map_err(convert)?),
-            DeltaKind::DeleteFlag(r) => Delta::DeleteFlag { namespace: r.namespace, key: r.key },
-            DeltaKind::PutSegment(s) => Delta::PutSegment(model::Segment::try_from(s).map_err(convert)?),
-            DeltaKind::DeleteSegment(r) => Delta::DeleteSegment { namespace: r.namespace, key: r.key },
+            DeltaKind::PutFlag(flag) => {
+                Delta::PutFlag(model::Flag::try_from(flag).map_err(convert)?)
+            }
+            DeltaKind::DeleteFlag(r) => Delta::DeleteFlag {
+                namespace: r.namespace,
+                key: r.key,
+            },
+            DeltaKind::PutSegment(s) => {
+                Delta::PutSegment(model::Segment::try_from(s).map_err(convert)?)
+            }
+            DeltaKind::DeleteSegment(r) => Delta::DeleteSegment {
+                namespace: r.namespace,
+                key: r.key,
+            },
         };
         deltas.push(delta);
     }
@@ -56,17 +68,26 @@ pub fn change(change: pb::Change) -> Result<Change, WireError> {
 }
 
 /// Adds the objects of one snapshot chunk to the snapshot being received.
-pub fn add_chunk(snapshot: &mut SnapshotBuilder, chunk: pb::SnapshotChunk) -> Result<(), WireError> {
+pub fn add_chunk(
+    snapshot: &mut SnapshotBuilder,
+    chunk: pb::SnapshotChunk,
+) -> Result<(), WireError> {
     let revision = snapshot.revision;
     let convert = |error| WireError::Convert { revision, error };
     for ns in chunk.namespaces {
-        snapshot.namespaces.push(model::Namespace::try_from(ns).map_err(convert)?);
+        snapshot
+            .namespaces
+            .push(model::Namespace::try_from(ns).map_err(convert)?);
     }
     for segment in chunk.segments {
-        snapshot.segments.push(model::Segment::try_from(segment).map_err(convert)?);
+        snapshot
+            .segments
+            .push(model::Segment::try_from(segment).map_err(convert)?);
     }
     for flag in chunk.flags {
-        snapshot.flags.push(model::Flag::try_from(flag).map_err(convert)?);
+        snapshot
+            .flags
+            .push(model::Flag::try_from(flag).map_err(convert)?);
     }
     Ok(())
 }
@@ -74,7 +95,10 @@ pub fn add_chunk(snapshot: &mut SnapshotBuilder, chunk: pb::SnapshotChunk) -> Re
 /// Writes `snapshot` to `path` atomically: into a temporary file beside it, synced, then renamed
 /// over it, so a crash leaves either the old file or the new one, never half of one.
 pub fn write_snapshot_file(path: &Path, snapshot: SnapshotBuilder) -> Result<(), WireError> {
-    let io = |error| WireError::Io { path: path.display().to_string(), error };
+    let io = |error| WireError::Io {
+        path: path.display().to_string(),
+        error,
+    };
     let tmp = path.with_extension("tmp");
     let file = std::fs::File::create(&tmp).map_err(io)?;
     let mut out = std::io::BufWriter::new(file);
@@ -82,14 +106,24 @@ pub fn write_snapshot_file(path: &Path, snapshot: SnapshotBuilder) -> Result<(),
     let mut emit = |kind: Kind, out: &mut std::io::BufWriter<std::fs::File>| {
         buf.clear();
         let message = pb::SyncMessage { kind: Some(kind) };
-        message.encode_length_delimited(&mut buf).expect("a Vec grows as needed");
+        message
+            .encode_length_delimited(&mut buf)
+            .expect("a Vec grows as needed");
         out.write_all(&buf)
     };
     let revision = snapshot.revision;
-    emit(Kind::SnapshotBegin(pb::SnapshotBegin { revision }), &mut out).map_err(io)?;
+    emit(
+        Kind::SnapshotBegin(pb::SnapshotBegin { revision }),
+        &mut out,
+    )
+    .map_err(io)?;
     emit(
         Kind::SnapshotChunk(pb::SnapshotChunk {
-            namespaces: snapshot.namespaces.into_iter().map(pb::Namespace::from).collect(),
+            namespaces: snapshot
+                .namespaces
+                .into_iter()
+                .map(pb::Namespace::from)
+                .collect(),
             ..Default::default()
         }),
         &mut out,
@@ -97,13 +131,35 @@ pub fn write_snapshot_file(path: &Path, snapshot: SnapshotBuilder) -> Result<(),
     .map_err(io)?;
     let mut segments = snapshot.segments.into_iter().peekable();
     while segments.peek().is_some() {
-        let segments = segments.by_ref().take(OBJECTS_PER_CHUNK).map(pb::Segment::from).collect();
-        emit(Kind::SnapshotChunk(pb::SnapshotChunk { segments, ..Default::default() }), &mut out).map_err(io)?;
+        let segments = segments
+            .by_ref()
+            .take(OBJECTS_PER_CHUNK)
+            .map(pb::Segment::from)
+            .collect();
+        emit(
+            Kind::SnapshotChunk(pb::SnapshotChunk {
+                segments,
+                ..Default::default()
+            }),
+            &mut out,
+        )
+        .map_err(io)?;
     }
     let mut flags = snapshot.flags.into_iter().peekable();
     while flags.peek().is_some() {
-        let flags = flags.by_ref().take(OBJECTS_PER_CHUNK).map(pb::Flag::from).collect();
-        emit(Kind::SnapshotChunk(pb::SnapshotChunk { flags, ..Default::default() }), &mut out).map_err(io)?;
+        let flags = flags
+            .by_ref()
+            .take(OBJECTS_PER_CHUNK)
+            .map(pb::Flag::from)
+            .collect();
+        emit(
+            Kind::SnapshotChunk(pb::SnapshotChunk {
+                flags,
+                ..Default::default()
+            }),
+            &mut out,
+        )
+        .map_err(io)?;
     }
     emit(Kind::SnapshotEnd(pb::SnapshotEnd { revision }), &mut out).map_err(io)?;
     let file = out.into_inner().map_err(|e| io(e.into_error()))?;
@@ -120,18 +176,33 @@ pub fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotBuilder>, WireEr
     match std::fs::File::open(path) {
         Ok(mut file) => file
             .read_to_end(&mut bytes)
-            .map_err(|error| WireError::Io { path: display.clone(), error })?,
+            .map_err(|error| WireError::Io {
+                path: display.clone(),
+                error,
+            })?,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(WireError::Io { path: display, error }),
+        Err(error) => {
+            return Err(WireError::Io {
+                path: display,
+                error,
+            });
+        }
     };
-    let corrupt = |reason: String| WireError::Corrupt { path: display.clone(), reason };
+    let corrupt = |reason: String| WireError::Corrupt {
+        path: display.clone(),
+        reason,
+    };
     let mut rest = bytes.as_slice();
     let mut snapshot: Option<SnapshotBuilder> = None;
     while !rest.is_empty() {
-        let message = pb::SyncMessage::decode_length_delimited(&mut rest).map_err(|e| corrupt(e.to_string()))?;
+        let message = pb::SyncMessage::decode_length_delimited(&mut rest)
+            .map_err(|e| corrupt(e.to_string()))?;
         match (message.kind, snapshot.as_mut()) {
             (Some(Kind::SnapshotBegin(begin)), None) => {
-                snapshot = Some(SnapshotBuilder { revision: begin.revision, ..Default::default() })
+                snapshot = Some(SnapshotBuilder {
+                    revision: begin.revision,
+                    ..Default::default()
+                })
             }
             (Some(Kind::SnapshotChunk(chunk)), Some(building)) => {
                 add_chunk(building, chunk)?;
@@ -142,7 +213,12 @@ pub fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotBuilder>, WireEr
                 }
                 return Ok(snapshot);
             }
-            (kind, _) => return Err(corrupt(format!("unexpected {} message", kind_name(kind.as_ref())))),
+            (kind, _) => {
+                return Err(corrupt(format!(
+                    "unexpected {} message",
+                    kind_name(kind.as_ref())
+                )));
+            }
         }
     }
     Err(corrupt("the snapshot has no end (truncated)".into()))
@@ -165,7 +241,11 @@ mod tests {
     use super::*;
 
     fn flag(ns: &str, key: &str) -> model::Flag {
-        let variant = model::Variant { name: "on".into(), value: model::Value::Bool(true), description: String::new() };
+        let variant = model::Variant {
+            name: "on".into(),
+            value: model::Value::Bool(true),
+            description: String::new(),
+        };
         model::Flag {
             namespace: ns.into(),
             key: key.into(),
@@ -179,7 +259,12 @@ mod tests {
             prerequisites: vec![],
             tags: vec!["t".into()],
             metadata: Default::default(),
-            stamp: model::Stamp { created_revision: 1, updated_revision: 2, updated_at_ms: 0, updated_by: "ops".into() },
+            stamp: model::Stamp {
+                created_revision: 1,
+                updated_revision: 2,
+                updated_at_ms: 0,
+                updated_by: "ops".into(),
+            },
         }
     }
 
@@ -188,12 +273,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("flagread-wire-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("state.pb");
-        assert!(read_snapshot_file(&path).unwrap().is_none(), "no file is no snapshot");
+        assert!(
+            read_snapshot_file(&path).unwrap().is_none(),
+            "no file is no snapshot"
+        );
         let snapshot = SnapshotBuilder {
             revision: 42,
-            namespaces: vec![model::Namespace { key: "prod".into(), description: "p".into(), stamp: Default::default() }],
+            namespaces: vec![model::Namespace {
+                key: "prod".into(),
+                description: "p".into(),
+                stamp: Default::default(),
+            }],
             // More than one chunk's worth.
-            flags: (0..2500).map(|i| flag("prod", &format!("f{i:04}"))).collect(),
+            flags: (0..2500)
+                .map(|i| flag("prod", &format!("f{i:04}")))
+                .collect(),
             segments: vec![model::Segment {
                 namespace: "prod".into(),
                 key: "s".into(),

@@ -41,7 +41,12 @@ impl Replica {
             },
         ));
         let handles = handles_rx.await.expect("the replica starts");
-        Replica { url, handles, stop: Some(stop), task }
+        Replica {
+            url,
+            handles,
+            stop: Some(stop),
+            task,
+        }
     }
 
     async fn client(&self) -> FlagEvalClient<Channel> {
@@ -49,9 +54,15 @@ impl Replica {
     }
 
     async fn health(&self) -> ServingStatus {
-        let channel = Channel::from_shared(self.url.clone()).unwrap().connect().await.unwrap();
+        let channel = Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let mut health = HealthClient::new(channel);
-        let request = tonic_health::pb::HealthCheckRequest { service: "flagstream.v1.FlagEval".into() };
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: "flagstream.v1.FlagEval".into(),
+        };
         ServingStatus::try_from(health.check(request).await.unwrap().into_inner().status).unwrap()
     }
 
@@ -75,13 +86,27 @@ async fn serving(fake: &mut FakeUpstream, config: Config) -> (Replica, Subscript
     for variant in &mut s.variants {
         variant.value = flagstream::model::Value::String(variant.name.clone());
     }
-    subscription.send(snapshot(5, vec![flag("prod", "a", 2), flag("prod", "b", 5), s, flag("dev", "x", 1)])).await;
+    subscription
+        .send(snapshot(
+            5,
+            vec![
+                flag("prod", "a", 2),
+                flag("prod", "b", 5),
+                s,
+                flag("dev", "x", 1),
+            ],
+        ))
+        .await;
     eventually("the snapshot", || replica.handles.state.revision() == 5).await;
     (replica, subscription)
 }
 
 fn evaluate(ns: &str, key: &str) -> pb::EvaluateRequest {
-    pb::EvaluateRequest { namespace: ns.into(), flag_key: key.into(), ..Default::default() }
+    pb::EvaluateRequest {
+        namespace: ns.into(),
+        flag_key: key.into(),
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
@@ -92,7 +117,11 @@ async fn evaluate_answers_and_refuses_as_documented() {
     let mut client = replica.client().await;
 
     // Each case: a request and the variant served, or the status code and a part of its message.
-    async fn check(client: &mut FlagEvalClient<Channel>, request: pb::EvaluateRequest, expected: Result<&str, (Code, &str)>) {
+    async fn check(
+        client: &mut FlagEvalClient<Channel>,
+        request: pb::EvaluateRequest,
+        expected: Result<&str, (Code, &str)>,
+    ) {
         let what = format!("{request:?}");
         match (client.evaluate(request).await, expected) {
             (Ok(response), Ok(variant)) => {
@@ -102,31 +131,105 @@ async fn evaluate_answers_and_refuses_as_documented() {
             }
             (Err(status), Err((code, message))) => {
                 assert_eq!(status.code(), code, "{what}: {status:?}");
-                assert!(status.message().contains(message), "{what}: {:?} lacks {message:?}", status.message());
+                assert!(
+                    status.message().contains(message),
+                    "{what}: {:?} lacks {message:?}",
+                    status.message()
+                );
             }
             (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
         }
     }
     check(&mut client, evaluate("prod", "a"), Ok("on")).await;
-    check(&mut client, evaluate("prod", "nope"), Err((Code::NotFound, "flag \"nope\""))).await;
-    check(&mut client, evaluate("staging", "a"), Err((Code::NotFound, "namespace \"staging\""))).await;
-    let typed = |t: pb::FlagType| pb::EvaluateRequest { expected_type: t.into(), ..evaluate("prod", "a") };
+    check(
+        &mut client,
+        evaluate("prod", "nope"),
+        Err((Code::NotFound, "flag \"nope\"")),
+    )
+    .await;
+    check(
+        &mut client,
+        evaluate("staging", "a"),
+        Err((Code::NotFound, "namespace \"staging\"")),
+    )
+    .await;
+    let typed = |t: pb::FlagType| pb::EvaluateRequest {
+        expected_type: t.into(),
+        ..evaluate("prod", "a")
+    };
     check(&mut client, typed(pb::FlagType::Boolean), Ok("on")).await;
-    check(&mut client, typed(pb::FlagType::String), Err((Code::InvalidArgument, "is of type BOOLEAN, not STRING"))).await;
-    check(&mut client, pb::EvaluateRequest { expected_type: 99, ..evaluate("prod", "a") }, Err((Code::InvalidArgument, "expected_type"))).await;
-    let with_context = |context: pb::Context| pb::EvaluateRequest { context: Some(context), ..evaluate("prod", "a") };
-    let many = (0..65).map(|i| (format!("k{i}"), "v".to_string())).collect();
-    check(&mut client, with_context(pb::Context { properties: many, ..Default::default() }), Err((Code::InvalidArgument, "context.properties: 65 properties (limit 64)"))).await;
+    check(
+        &mut client,
+        typed(pb::FlagType::String),
+        Err((Code::InvalidArgument, "is of type BOOLEAN, not STRING")),
+    )
+    .await;
+    check(
+        &mut client,
+        pb::EvaluateRequest {
+            expected_type: 99,
+            ..evaluate("prod", "a")
+        },
+        Err((Code::InvalidArgument, "expected_type")),
+    )
+    .await;
+    let with_context = |context: pb::Context| pb::EvaluateRequest {
+        context: Some(context),
+        ..evaluate("prod", "a")
+    };
+    let many = (0..65)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    check(
+        &mut client,
+        with_context(pb::Context {
+            properties: many,
+            ..Default::default()
+        }),
+        Err((
+            Code::InvalidArgument,
+            "context.properties: 65 properties (limit 64)",
+        )),
+    )
+    .await;
     let long = "x".repeat(4097);
-    check(&mut client, with_context(pb::Context { user_id: long, ..Default::default() }), Err((Code::InvalidArgument, "context.user_id"))).await;
-    check(&mut client, with_context(pb::Context { user_id: "u1".into(), ..Default::default() }), Ok("on")).await;
+    check(
+        &mut client,
+        with_context(pb::Context {
+            user_id: long,
+            ..Default::default()
+        }),
+        Err((Code::InvalidArgument, "context.user_id")),
+    )
+    .await;
+    check(
+        &mut client,
+        with_context(pb::Context {
+            user_id: "u1".into(),
+            ..Default::default()
+        }),
+        Ok("on"),
+    )
+    .await;
 
-    let response = client.evaluate(evaluate("prod", "a")).await.unwrap().into_inner();
+    let response = client
+        .evaluate(evaluate("prod", "a"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(response.flag_key, "a");
     assert_eq!(response.flag_revision, 2);
     assert_eq!(response.r#type, i32::from(pb::FlagType::Boolean));
-    assert_eq!(response.metadata.get("owner").map(String::as_str), Some("team-a"));
-    assert_eq!(response.value, Some(pb::TypedValue { kind: Some(pb::typed_value::Kind::BoolValue(true)) }));
+    assert_eq!(
+        response.metadata.get("owner").map(String::as_str),
+        Some("team-a")
+    );
+    assert_eq!(
+        response.value,
+        Some(pb::TypedValue {
+            kind: Some(pb::typed_value::Kind::BoolValue(true))
+        })
+    );
 
     let metrics = scrape(replica.handles.metrics_addr).await;
     assert!(
@@ -153,7 +256,10 @@ async fn batches_carry_per_flag_errors_and_all_is_ordered_by_key() {
     assert_eq!(batch.revision, 5);
     let keys: Vec<&str> = batch.results.iter().map(|r| r.flag_key.as_str()).collect();
     assert_eq!(keys, ["b", "nope", "a"]);
-    assert_eq!(batch.results[1].error_code, i32::from(pb::ErrorCode::FlagNotFound));
+    assert_eq!(
+        batch.results[1].error_code,
+        i32::from(pb::ErrorCode::FlagNotFound)
+    );
     assert_eq!(batch.results[1].reason, i32::from(pb::Reason::Error));
     assert_eq!(batch.results[0].variant, "on");
 
@@ -164,17 +270,28 @@ async fn batches_carry_per_flag_errors_and_all_is_ordered_by_key() {
     };
     let status = client.evaluate_batch(too_many).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("flag_keys: 1001 keys asked for (limit 1000)"), "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("flag_keys: 1001 keys asked for (limit 1000)"),
+        "{status:?}"
+    );
 
     let all = client
-        .evaluate_all(pb::EvaluateAllRequest { namespace: "prod".into(), ..Default::default() })
+        .evaluate_all(pb::EvaluateAllRequest {
+            namespace: "prod".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     let keys: Vec<&str> = all.results.iter().map(|r| r.flag_key.as_str()).collect();
     assert_eq!(keys, ["a", "b", "s"]);
     let status = client
-        .evaluate_all(pb::EvaluateAllRequest { namespace: "nope".into(), ..Default::default() })
+        .evaluate_all(pb::EvaluateAllRequest {
+            namespace: "nope".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -189,30 +306,48 @@ async fn min_revision_waits_for_the_write_or_fails_naming_the_revision_held() {
     let mut client = replica.client().await;
 
     // Already applied: answers at once.
-    let now = pb::EvaluateRequest { min_revision: 5, ..evaluate("prod", "a") };
+    let now = pb::EvaluateRequest {
+        min_revision: 5,
+        ..evaluate("prod", "a")
+    };
     assert_eq!(client.evaluate(now).await.unwrap().into_inner().revision, 5);
 
     // Not yet applied: waits, and answers from the new revision once it arrives.
     let mut waiting = client.clone();
     let pending = tokio::spawn(async move {
-        let mut request = tonic::Request::new(pb::EvaluateRequest { min_revision: 6, ..evaluate("prod", "new") });
+        let mut request = tonic::Request::new(pb::EvaluateRequest {
+            min_revision: 6,
+            ..evaluate("prod", "new")
+        });
         request.set_timeout(Duration::from_secs(5));
         waiting.evaluate(request).await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!pending.is_finished(), "the call waits for revision 6");
     sub.send([put(6, vec![flag("prod", "new", 6)])]).await;
-    let response = pending.await.unwrap().expect("answered once revision 6 is applied").into_inner();
+    let response = pending
+        .await
+        .unwrap()
+        .expect("answered once revision 6 is applied")
+        .into_inner();
     assert_eq!((response.revision, response.variant.as_str()), (6, "on"));
 
     // Never applied within the deadline: UNAVAILABLE naming the revision held, before the
     // deadline (not tonic's CANCELLED at it).
-    let mut request = tonic::Request::new(pb::EvaluateRequest { min_revision: 9, ..evaluate("prod", "a") });
+    let mut request = tonic::Request::new(pb::EvaluateRequest {
+        min_revision: 9,
+        ..evaluate("prod", "a")
+    });
     request.set_timeout(Duration::from_millis(300));
     let started = std::time::Instant::now();
     let status = client.evaluate(request).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("revision 9 not applied yet: this replica has applied revision 6"), "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("revision 9 not applied yet: this replica has applied revision 6"),
+        "{status:?}"
+    );
     assert!(started.elapsed() >= Duration::from_millis(250));
 
     let mut batch = tonic::Request::new(pb::EvaluateBatchRequest {
@@ -222,7 +357,10 @@ async fn min_revision_waits_for_the_write_or_fails_naming_the_revision_held() {
         ..Default::default()
     });
     batch.set_timeout(Duration::from_millis(100));
-    assert_eq!(client.evaluate_batch(batch).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(
+        client.evaluate_batch(batch).await.unwrap_err().code(),
+        Code::Unavailable
+    );
     replica.stop().await;
 }
 
@@ -234,36 +372,89 @@ async fn watch_reports_the_revision_then_each_change_with_results() {
     let mut client = replica.client().await;
     let request = pb::WatchRequest {
         namespace: "prod".into(),
-        context: Some(pb::Context { user_id: "u1".into(), ..Default::default() }),
+        context: Some(pb::Context {
+            user_id: "u1".into(),
+            ..Default::default()
+        }),
         flag_keys: vec![],
     };
     let mut events = client.watch(request).await.unwrap().into_inner();
     async fn next(events: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
-        tokio::time::timeout(Duration::from_secs(5), events.message()).await.expect("an event").unwrap().unwrap()
+        tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("an event")
+            .unwrap()
+            .unwrap()
     }
+    // A second subscriber asks for flag `a` only, without a context.
+    let only_a = pb::WatchRequest {
+        namespace: "prod".into(),
+        context: None,
+        flag_keys: vec!["a".into()],
+    };
+    let mut only_a = client.watch(only_a).await.unwrap().into_inner();
+    assert_eq!(next(&mut only_a).await.revision, 5);
     let first = next(&mut events).await;
-    assert_eq!((first.revision, first.changed_flags.len(), first.full_refresh), (5, 0, false));
+    assert_eq!(
+        (
+            first.revision,
+            first.changed_flags.len(),
+            first.full_refresh
+        ),
+        (5, 0, false)
+    );
 
     // A change in another namespace is not reported; the next one in `prod` is.
-    sub.send([put(6, vec![flag("dev", "y", 6)]), put(7, vec![flag("prod", "c", 7)]), delete(8, "prod", "a")]).await;
+    sub.send([
+        put(6, vec![flag("dev", "y", 6)]),
+        put(7, vec![flag("prod", "c", 7)]),
+        delete(8, "prod", "a"),
+    ])
+    .await;
     let event = next(&mut events).await;
-    assert_eq!((event.revision, event.changed_flags.clone()), (7, vec!["c".to_string()]));
+    assert_eq!(
+        (event.revision, event.changed_flags.clone()),
+        (7, vec!["c".to_string()])
+    );
     assert_eq!(event.results.len(), 1);
     assert_eq!(event.results[0].variant, "on");
     let event = next(&mut events).await;
-    assert_eq!((event.revision, event.changed_flags.clone()), (8, vec!["a".to_string()]));
-    assert_eq!(event.results[0].error_code, i32::from(pb::ErrorCode::FlagNotFound));
+    assert_eq!(
+        (event.revision, event.changed_flags.clone()),
+        (8, vec!["a".to_string()])
+    );
+    assert_eq!(
+        event.results[0].error_code,
+        i32::from(pb::ErrorCode::FlagNotFound)
+    );
+
+    let event = next(&mut only_a).await;
+    assert_eq!(
+        (event.revision, event.changed_flags.clone()),
+        (8, vec!["a".to_string()])
+    );
+    assert!(event.results.is_empty(), "no context, no results");
 
     // A new snapshot asks the client to refresh everything.
     sub.send(snapshot(20, vec![flag("prod", "a", 20)])).await;
     let event = next(&mut events).await;
     assert!(event.full_refresh && event.revision == 20, "{event:?}");
 
-    let status = client.watch(pb::WatchRequest { namespace: "nope".into(), ..Default::default() }).await.unwrap_err();
+    let status = client
+        .watch(pb::WatchRequest {
+            namespace: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     // An open Watch does not hold up shutdown.
     replica.stop().await;
-    assert!(tokio::time::timeout(Duration::from_secs(5), events.message()).await.is_ok());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]
@@ -272,7 +463,12 @@ async fn health_is_not_serving_until_a_full_state_is_held() {
     let replica = Replica::start(Config::local(fake.url.clone())).await;
     let sub = fake.next().await;
     assert_eq!(replica.health().await, ServingStatus::NotServing);
-    let status = replica.client().await.evaluate(evaluate("prod", "a")).await.unwrap_err();
+    let status = replica
+        .client()
+        .await
+        .evaluate(evaluate("prod", "a"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     sub.send(snapshot(1, vec![flag("prod", "a", 1)])).await;
     eventually("the snapshot", || replica.handles.state.is_ready()).await;
@@ -300,10 +496,18 @@ async fn eval_tokens_are_checked_and_limited_to_their_namespaces() {
     let (replica, _sub) = serving(&mut fake, config).await;
     let mut client = replica.client().await;
 
-    async fn check(client: &mut FlagEvalClient<Channel>, token: Option<&str>, ns: &str, key: &str, expected: Code) {
+    async fn check(
+        client: &mut FlagEvalClient<Channel>,
+        token: Option<&str>,
+        ns: &str,
+        key: &str,
+        expected: Code,
+    ) {
         let mut request = tonic::Request::new(evaluate(ns, key));
         if let Some(token) = token {
-            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
         }
         let code = match client.evaluate(request).await {
             Ok(_) => Code::Ok,
@@ -312,11 +516,46 @@ async fn eval_tokens_are_checked_and_limited_to_their_namespaces() {
         assert_eq!(code, expected, "token {token:?} on {ns}/{key}");
     }
     check(&mut client, None, "prod", "a", Code::Unauthenticated).await;
-    check(&mut client, Some("wrong-secret-0123456789"), "prod", "a", Code::Unauthenticated).await;
-    check(&mut client, Some("web-secret-0123456789"), "prod", "a", Code::Ok).await;
-    check(&mut client, Some("web-secret-0123456789"), "dev", "x", Code::PermissionDenied).await;
-    check(&mut client, Some("all-secret-01234567890"), "dev", "x", Code::Ok).await;
-    check(&mut client, Some("rep-secret-01234567890"), "prod", "a", Code::PermissionDenied).await;
+    check(
+        &mut client,
+        Some("wrong-secret-0123456789"),
+        "prod",
+        "a",
+        Code::Unauthenticated,
+    )
+    .await;
+    check(
+        &mut client,
+        Some("web-secret-0123456789"),
+        "prod",
+        "a",
+        Code::Ok,
+    )
+    .await;
+    check(
+        &mut client,
+        Some("web-secret-0123456789"),
+        "dev",
+        "x",
+        Code::PermissionDenied,
+    )
+    .await;
+    check(
+        &mut client,
+        Some("all-secret-01234567890"),
+        "dev",
+        "x",
+        Code::Ok,
+    )
+    .await;
+    check(
+        &mut client,
+        Some("rep-secret-01234567890"),
+        "prod",
+        "a",
+        Code::PermissionDenied,
+    )
+    .await;
     // Health needs no token.
     assert_eq!(replica.health().await, ServingStatus::Serving);
     replica.stop().await;
@@ -330,16 +569,32 @@ async fn calls_beyond_the_concurrency_limit_are_shed_not_queued() {
     let (replica, _sub) = serving(&mut fake, config).await;
     let mut waiting = replica.client().await;
     let pending = tokio::spawn(async move {
-        let mut request = tonic::Request::new(pb::EvaluateRequest { min_revision: 99, ..evaluate("prod", "a") });
+        let mut request = tonic::Request::new(pb::EvaluateRequest {
+            min_revision: 99,
+            ..evaluate("prod", "a")
+        });
         request.set_timeout(Duration::from_millis(500));
         waiting.evaluate(request).await
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let status = replica.client().await.evaluate(evaluate("prod", "a")).await.unwrap_err();
+    let status = replica
+        .client()
+        .await
+        .evaluate(evaluate("prod", "a"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert_eq!(pending.await.unwrap().unwrap_err().code(), Code::Unavailable);
+    assert_eq!(
+        pending.await.unwrap().unwrap_err().code(),
+        Code::Unavailable
+    );
     // With the slot free again, calls go through.
-    replica.client().await.evaluate(evaluate("prod", "a")).await.unwrap();
+    replica
+        .client()
+        .await
+        .evaluate(evaluate("prod", "a"))
+        .await
+        .unwrap();
     replica.stop().await;
 }
 
@@ -362,7 +617,13 @@ async fn a_replica_starts_from_its_snapshot_file_while_the_writer_is_away() {
     config.upstream = "http://127.0.0.1:9".into();
     let replica = Replica::start(config).await;
     assert_eq!(replica.health().await, ServingStatus::Serving);
-    let response = replica.client().await.evaluate(evaluate("prod", "late")).await.unwrap().into_inner();
+    let response = replica
+        .client()
+        .await
+        .evaluate(evaluate("prod", "late"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((response.revision, response.variant.as_str()), (6, "on"));
     assert!(!replica.handles.status.connected());
     replica.stop().await;
@@ -371,7 +632,11 @@ async fn a_replica_starts_from_its_snapshot_file_while_the_writer_is_away() {
 
 /// A fresh temporary directory for one test.
 fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("flagread-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
+    let dir = std::env::temp_dir().join(format!(
+        "flagread-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -380,8 +645,36 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 async fn scrape(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut text = String::new();
     socket.read_to_string(&mut text).await.unwrap();
     text
+}
+
+#[tokio::test]
+async fn shutdown_ends_min_revision_waits_at_once() {
+    let mut fake = FakeUpstream::start().await;
+    let config = Config::local(fake.url.clone());
+    let (replica, _sub) = serving(&mut fake, config).await;
+    let mut waiting = replica.client().await;
+    let pending = tokio::spawn(async move {
+        let mut request = tonic::Request::new(pb::EvaluateRequest {
+            min_revision: 99,
+            ..evaluate("prod", "a")
+        });
+        request.set_timeout(Duration::from_secs(20));
+        let started = std::time::Instant::now();
+        (waiting.evaluate(request).await, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    replica.stop().await;
+    let (result, waited) = pending.await.unwrap();
+    assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+    assert!(
+        waited < Duration::from_secs(2),
+        "the wait ended with the shutdown, not the deadline: {waited:?}"
+    );
 }

@@ -1,3 +1,38 @@
-//! The flagwrite binary (being written).
+//! The flagwrite binary: parses the configuration, sets up tracing, binds
+//! and hands over to `flagwrite::run`.
 
-fn main() {}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let config = flagwrite::Config::parse();
+    flagstream::kit::telemetry::init(config.log_format);
+    // Bad configuration is reported before anything is bound.
+    if let Err(e) = config.prepare() {
+        eprintln!("flagwrite: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("flagwrite: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = flagstream::kit::shutdown::signal();
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("flagwrite: cannot listen on {}: {e}", config.listen);
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        match flagwrite::run(listener, config, shutdown).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("flagwrite: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}

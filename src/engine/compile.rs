@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ipnet::IpNet;
 
@@ -282,13 +282,8 @@ pub(super) fn compile_flag(
     flag: model::Flag,
     segments: &BTreeMap<String, Arc<CompiledSegment>>,
 ) -> CompiledFlag {
-    let index: HashMap<&str, usize> = flag
-        .variants
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.name.as_str(), i))
-        .collect();
-    let variant = |name: &str| index.get(name).copied();
+    // Flags have few variants; a scan is cheaper than building an index.
+    let variant = |name: &str| flag.variants.iter().position(|v| v.name == name);
     let group = |g: &Option<String>| -> Box<str> {
         g.as_deref()
             .filter(|g| !g.is_empty())
@@ -368,7 +363,6 @@ pub(super) fn compile_flag(
         .collect();
     let disabled = variant(&flag.disabled_variant);
     let default = variant(&flag.default_variant);
-    drop(index);
     CompiledFlag {
         source: flag,
         disabled,
@@ -437,7 +431,7 @@ pub(super) fn compile_constraint(c: &model::Constraint) -> CompiledConstraint {
             let regexes: Vec<regex::Regex> = c
                 .values
                 .iter()
-                .filter_map(|p| parse::regex(p, c.case_insensitive).ok())
+                .filter_map(|p| cached_regex(p, c.case_insensitive))
                 .collect();
             if regexes.is_empty() {
                 Op::Never
@@ -456,6 +450,29 @@ pub(super) fn compile_constraint(c: &model::Constraint) -> CompiledConstraint {
         inverted: c.inverted,
         op,
     }
+}
+
+/// Compiles a regex, reusing an earlier compilation of the same pattern:
+/// compiling is by far the costliest part of compiling a flag, and flags of
+/// a namespace often share patterns. A `Regex` clone shares the compiled
+/// program. The cache is bounded by clearing it when full.
+fn cached_regex(pattern: &str, case_insensitive: bool) -> Option<regex::Regex> {
+    type Cache = HashMap<(Box<str>, bool), Option<regex::Regex>, FastHash>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    const CACHE_SIZE: usize = 4096;
+    let cache = CACHE.get_or_init(|| Mutex::new(Cache::default()));
+    let key = (Box::<str>::from(pattern), case_insensitive);
+    if let Some(hit) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return hit;
+    }
+    let compiled = parse::regex(pattern, case_insensitive).ok();
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= CACHE_SIZE {
+            c.clear();
+        }
+        c.insert(key, compiled.clone());
+    }
+    compiled
 }
 
 /// Whether an IP range contains an address, IPv4-mapped IPv6 addresses

@@ -10,8 +10,10 @@ use super::compile::{
 use super::{Context, ErrorCode, Evaluation, FlagSet, MAX_PREREQUISITE_DEPTH, Reason, parse};
 use crate::hash::{ROLLOUT_SEED, VARIANT_SEED, murmur3_32};
 
-/// Values up to this many bytes are lowered in a stack buffer.
+/// ASCII values up to this many bytes are lowered in a stack buffer.
 const LOWER_BUF: usize = 256;
+/// A smaller buffer for the usual short values, cheaper to set up.
+const SHORT_BUF: usize = 64;
 
 impl FlagSet {
     pub(super) fn eval<'s>(
@@ -137,16 +139,31 @@ impl<'a> Context<'a> {
             Attr::AppName => self.app_name,
             // The time is a number here; only date operators read it.
             Attr::CurrentTime => "",
-            Attr::Property(name) => {
-                return self
-                    .properties
-                    .and_then(|p| p.get(&**name))
-                    .map(String::as_str);
-            }
+            Attr::Property(name) => return self.property(name),
         };
         (!s.is_empty()).then_some(s)
     }
 }
+
+impl<'a> Context<'a> {
+    /// A property by name. A small map is scanned, which beats hashing the
+    /// name with the map's SipHash.
+    #[inline]
+    fn property(&self, name: &str) -> Option<&'a str> {
+        let props = self.properties?;
+        if props.len() <= SCAN_PROPERTIES {
+            props
+                .iter()
+                .find(|(k, _)| k.as_str() == name)
+                .map(|(_, v)| v.as_str())
+        } else {
+            props.get(name).map(String::as_str)
+        }
+    }
+}
+
+/// Property maps up to this size are scanned rather than hashed.
+const SCAN_PROPERTIES: usize = 8;
 
 /// Whether a constraint holds for the context.
 pub(super) fn holds(c: &CompiledConstraint, ctx: &Context<'_>) -> bool {
@@ -180,13 +197,7 @@ fn op_holds(op: &Op, value: &str) -> bool {
             op,
             values,
             case_insensitive,
-        } => with_lowercase(value, *case_insensitive, |v| {
-            values.iter().any(|p| match op {
-                StrOp::Contains => v.contains(&**p),
-                StrOp::StartsWith => v.starts_with(&**p),
-                StrOp::EndsWith => v.ends_with(&**p),
-            })
-        }),
+        } => str_holds(*op, values, *case_insensitive, value),
         Op::Num(cmp, operand) => parse::context_number(value).is_some_and(|n| match cmp {
             // Unleash compares numbers for equality within f64::EPSILON.
             Cmp::Eq => (n - operand).abs() < f64::EPSILON,
@@ -200,6 +211,36 @@ fn op_holds(op: &Op, value: &str) -> bool {
     }
 }
 
+/// Whether `value` contains / starts with / ends with one of `patterns`
+/// (pre-lowered when case-insensitive). ASCII values are compared in place
+/// without lowering them; others are lowered (allocating).
+fn str_holds(op: StrOp, patterns: &[Box<str>], case_insensitive: bool, value: &str) -> bool {
+    let plain = |v: &str, p: &str| match op {
+        StrOp::Contains => v.contains(p),
+        StrOp::StartsWith => v.starts_with(p),
+        StrOp::EndsWith => v.ends_with(p),
+    };
+    if !case_insensitive {
+        return patterns.iter().any(|p| plain(value, p));
+    }
+    if !value.is_ascii() {
+        let lowered = value.to_lowercase();
+        return patterns.iter().any(|p| plain(&lowered, p));
+    }
+    let v = value.as_bytes();
+    // A lowered non-ASCII pattern cannot occur in a lowered ASCII value.
+    patterns.iter().filter(|p| p.is_ascii()).any(|p| {
+        let p = p.as_bytes();
+        match op {
+            StrOp::Contains => {
+                p.is_empty() || v.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p))
+            }
+            StrOp::StartsWith => v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p),
+            StrOp::EndsWith => v.len() >= p.len() && v[v.len() - p.len()..].eq_ignore_ascii_case(p),
+        }
+    })
+}
+
 /// Calls `f` with `s`, lowered when `lower` is set. ASCII values up to
 /// `LOWER_BUF` bytes are lowered on the stack; only longer or non-ASCII
 /// values with capitals allocate.
@@ -208,15 +249,22 @@ fn with_lowercase<R>(s: &str, lower: bool, f: impl FnOnce(&str) -> R) -> R {
     if !lower || (s.is_ascii() && !s.bytes().any(|b| b.is_ascii_uppercase())) {
         return f(s);
     }
+    if s.is_ascii() && s.len() <= SHORT_BUF {
+        let mut buf = [0u8; SHORT_BUF];
+        return f(lower_ascii(s, &mut buf[..s.len()]));
+    }
     if s.is_ascii() && s.len() <= LOWER_BUF {
         let mut buf = [0u8; LOWER_BUF];
-        let buf = &mut buf[..s.len()];
-        buf.copy_from_slice(s.as_bytes());
-        buf.make_ascii_lowercase();
-        // Lowering ASCII keeps it ASCII, so this cannot fail.
-        return f(std::str::from_utf8(buf).unwrap_or_default());
+        return f(lower_ascii(s, &mut buf[..s.len()]));
     }
     f(&s.to_lowercase())
+}
+
+fn lower_ascii<'b>(s: &str, buf: &'b mut [u8]) -> &'b str {
+    buf.copy_from_slice(s.as_bytes());
+    buf.make_ascii_lowercase();
+    // Lowering ASCII keeps it ASCII, so this cannot fail.
+    std::str::from_utf8(buf).unwrap_or_default()
 }
 
 /// The value hashed for stickiness.

@@ -26,13 +26,16 @@
 //!   parse never holds, whatever `inverted` says; unparsable context values
 //!   are false before `inverted`; list operands that do not parse (CIDRs,
 //!   regexes) are skipped;
+//! - date operators compare with `current_time_ms` (or the clock) when the
+//!   attribute is `currentTime`, and parse RFC 3339 from any other attribute;
+//!   other operators see `currentTime` as missing;
 //! - a rule referencing a missing segment never matches;
 //! - a prerequisite holds when its parent is on (reason STATIC,
 //!   TARGETING_MATCH or SPLIT) and, if it lists variants, served one of them;
 //!   with `expect_off`, when the parent is off. A missing parent fails it.
-//!   Chains deeper than [`MAX_PREREQUISITE_DEPTH`] and evaluations needing
-//!   more than [`MAX_PREREQUISITE_EVALUATIONS`] parent evaluations fail,
-//!   which also ends cycles.
+//!   Chains of [`MAX_PREREQUISITE_DEPTH`] links or more, and evaluations
+//!   needing more than [`MAX_PREREQUISITE_EVALUATIONS`] parent evaluations,
+//!   fail, which also ends cycles.
 //!
 //! Evaluating does not allocate in the common path: attribute values are
 //! borrowed, hashes stream over the pieces, case-insensitive comparisons
@@ -52,9 +55,12 @@ use compile::{CompiledSegment, compile_flag};
 
 use crate::model;
 
-/// Prerequisite chains deeper than this fail (and so end cycles).
+/// Evaluation depth limit: chains of at most `MAX_PREREQUISITE_DEPTH - 1`
+/// prerequisite links (flag → parent → grandparent …) are evaluated; a longer
+/// chain fails its deepest prerequisite, which also ends cycles.
 pub const MAX_PREREQUISITE_DEPTH: u32 = 8;
-/// At most this many parent evaluations per evaluated flag; more fail.
+/// At most this many parent evaluations (counted with repeats) per evaluated
+/// flag; the prerequisite needing one more fails.
 pub const MAX_PREREQUISITE_EVALUATIONS: u32 = 64;
 
 /// What an evaluation knows about the caller: a borrowed view, built without
@@ -166,6 +172,9 @@ pub struct FlagSet {
     /// Flag keys in order, computed on first use after a key was added or
     /// removed (an update of an existing flag keeps it).
     order: OnceLock<Arc<[Arc<str>]>>,
+    /// The flags in key order, rebuilt from `order` by lookups (no sort) on
+    /// first use after any change: iterating it avoids a lookup per flag.
+    ordered: OnceLock<Arc<[Arc<CompiledFlag>]>>,
 }
 
 type Shard = HashMap<Arc<str>, Arc<CompiledFlag>, FastHash>;
@@ -189,6 +198,7 @@ impl FlagSet {
             self.len += 1;
             self.order = OnceLock::new();
         }
+        self.ordered = OnceLock::new();
     }
 
     /// Removes a flag; false when there was none.
@@ -199,6 +209,7 @@ impl FlagSet {
         self.shard_mut(key).remove(key);
         self.len -= 1;
         self.order = OnceLock::new();
+        self.ordered = OnceLock::new();
         true
     }
 
@@ -221,6 +232,7 @@ impl FlagSet {
     }
 
     /// The compiled flag with this key.
+    #[inline]
     pub fn get(&self, key: &str) -> Option<&CompiledFlag> {
         if self.shards.is_empty() {
             return None;
@@ -229,6 +241,7 @@ impl FlagSet {
     }
 
     /// Evaluates the flag `key` for `ctx`.
+    #[inline]
     pub fn evaluate<'s>(&'s self, key: &str, ctx: &Context<'_>) -> Evaluation<'s> {
         match self.get(key) {
             Some(flag) => self.evaluate_flag(flag, ctx),
@@ -249,13 +262,19 @@ impl FlagSet {
 
     /// Every flag, ordered by key.
     pub fn flags(&self) -> impl Iterator<Item = &CompiledFlag> {
-        let order = self.order.get_or_init(|| {
-            let mut keys: Vec<Arc<str>> =
-                self.shards.iter().flat_map(|s| s.keys().cloned()).collect();
-            keys.sort_unstable();
-            keys.into()
+        let ordered = self.ordered.get_or_init(|| {
+            let order = self.order.get_or_init(|| {
+                let mut keys: Vec<Arc<str>> =
+                    self.shards.iter().flat_map(|s| s.keys().cloned()).collect();
+                keys.sort_unstable();
+                keys.into()
+            });
+            order
+                .iter()
+                .filter_map(|k| self.shards[shard_of(k)].get(k).cloned())
+                .collect()
         });
-        order.iter().filter_map(|k| self.get(k))
+        ordered.iter().map(|f| &**f)
     }
 
     /// Every segment, ordered by key.
@@ -309,12 +328,36 @@ impl std::fmt::Debug for FlagSet {
     }
 }
 
-/// The shard of a key. The hash is remixed so that a shard's keys do not
-/// share the bits its own hash map uses for buckets and tags.
+/// The shard of a key, from its length and first and last eight bytes: cheap,
+/// and independent of the hash the shard's own map uses (so a shard's keys do
+/// not crowd its buckets). Balance only affects how much a write copies.
+#[inline]
 fn shard_of(key: &str) -> usize {
-    let mut h = FxHasher::default();
-    key.hash(&mut h);
-    (h.finish().wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SHARDS.trailing_zeros())) as usize
+    let b = key.as_bytes();
+    let head = load(&b[..b.len().min(8)]);
+    let tail = load(&b[b.len().saturating_sub(8)..]);
+    let x = tail ^ head.rotate_left(29) ^ (b.len() as u64).rotate_left(47);
+    (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SHARDS.trailing_zeros())) as usize
+}
+
+/// Up to eight bytes as a little-endian word, without a `memcpy` call (which
+/// would cost more than the rest of a short key's hash).
+#[inline]
+fn load(b: &[u8]) -> u64 {
+    let n = b.len();
+    if n >= 8 {
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    } else if n >= 4 {
+        // Two overlapping 4-byte reads; the overlap lines up, so this is
+        // exactly the little-endian value of the n bytes.
+        let lo = u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let hi = u64::from(u32::from_le_bytes([b[n - 4], b[n - 3], b[n - 2], b[n - 1]]));
+        lo | (hi << ((n - 4) * 8))
+    } else if n > 0 {
+        u64::from(b[0]) | (u64::from(b[n / 2]) << 8) | (u64::from(b[n - 1]) << 16)
+    } else {
+        0
+    }
 }
 
 /// The hasher of the engine's maps: keys are short strings chosen by admins
@@ -347,9 +390,7 @@ impl Hasher for FxHasher {
         }
         let rest = chunks.remainder();
         if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 59));
+            self.add(load(rest) ^ ((rest.len() as u64) << 59));
         }
     }
 

@@ -41,12 +41,25 @@ struct Fake {
 impl Replication for Fake {
     type SubscribeStream = ReceiverStream<Result<pb::SyncMessage, Status>>;
 
-    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
-        let authorization =
-            request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let (tx, rx) = mpsc::channel(1024);
-        let subscription = Subscription { request: request.into_inner(), authorization, tx };
-        self.subscriptions.send(subscription).await.map_err(|_| Status::unavailable("test over"))?;
+        let subscription = Subscription {
+            request: request.into_inner(),
+            authorization,
+            tx,
+        };
+        self.subscriptions
+            .send(subscription)
+            .await
+            .map_err(|_| Status::unavailable("test over"))?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -54,18 +67,37 @@ impl Replication for Fake {
 impl FakeUpstream {
     /// Starts the fake on an ephemeral loopback port.
     pub async fn start() -> FakeUpstream {
+        FakeUpstream::start_with(None).await
+    }
+
+    /// Starts the fake, serving TLS when `tls` is given (its URL is then `https://`).
+    pub async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> FakeUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (subs_tx, subscriptions) = mpsc::channel(16);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).unwrap();
+        }
         tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(ReplicationServer::new(Fake { subscriptions: subs_tx }))
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                }),
+            server
+                .add_service(ReplicationServer::new(Fake {
+                    subscriptions: subs_tx,
+                }))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
         );
-        FakeUpstream { url: format!("http://{addr}"), subscriptions, _stop: stop }
+        FakeUpstream {
+            url: format!("{scheme}://{addr}"),
+            subscriptions,
+            _stop: stop,
+        }
     }
 
     /// The next subscription (fails the test after 10 s).
@@ -81,7 +113,10 @@ impl Subscription {
     /// Sends messages down the stream.
     pub async fn send(&self, messages: impl IntoIterator<Item = pb::SyncMessage>) {
         for message in messages {
-            self.tx.send(Ok(message)).await.expect("the replica is subscribed");
+            self.tx
+                .send(Ok(message))
+                .await
+                .expect("the replica is subscribed");
         }
     }
 }
@@ -105,14 +140,25 @@ pub fn flag(ns: &str, key: &str, rev: u64) -> model::Flag {
         rules: vec![],
         prerequisites: vec![],
         tags: vec![],
-        metadata: [("owner".to_string(), "team-a".to_string())].into_iter().collect(),
-        stamp: model::Stamp { created_revision: rev, updated_revision: rev, updated_at_ms: 0, updated_by: "test".into() },
+        metadata: [("owner".to_string(), "team-a".to_string())]
+            .into_iter()
+            .collect(),
+        stamp: model::Stamp {
+            created_revision: rev,
+            updated_revision: rev,
+            updated_at_ms: 0,
+            updated_by: "test".into(),
+        },
     }
 }
 
 /// A namespace record.
 pub fn namespace(key: &str) -> pb::Namespace {
-    pb::Namespace { key: key.to_string(), description: String::new(), stamp: None }
+    pb::Namespace {
+        key: key.to_string(),
+        description: String::new(),
+        stamp: None,
+    }
 }
 
 /// A whole snapshot at `revision` holding `flags` (their namespaces included).
@@ -135,24 +181,38 @@ pub fn snapshot(revision: u64, flags: Vec<model::Flag>) -> Vec<pb::SyncMessage> 
 pub fn put(revision: u64, flags: Vec<model::Flag>) -> pb::SyncMessage {
     let deltas = flags
         .into_iter()
-        .map(|f| pb::Delta { kind: Some(pb::delta::Kind::PutFlag(f.into())) })
+        .map(|f| pb::Delta {
+            kind: Some(pb::delta::Kind::PutFlag(f.into())),
+        })
         .collect();
-    message(Kind::Change(pb::Change { revision, time: None, deltas }))
+    message(Kind::Change(pb::Change {
+        revision,
+        time: None,
+        deltas,
+    }))
 }
 
 /// A change at `revision` deleting flag `key` of `ns`.
 pub fn delete(revision: u64, ns: &str, key: &str) -> pb::SyncMessage {
-    let r = pb::ObjectRef { namespace: ns.to_string(), key: key.to_string() };
+    let r = pb::ObjectRef {
+        namespace: ns.to_string(),
+        key: key.to_string(),
+    };
     message(Kind::Change(pb::Change {
         revision,
         time: None,
-        deltas: vec![pb::Delta { kind: Some(pb::delta::Kind::DeleteFlag(r)) }],
+        deltas: vec![pb::Delta {
+            kind: Some(pb::delta::Kind::DeleteFlag(r)),
+        }],
     }))
 }
 
 /// A heartbeat naming the writer's head.
 pub fn heartbeat(head_revision: u64) -> pb::SyncMessage {
-    message(Kind::Heartbeat(pb::Heartbeat { head_revision, time: None }))
+    message(Kind::Heartbeat(pb::Heartbeat {
+        head_revision,
+        time: None,
+    }))
 }
 
 pub fn message(kind: Kind) -> pb::SyncMessage {
@@ -163,7 +223,26 @@ pub fn message(kind: Kind) -> pb::SyncMessage {
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits (up to 10 s) until the async `cond` holds, polling every 20 ms.
+pub async fn eventually_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

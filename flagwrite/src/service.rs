@@ -1,0 +1,356 @@
+//! The FlagAdmin service: authorization, request decoding and responses.
+//! Writes go to the single [`Writer`]; reads go straight to the [`Store`].
+
+use std::sync::Arc;
+
+use flagstream::kit::auth::{self, Identity, Scope};
+use flagstream::pb;
+use flagstream::pb::flag_admin_server::FlagAdmin;
+use tonic::{Request, Response, Status};
+
+use crate::checks;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::writer::{Op, Outcome, WriteRequest, Writer};
+
+/// The FlagAdmin implementation.
+#[derive(Clone)]
+pub struct Admin {
+    store: Store,
+    writer: Writer,
+    metrics: Arc<Metrics>,
+}
+
+/// Page sizes: 0 means this, and at most `MAX_PAGE`.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+impl Admin {
+    pub fn new(store: Store, writer: Writer, metrics: Arc<Metrics>) -> Admin {
+        Admin { store, writer, metrics }
+    }
+
+    /// Runs a write for `rpc` and counts its outcome.
+    async fn write(&self, rpc: &'static str, identity: &Identity, op: Op, options: Option<pb::WriteOptions>) -> Result<Outcome, Status> {
+        let options = options.unwrap_or_default();
+        let request = WriteRequest { op, actor: identity.name.clone(), comment: options.comment, validate_only: options.validate_only };
+        let result = self.writer.write(request).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        self.metrics.writes.inc(&[rpc, outcome]);
+        if let Err(e) = &result {
+            tracing::debug!(rpc, error = %e, "write refused");
+        }
+        result.map_err(Status::from)
+    }
+
+    fn namespace_exists(&self, namespace: &str) -> Result<(), Status> {
+        match self.store.namespace(namespace).map_err(Error::from)? {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound(format!("namespace {namespace:?} not found")).into()),
+        }
+    }
+}
+
+fn admin<T>(request: &Request<T>) -> Result<Arc<Identity>, Status> {
+    auth::require(request, "write (needs scope admin)", |id| id.scopes.contains(&Scope::Admin))
+}
+
+fn reader<T>(request: &Request<T>) -> Result<Arc<Identity>, Status> {
+    auth::require(request, "read admin data (needs scope admin or admin-read)", Identity::can_admin_read)
+}
+
+fn page_size(requested: u32) -> Result<usize, Status> {
+    match requested as usize {
+        0 => Ok(DEFAULT_PAGE),
+        n if n <= MAX_PAGE => Ok(n),
+        n => Err(Status::invalid_argument(format!("page_size: {n} is more than {MAX_PAGE}"))),
+    }
+}
+
+fn required<T>(value: Option<T>, field: &str) -> Result<T, Status> {
+    value.ok_or_else(|| Status::invalid_argument(format!("{field}: required")))
+}
+
+fn flag_of(outcome: Outcome) -> pb::FlagResponse {
+    let flag = match outcome.object.and_then(|o| o.kind) {
+        Some(pb::object::Kind::Flag(f)) => Some(f),
+        _ => None,
+    };
+    pb::FlagResponse { revision: outcome.revision, flag }
+}
+
+fn segment_of(outcome: Outcome) -> pb::SegmentResponse {
+    let segment = match outcome.object.and_then(|o| o.kind) {
+        Some(pb::object::Kind::Segment(s)) => Some(s),
+        _ => None,
+    };
+    pb::SegmentResponse { revision: outcome.revision, segment }
+}
+
+#[tonic::async_trait]
+impl FlagAdmin for Admin {
+    async fn create_namespace(&self, request: Request<pb::CreateNamespaceRequest>) -> Result<Response<pb::NamespaceResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let ns = required(req.namespace, "namespace")?;
+        let outcome = self.write("CreateNamespace", &identity, Op::CreateNamespace(ns), req.options).await?;
+        let namespace = match outcome.object.and_then(|o| o.kind) {
+            Some(pb::object::Kind::Namespace(n)) => Some(n),
+            _ => None,
+        };
+        Ok(Response::new(pb::NamespaceResponse { revision: outcome.revision, namespace }))
+    }
+
+    async fn list_namespaces(&self, request: Request<pb::ListNamespacesRequest>) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        reader(&request)?;
+        let revision = self.store.head().map_err(Error::from)?;
+        let namespaces = self.store.namespaces().map_err(Error::from)?;
+        Ok(Response::new(pb::ListNamespacesResponse { namespaces, revision }))
+    }
+
+    async fn delete_namespace(&self, request: Request<pb::DeleteNamespaceRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let outcome = self.write("DeleteNamespace", &identity, Op::DeleteNamespace { key: req.namespace }, req.options).await?;
+        Ok(Response::new(pb::WriteResponse { revision: outcome.revision }))
+    }
+
+    async fn create_flag(&self, request: Request<pb::CreateFlagRequest>) -> Result<Response<pb::FlagResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let flag = required(req.flag, "flag")?;
+        Ok(Response::new(flag_of(self.write("CreateFlag", &identity, Op::CreateFlag(flag), req.options).await?)))
+    }
+
+    async fn update_flag(&self, request: Request<pb::UpdateFlagRequest>) -> Result<Response<pb::FlagResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let flag = required(req.flag, "flag")?;
+        let op = Op::UpdateFlag { flag, expected: req.expected_revision };
+        Ok(Response::new(flag_of(self.write("UpdateFlag", &identity, op, req.options).await?)))
+    }
+
+    async fn set_flag_enabled(&self, request: Request<pb::SetFlagEnabledRequest>) -> Result<Response<pb::FlagResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let op = Op::SetFlagEnabled { namespace: req.namespace, key: req.key, enabled: req.enabled, expected: req.expected_revision };
+        Ok(Response::new(flag_of(self.write("SetFlagEnabled", &identity, op, req.options).await?)))
+    }
+
+    async fn delete_flag(&self, request: Request<pb::DeleteFlagRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let op = Op::DeleteFlag { namespace: req.namespace, key: req.key, expected: req.expected_revision };
+        let outcome = self.write("DeleteFlag", &identity, op, req.options).await?;
+        Ok(Response::new(pb::WriteResponse { revision: outcome.revision }))
+    }
+
+    async fn get_flag(&self, request: Request<pb::GetFlagRequest>) -> Result<Response<pb::Flag>, Status> {
+        reader(&request)?;
+        let req = request.into_inner();
+        match self.store.flag(&req.namespace, &req.key).map_err(Error::from)? {
+            Some(flag) => Ok(Response::new(flag)),
+            None => Err(Error::NotFound(format!("flag {:?} not found in namespace {:?}", req.key, req.namespace)).into()),
+        }
+    }
+
+    async fn list_flags(&self, request: Request<pb::ListFlagsRequest>) -> Result<Response<pb::ListFlagsResponse>, Status> {
+        reader(&request)?;
+        let req = request.into_inner();
+        let size = page_size(req.page_size)?;
+        self.namespace_exists(&req.namespace)?;
+        let mut flags = Vec::new();
+        let mut next_page_token = String::new();
+        for flag in self.store.flags_after(&req.namespace, &req.page_token) {
+            let flag = flag.map_err(Error::from)?;
+            if !flag.key.starts_with(&req.key_prefix) {
+                if flag.key.as_str() > req.key_prefix.as_str() {
+                    break;
+                }
+                continue;
+            }
+            if !req.tag.is_empty() && !flag.tags.contains(&req.tag) {
+                continue;
+            }
+            if flags.len() == size {
+                next_page_token = flags.last().map(|f: &pb::Flag| f.key.clone()).unwrap_or_default();
+                break;
+            }
+            flags.push(flag);
+        }
+        Ok(Response::new(pb::ListFlagsResponse { flags, next_page_token }))
+    }
+
+    async fn create_segment(&self, request: Request<pb::CreateSegmentRequest>) -> Result<Response<pb::SegmentResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let segment = required(req.segment, "segment")?;
+        Ok(Response::new(segment_of(self.write("CreateSegment", &identity, Op::CreateSegment(segment), req.options).await?)))
+    }
+
+    async fn update_segment(&self, request: Request<pb::UpdateSegmentRequest>) -> Result<Response<pb::SegmentResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let segment = required(req.segment, "segment")?;
+        let op = Op::UpdateSegment { segment, expected: req.expected_revision };
+        Ok(Response::new(segment_of(self.write("UpdateSegment", &identity, op, req.options).await?)))
+    }
+
+    async fn delete_segment(&self, request: Request<pb::DeleteSegmentRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let op = Op::DeleteSegment { namespace: req.namespace, key: req.key, expected: req.expected_revision };
+        let outcome = self.write("DeleteSegment", &identity, op, req.options).await?;
+        Ok(Response::new(pb::WriteResponse { revision: outcome.revision }))
+    }
+
+    async fn get_segment(&self, request: Request<pb::GetSegmentRequest>) -> Result<Response<pb::Segment>, Status> {
+        reader(&request)?;
+        let req = request.into_inner();
+        match self.store.segment(&req.namespace, &req.key).map_err(Error::from)? {
+            Some(segment) => Ok(Response::new(segment)),
+            None => Err(Error::NotFound(format!("segment {:?} not found in namespace {:?}", req.key, req.namespace)).into()),
+        }
+    }
+
+    async fn list_segments(&self, request: Request<pb::ListSegmentsRequest>) -> Result<Response<pb::ListSegmentsResponse>, Status> {
+        reader(&request)?;
+        let req = request.into_inner();
+        let size = page_size(req.page_size)?;
+        self.namespace_exists(&req.namespace)?;
+        let mut segments: Vec<pb::Segment> = Vec::new();
+        let mut next_page_token = String::new();
+        for segment in self.store.segments_after(&req.namespace, &req.page_token) {
+            let segment = segment.map_err(Error::from)?;
+            if segments.len() == size {
+                next_page_token = segments.last().map(|s| s.key.clone()).unwrap_or_default();
+                break;
+            }
+            segments.push(segment);
+        }
+        Ok(Response::new(pb::ListSegmentsResponse { segments, next_page_token }))
+    }
+
+    async fn list_history(&self, request: Request<pb::ListHistoryRequest>) -> Result<Response<pb::ListHistoryResponse>, Status> {
+        reader(&request)?;
+        let req = request.into_inner();
+        let size = page_size(req.page_size)?;
+        if req.namespace.is_empty() {
+            return Err(Status::invalid_argument("namespace: required"));
+        }
+        let kind = pb::ObjectKind::try_from(req.kind).map_err(|_| Status::invalid_argument(format!("kind: unknown value {}", req.kind)))?;
+        if !req.key.is_empty() && kind == pb::ObjectKind::Unspecified {
+            return Err(Status::invalid_argument("kind: required when key is set"));
+        }
+        // The page token is `<revision>.<entry index>` of the next entry.
+        let (before, skip) = if req.page_token.is_empty() {
+            (u64::MAX, 0)
+        } else {
+            let parsed = req.page_token.split_once('.').and_then(|(r, i)| Some((r.parse::<u64>().ok()?, i.parse::<usize>().ok()?)));
+            let (revision, index) = parsed.ok_or_else(|| Status::invalid_argument("page_token: not a token this server issued"))?;
+            (revision.saturating_add(1), index)
+        };
+        let mut entries = Vec::new();
+        let mut next_page_token = String::new();
+        'records: for record in self.store.log_before(before) {
+            let record = record.map_err(Error::from)?;
+            if record.namespace != req.namespace {
+                continue;
+            }
+            let first = if record.revision.saturating_add(1) == before { skip } else { 0 };
+            for (index, entry) in record.entries.iter().enumerate().skip(first) {
+                if kind != pb::ObjectKind::Unspecified && entry.kind != kind as i32 {
+                    continue;
+                }
+                if !req.key.is_empty() && entry.key != req.key {
+                    continue;
+                }
+                if entries.len() == size {
+                    next_page_token = format!("{}.{index}", record.revision);
+                    break 'records;
+                }
+                let mut entry = entry.clone();
+                entry.revision = record.revision;
+                entry.time = record.time;
+                entry.actor = record.actor.clone();
+                entry.comment = record.comment.clone();
+                entry.operation = record.operation.clone();
+                entries.push(entry);
+            }
+        }
+        Ok(Response::new(pb::ListHistoryResponse { entries, next_page_token }))
+    }
+
+    async fn export_namespace(&self, request: Request<pb::ExportNamespaceRequest>) -> Result<Response<pb::ExportNamespaceResponse>, Status> {
+        reader(&request)?;
+        let namespace = request.into_inner().namespace;
+        let store = self.store.clone();
+        // A snapshot gives one consistent revision for the whole bundle.
+        let snapshot = tokio::task::spawn_blocking(move || store.snapshot())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Error::from)?;
+        let ns = snapshot.namespaces.into_iter().find(|n| n.key == namespace);
+        let Some(ns) = ns else {
+            return Err(Error::NotFound(format!("namespace {namespace:?} not found")).into());
+        };
+        let bundle = pb::NamespaceBundle {
+            namespace: Some(ns),
+            flags: snapshot.flags.into_iter().filter(|f| f.namespace == namespace).collect(),
+            segments: snapshot.segments.into_iter().filter(|s| s.namespace == namespace).collect(),
+        };
+        Ok(Response::new(pb::ExportNamespaceResponse { revision: snapshot.revision, bundle: Some(bundle) }))
+    }
+
+    async fn import_namespace(&self, request: Request<pb::ImportNamespaceRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let identity = admin(&request)?;
+        let req = request.into_inner();
+        let op = match req.source {
+            Some(pb::import_namespace_request::Source::Bundle(bundle)) => {
+                // The objects' namespace fields are ignored in favour of the
+                // request's, so they are replaced before conversion.
+                let flags = bundle
+                    .flags
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut f)| {
+                        f.namespace = req.namespace.clone();
+                        checks::flag_model(f, &format!("bundle.flags[{i}]"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let segments = bundle
+                    .segments
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut s)| {
+                        s.namespace = req.namespace.clone();
+                        checks::segment_model(s, &format!("bundle.segments[{i}]"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Op::Import { namespace: req.namespace, description: bundle.namespace.map(|n| n.description), flags, segments, path: "bundle" }
+            }
+            Some(pb::import_namespace_request::Source::UnleashJson(json)) => {
+                // The importer keeps what Unleash would silently turn off (an
+                // unknown operator, a bad regex) so evaluation matches
+                // Unleash; write-time validation then refuses it, naming the
+                // feature and the field.
+                let import = flagstream::unleash::import_features(&json, &req.namespace)
+                    .map_err(|e| Status::invalid_argument(format!("unleash_json: {e}")))?;
+                Op::Import {
+                    namespace: req.namespace,
+                    description: None,
+                    flags: import.flags,
+                    segments: import.segments,
+                    path: "unleash_json",
+                }
+            }
+            None => return Err(Status::invalid_argument("source: one of bundle or unleash_json is required")),
+        };
+        let outcome = self.write("ImportNamespace", &identity, op, req.options).await?;
+        Ok(Response::new(pb::WriteResponse { revision: outcome.revision }))
+    }
+}

@@ -1,0 +1,328 @@
+//! The durable store: the only module that touches sled.
+//!
+//! # Layout on disk (one sled database)
+//! - tree `namespaces`: namespace key → encoded `pb::Namespace`
+//! - tree `flags`: `<namespace> 0x00 <key>` → encoded `pb::Flag`
+//! - tree `segments`: `<namespace> 0x00 <key>` → encoded `pb::Segment`
+//! - tree `changelog`: revision as 8 big-endian bytes → encoded [`LogRecord`]
+//!   (big-endian so byte order is revision order)
+//! - tree `meta`: `head` → the latest committed revision; `compacted` → the
+//!   highest revision removed from the change log by retention.
+//!
+//! Architecture Invariant: one write is one sled transaction over all five
+//! trees that checks the head counter, writes the objects and the change-log
+//! entry and bumps the head, so revisions are gap-free and the log always
+//! matches the objects. Objects are derived from the log record (its entries'
+//! `after` images), so they cannot disagree.
+
+use std::path::Path;
+use std::sync::RwLock;
+use std::sync::Arc;
+
+use flagstream::pb;
+use prost::Message;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+/// One committed write as kept in the change log: who, when, why, and every
+/// object it changed with its before and after image.
+#[derive(Clone, PartialEq, Message)]
+pub struct LogRecord {
+    /// The revision the write committed.
+    #[prost(uint64, tag = "1")]
+    pub revision: u64,
+    /// When it committed (UTC).
+    #[prost(message, optional, tag = "2")]
+    pub time: Option<prost_types::Timestamp>,
+    /// Name of the token that made it.
+    #[prost(string, tag = "3")]
+    pub actor: String,
+    /// The request's comment.
+    #[prost(string, tag = "4")]
+    pub comment: String,
+    /// The RPC, e.g. `UpdateFlag`.
+    #[prost(string, tag = "5")]
+    pub operation: String,
+    /// The one namespace every write touches (used to filter history and
+    /// the change stream without decoding objects).
+    #[prost(string, tag = "6")]
+    pub namespace: String,
+    /// The objects changed; only `kind`, `key`, `before` and `after` are set
+    /// (the rest is the record's and filled in when history is read).
+    #[prost(message, repeated, tag = "7")]
+    pub entries: Vec<pb::HistoryEntry>,
+}
+
+/// A consistent copy of every object at one revision, for snapshots.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The revision the copy reflects.
+    pub revision: u64,
+    pub namespaces: Vec<pb::Namespace>,
+    pub flags: Vec<pb::Flag>,
+    pub segments: Vec<pb::Segment>,
+}
+
+/// Failures of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled reported an I/O or internal error.
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// Stored bytes did not decode, or an invariant did not hold.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+}
+
+/// The store handle; cheap to clone, shared by the writer and all readers.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    namespaces: sled::Tree,
+    flags: sled::Tree,
+    segments: sled::Tree,
+    changelog: sled::Tree,
+    meta: sled::Tree,
+    /// Held (write) by `commit` for the length of one transaction and (read)
+    /// by `snapshot` while it copies the trees, so a snapshot never sees half
+    /// a write. Commits are microseconds, so snapshots wait little; a
+    /// snapshot holds writers back only while it copies (no encoding).
+    commit_lock: RwLock<()>,
+}
+
+const HEAD: &[u8] = b"head";
+const COMPACTED: &[u8] = b"compacted";
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        let inner = Inner {
+            namespaces: db.open_tree("namespaces")?,
+            flags: db.open_tree("flags")?,
+            segments: db.open_tree("segments")?,
+            changelog: db.open_tree("changelog")?,
+            meta: db.open_tree("meta")?,
+            commit_lock: RwLock::new(()),
+            db,
+        };
+        Ok(Store { inner: Arc::new(inner) })
+    }
+
+    /// The latest committed revision (0 for an empty store).
+    pub fn head(&self) -> Result<u64, StoreError> {
+        read_u64(self.inner.meta.get(HEAD)?)
+    }
+
+    /// The highest revision removed from the change log (0 when none was).
+    /// Changes after it are still in the log.
+    pub fn compacted(&self) -> Result<u64, StoreError> {
+        read_u64(self.inner.meta.get(COMPACTED)?)
+    }
+
+    pub fn namespace(&self, key: &str) -> Result<Option<pb::Namespace>, StoreError> {
+        self.inner.namespaces.get(key)?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Every namespace, ordered by key.
+    pub fn namespaces(&self) -> Result<Vec<pb::Namespace>, StoreError> {
+        self.inner.namespaces.iter().map(|kv| decode(&kv?.1)).collect()
+    }
+
+    pub fn flag(&self, namespace: &str, key: &str) -> Result<Option<pb::Flag>, StoreError> {
+        self.inner.flags.get(object_key(namespace, key))?.map(|v| decode(&v)).transpose()
+    }
+
+    /// The flags of `namespace` with keys after `after` (all when empty),
+    /// ordered by key.
+    pub fn flags_after<'a>(
+        &'a self,
+        namespace: &str,
+        after: &str,
+    ) -> impl Iterator<Item = Result<pb::Flag, StoreError>> + 'a {
+        scan_after(&self.inner.flags, namespace, after)
+    }
+
+    pub fn segment(&self, namespace: &str, key: &str) -> Result<Option<pb::Segment>, StoreError> {
+        self.inner.segments.get(object_key(namespace, key))?.map(|v| decode(&v)).transpose()
+    }
+
+    /// The segments of `namespace` with keys after `after`, ordered by key.
+    pub fn segments_after<'a>(
+        &'a self,
+        namespace: &str,
+        after: &str,
+    ) -> impl Iterator<Item = Result<pb::Segment, StoreError>> + 'a {
+        scan_after(&self.inner.segments, namespace, after)
+    }
+
+    /// The change-log records after revision `after`, oldest first.
+    pub fn log_after(&self, after: u64) -> impl Iterator<Item = Result<LogRecord, StoreError>> + use<> {
+        self.inner
+            .changelog
+            .range(after.saturating_add(1).to_be_bytes()..)
+            .map(|kv| decode(&kv?.1))
+    }
+
+    /// The change-log records before revision `before`, newest first.
+    pub fn log_before(&self, before: u64) -> impl Iterator<Item = Result<LogRecord, StoreError>> + use<> {
+        self.inner.changelog.range(..before.to_be_bytes()).rev().map(|kv| decode(&kv?.1))
+    }
+
+    /// Commits one write in one transaction: checks that `record.revision`
+    /// is the head plus one, puts or deletes every object of its entries,
+    /// appends the record to the change log and moves the head. Not yet
+    /// durable: call [`Store::flush`] before acknowledging.
+    pub fn commit(&self, record: &LogRecord) -> Result<(), StoreError> {
+        let mut writes: Vec<(u8, Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(record.entries.len());
+        for entry in &record.entries {
+            let object = entry.after.as_ref().or(entry.before.as_ref());
+            let (tree, key, value) = match object.and_then(|o| o.kind.as_ref()) {
+                Some(pb::object::Kind::Namespace(ns)) => {
+                    (0, ns.key.as_bytes().to_vec(), after_bytes(&entry.after))
+                }
+                Some(pb::object::Kind::Flag(f)) => {
+                    (1, object_key(&f.namespace, &f.key), after_bytes(&entry.after))
+                }
+                Some(pb::object::Kind::Segment(s)) => {
+                    (2, object_key(&s.namespace, &s.key), after_bytes(&entry.after))
+                }
+                None => return Err(StoreError::Corrupt("log entry without an object".into())),
+            };
+            writes.push((tree, key, value));
+        }
+        let encoded = record.encode_to_vec();
+        let revision = record.revision;
+        let inner = &*self.inner;
+        let _guard = inner.commit_lock.write().unwrap_or_else(|e| e.into_inner());
+        let result = (&inner.namespaces, &inner.flags, &inner.segments, &inner.changelog, &inner.meta)
+            .transaction(|(namespaces, flags, segments, changelog, meta)| {
+                let head = read_u64(meta.get(HEAD)?).map_err(ConflictableTransactionError::Abort)?;
+                if head + 1 != revision {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Corrupt(format!(
+                        "revision {revision} does not follow head {head}"
+                    ))));
+                }
+                for (tree, key, value) in &writes {
+                    let tree = [namespaces, flags, segments][usize::from(*tree)];
+                    match value {
+                        Some(value) => tree.insert(key.as_slice(), value.as_slice())?,
+                        None => tree.remove(key.as_slice())?,
+                    };
+                }
+                changelog.insert(&revision.to_be_bytes()[..], encoded.as_slice())?;
+                meta.insert(HEAD, &revision.to_be_bytes()[..])?;
+                Ok(())
+            });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
+        }
+    }
+
+    /// Makes every commit so far durable (one fsync for all of them).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Removes change-log records so at most `retain` remain, recording the
+    /// highest removed revision. Returns how many were removed. Called by
+    /// the writer between batches, so it never races a commit.
+    pub fn compact(&self, retain: u64) -> Result<u64, StoreError> {
+        let head = self.head()?;
+        let compacted = self.compacted()?;
+        let keep_from = head.saturating_sub(retain) + 1;
+        if keep_from <= compacted + 1 {
+            return Ok(0);
+        }
+        let new_compacted = keep_from - 1;
+        // The watermark moves first: a crash half-way leaves some records
+        // below it, which readers never use and the next compaction removes.
+        self.inner.meta.insert(COMPACTED, &new_compacted.to_be_bytes()[..])?;
+        let mut removed = 0;
+        for kv in self.inner.changelog.range(..keep_from.to_be_bytes()) {
+            self.inner.changelog.remove(kv?.0)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Copies every object at one revision.
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let inner = &*self.inner;
+        let (revision, raw) = {
+            let _guard = inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
+            let revision = self.head()?;
+            // Copying `IVec`s is cheap (reference counts for large values);
+            // decoding happens after the lock is released.
+            let copy = |tree: &sled::Tree| tree.iter().values().collect::<Result<Vec<_>, _>>();
+            (revision, (copy(&inner.namespaces)?, copy(&inner.flags)?, copy(&inner.segments)?))
+        };
+        Ok(Snapshot {
+            revision,
+            namespaces: raw.0.iter().map(|v| decode(v)).collect::<Result<_, _>>()?,
+            flags: raw.1.iter().map(|v| decode(v)).collect::<Result<_, _>>()?,
+            segments: raw.2.iter().map(|v| decode(v)).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// The key of a flag or segment: namespace keys never contain 0x00.
+fn object_key(namespace: &str, key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(namespace.len() + 1 + key.len());
+    out.extend_from_slice(namespace.as_bytes());
+    out.push(0);
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+fn scan_after<T: Message + Default>(
+    tree: &sled::Tree,
+    namespace: &str,
+    after: &str,
+) -> impl Iterator<Item = Result<T, StoreError>> + use<T> {
+    let mut prefix = namespace.as_bytes().to_vec();
+    prefix.push(0);
+    let mut end = namespace.as_bytes().to_vec();
+    end.push(1);
+    let mut start = object_key(namespace, after);
+    if !after.is_empty() {
+        // Just past `after`: the smallest key greater than it.
+        start.push(0);
+    }
+    tree.range(start..end).map(|kv| decode(&kv?.1))
+}
+
+fn after_bytes(after: &Option<pb::Object>) -> Option<Vec<u8>> {
+    after.as_ref().and_then(|o| match &o.kind {
+        Some(pb::object::Kind::Namespace(ns)) => Some(ns.encode_to_vec()),
+        Some(pb::object::Kind::Flag(f)) => Some(f.encode_to_vec()),
+        Some(pb::object::Kind::Segment(s)) => Some(s.encode_to_vec()),
+        None => None,
+    })
+}
+
+fn decode<T: Message + Default>(bytes: &[u8]) -> Result<T, StoreError> {
+    T::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn read_u64(value: Option<sled::IVec>) -> Result<u64, StoreError> {
+    match value {
+        None => Ok(0),
+        Some(v) => {
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("bad counter".into()))?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+    }
+}

@@ -1,0 +1,561 @@
+//! The single writer: one task that turns write requests into change-log
+//! records, commits each in its own transaction and makes a whole batch
+//! durable with one flush before acknowledging any of it (group commit).
+//!
+//! Architecture Invariant: only this task commits, so a write validated
+//! against the store's current state is committed against that same state,
+//! and the next revision is simply the head plus one.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use flagstream::{model, pb};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::checks::{self, View};
+use crate::error::Error;
+use crate::feed::Feed;
+use crate::metrics::Metrics;
+use crate::store::{LogRecord, Store};
+
+/// What a write does.
+#[derive(Debug, Clone)]
+pub enum Op {
+    CreateNamespace(pb::Namespace),
+    DeleteNamespace { key: String },
+    CreateFlag(pb::Flag),
+    UpdateFlag { flag: pb::Flag, expected: u64 },
+    SetFlagEnabled { namespace: String, key: String, enabled: bool, expected: u64 },
+    DeleteFlag { namespace: String, key: String, expected: u64 },
+    CreateSegment(pb::Segment),
+    UpdateSegment { segment: pb::Segment, expected: u64 },
+    DeleteSegment { namespace: String, key: String, expected: u64 },
+    /// Replaces a namespace's contents (the objects' own namespace fields
+    /// are overridden); `path` prefixes error paths (`bundle` or
+    /// `unleash_json`).
+    Import { namespace: String, description: Option<String>, flags: Vec<model::Flag>, segments: Vec<model::Segment>, path: &'static str },
+}
+
+/// One write request as the service hands it to the writer.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    pub op: Op,
+    /// The token name, recorded as the actor.
+    pub actor: String,
+    pub comment: String,
+    /// Validate and report, but commit nothing.
+    pub validate_only: bool,
+}
+
+/// The result of a successful write.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The committed revision; 0 for `validate_only`.
+    pub revision: u64,
+    /// The object as stored (or as it would be); `None` for deletions and imports.
+    pub object: Option<pb::Object>,
+}
+
+/// The handle services use to submit writes. When every handle is dropped
+/// the writer finishes the queued writes, flushes and ends.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+}
+
+struct Job {
+    request: WriteRequest,
+    reply: oneshot::Sender<Result<Outcome, Error>>,
+}
+
+impl Writer {
+    /// Starts the writer task. It ends when every `Writer` clone is dropped
+    /// and the queue is drained.
+    pub fn spawn(store: Store, feed: Arc<Feed>, metrics: Arc<Metrics>, retention: u64) -> (Writer, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let task = tokio::spawn(run(store, feed, metrics, retention, rx));
+        (Writer { tx }, task)
+    }
+
+    /// Submits a write and waits until it is durable (or refused).
+    pub async fn write(&self, request: WriteRequest) -> Result<Outcome, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job { request, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+}
+
+/// A write committed (or refused) but not yet acknowledged: it waits for
+/// the next flush that starts after its commit.
+struct Pending {
+    reply: oneshot::Sender<Result<Outcome, Error>>,
+    result: Result<Outcome, Error>,
+    record: Option<LogRecord>,
+    started: Instant,
+}
+
+type Flush = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::store::StoreError>> + Send>>;
+
+/// The writer loop. Writes are committed as they arrive, even while a flush
+/// is running; a flush covers everything committed before it started, so
+/// each flush acknowledges the group of writes committed since the previous
+/// one (group commit, pipelined with the next group's commits).
+async fn run(store: Store, feed: Arc<Feed>, metrics: Arc<Metrics>, retention: u64, mut rx: mpsc::Receiver<Job>) {
+    // Committed, waiting for a flush to start.
+    let mut waiting: Vec<Pending> = Vec::new();
+    // The flush in progress and the writes it will make durable.
+    let mut flushing: Option<(Flush, Vec<Pending>)> = None;
+    let mut open = true;
+    let mut healthy = true;
+    loop {
+        if flushing.is_none() && !waiting.is_empty() {
+            let group = std::mem::take(&mut waiting);
+            if group.iter().any(|p| p.record.is_some()) {
+                let store = store.clone();
+                flushing = Some((Box::pin(async move { store.flush().await }), group));
+            } else {
+                // Only refusals and dry runs: nothing to make durable.
+                acknowledge(group, &feed, &metrics);
+            }
+            continue;
+        }
+        if !open && flushing.is_none() && waiting.is_empty() {
+            return;
+        }
+        tokio::select! {
+            job = rx.recv(), if open => match job {
+                Some(job) => {
+                    let started = Instant::now();
+                    let result = if healthy { apply(&store, &job.request) } else { Err(Error::ShuttingDown) };
+                    let (result, record) = match result {
+                        Ok((outcome, record)) => (Ok(outcome), record),
+                        Err(e) => (Err(e), None),
+                    };
+                    waiting.push(Pending { reply: job.reply, result, record, started });
+                }
+                None => open = false,
+            },
+            flushed = async { (&mut flushing.as_mut().expect("guarded by the condition").0).await }, if flushing.is_some() => {
+                let (_, group) = flushing.take().expect("guarded by the condition");
+                match flushed {
+                    Ok(()) => {
+                        let head = group.iter().filter_map(|p| p.record.as_ref()).map(|r| r.revision).max();
+                        acknowledge(group, &feed, &metrics);
+                        if let Some(head) = head {
+                            compact(&store, &feed, retention, head);
+                        }
+                    }
+                    Err(e) => {
+                        // The writes are committed in memory but not durable:
+                        // tell their writers, and refuse further writes, since
+                        // the store can no longer keep its promise.
+                        tracing::error!(error = %e, "flush failed; refusing further writes");
+                        healthy = false;
+                        for pending in group {
+                            let _ = pending.reply.send(Err(Error::Store(crate::store::StoreError::Corrupt(format!("flush failed: {e}")))));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a durable group to subscribers (in revision order) and answers
+/// its writers.
+fn acknowledge(group: Vec<Pending>, feed: &Feed, metrics: &Metrics) {
+    for pending in group {
+        if let Some(record) = &pending.record {
+            feed.publish(record);
+            metrics.head_revision.set(record.revision as i64);
+        }
+        metrics.write_latency.observe(pending.started.elapsed());
+        let _ = pending.reply.send(pending.result);
+    }
+}
+
+/// Compacts the change log when it holds more than `retention` revisions
+/// (with `retention / 16` of slack so removals come in batches). Runs in the
+/// writer between commits, so it never races one.
+fn compact(store: &Store, feed: &Feed, retention: u64, head: u64) {
+    if retention == 0 {
+        return;
+    }
+    let compacted = feed.compacted();
+    if head.saturating_sub(compacted) > retention + retention / 16 {
+        match store.compact(retention) {
+            Ok(_) => feed.set_compacted(store.compacted().unwrap_or(compacted)),
+            Err(e) => tracing::warn!(error = %e, "change-log compaction failed"),
+        }
+    }
+}
+
+/// Plans one write against the current state and commits it (unless
+/// validate-only). Returns the outcome and the committed record.
+fn apply(store: &Store, request: &WriteRequest) -> Result<(Outcome, Option<LogRecord>), Error> {
+    checks::comment(&request.comment)?;
+    let revision = store.head()? + 1;
+    let now = SystemTime::now();
+    let stamp_time = prost_types::Timestamp::from(now);
+    let mut plan = Plan { store, revision, actor: &request.actor, time: stamp_time, entries: Vec::new(), object: None, namespace: String::new() };
+    plan.build(&request.op)?;
+    if request.validate_only {
+        return Ok((Outcome { revision: 0, object: plan.object }, None));
+    }
+    let record = LogRecord {
+        revision,
+        time: Some(stamp_time),
+        actor: request.actor.clone(),
+        comment: request.comment.clone(),
+        operation: op_name(&request.op).to_string(),
+        namespace: plan.namespace,
+        entries: plan.entries,
+    };
+    store.commit(&record)?;
+    Ok((Outcome { revision, object: plan.object }, Some(record)))
+}
+
+/// The RPC name of an operation, recorded in the history.
+pub fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::CreateNamespace(_) => "CreateNamespace",
+        Op::DeleteNamespace { .. } => "DeleteNamespace",
+        Op::CreateFlag(_) => "CreateFlag",
+        Op::UpdateFlag { .. } => "UpdateFlag",
+        Op::SetFlagEnabled { .. } => "SetFlagEnabled",
+        Op::DeleteFlag { .. } => "DeleteFlag",
+        Op::CreateSegment(_) => "CreateSegment",
+        Op::UpdateSegment { .. } => "UpdateSegment",
+        Op::DeleteSegment { .. } => "DeleteSegment",
+        Op::Import { .. } => "ImportNamespace",
+    }
+}
+
+/// A write being planned: its change-log entries and the object to return.
+struct Plan<'a> {
+    store: &'a Store,
+    revision: u64,
+    actor: &'a str,
+    time: prost_types::Timestamp,
+    entries: Vec<pb::HistoryEntry>,
+    object: Option<pb::Object>,
+    namespace: String,
+}
+
+impl Plan<'_> {
+    fn build(&mut self, op: &Op) -> Result<(), Error> {
+        match op.clone() {
+            Op::CreateNamespace(ns) => {
+                let mut ns = pb::Namespace::from(checks::namespace(ns, "namespace")?);
+                if self.store.namespace(&ns.key)?.is_some() {
+                    return Err(Error::AlreadyExists(format!("namespace {:?} already exists", ns.key)));
+                }
+                ns.stamp = Some(self.stamp(None));
+                self.namespace = ns.key.clone();
+                self.put(None, Some(obj_ns(ns)), true);
+            }
+            Op::DeleteNamespace { key } => {
+                let ns = self.namespace_required(&key)?;
+                let flags: Vec<String> = self.store.flags_after(&key, "").map(|f| f.map(|f| f.key)).collect::<Result<_, _>>()?;
+                let segments: Vec<String> = self.store.segments_after(&key, "").map(|s| s.map(|s| s.key)).collect::<Result<_, _>>()?;
+                if !flags.is_empty() || !segments.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "namespace {key:?} is not empty: it holds flags [{}] and segments [{}]",
+                        list_names(&flags),
+                        list_names(&segments)
+                    )));
+                }
+                self.namespace = key;
+                self.put(Some(obj_ns(ns)), None, false);
+            }
+            Op::CreateFlag(flag) => {
+                let model = checks::flag_model(flag, "flag")?;
+                self.namespace_required(&model.namespace)?;
+                if self.store.flag(&model.namespace, &model.key)?.is_some() {
+                    return Err(Error::AlreadyExists(format!("flag {:?} already exists in namespace {:?}", model.key, model.namespace)));
+                }
+                let view = self.view_for(&model)?;
+                checks::flag(&model, &view, "flag")?;
+                self.store_flag(model, None)?;
+            }
+            Op::UpdateFlag { flag, expected } => {
+                let model = checks::flag_model(flag, "flag")?;
+                let stored = self.flag_required(&model.namespace, &model.key)?;
+                check_expected(&format!("flag {:?}", model.key), &stored.stamp, expected)?;
+                let stored_type = pb::FlagType::try_from(stored.r#type).unwrap_or(pb::FlagType::Unspecified);
+                if pb::FlagType::from(model.flag_type) != stored_type {
+                    return Err(Error::Invalid(format!(
+                        "flag.type: the type of a flag cannot change (it is {})",
+                        stored_type.as_str_name()
+                    )));
+                }
+                let view = self.view_for(&model)?;
+                checks::flag(&model, &view, "flag")?;
+                self.store_flag(model, Some(stored))?;
+            }
+            Op::SetFlagEnabled { namespace, key, enabled, expected } => {
+                let stored = self.flag_required(&namespace, &key)?;
+                check_expected(&format!("flag {key:?}"), &stored.stamp, expected)?;
+                let mut flag = stored.clone();
+                flag.enabled = enabled;
+                flag.stamp = Some(self.stamp(stored.stamp.as_ref()));
+                self.namespace = namespace;
+                self.put(Some(obj_flag(stored)), Some(obj_flag(flag)), true);
+            }
+            Op::DeleteFlag { namespace, key, expected } => {
+                let stored = self.flag_required(&namespace, &key)?;
+                check_expected(&format!("flag {key:?}"), &stored.stamp, expected)?;
+                let mut dependents = Vec::new();
+                for flag in self.store.flags_after(&namespace, "") {
+                    let flag = flag?;
+                    if flag.prerequisites.iter().any(|p| p.flag == key) {
+                        dependents.push(flag.key);
+                    }
+                }
+                if !dependents.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "flag {key:?} is a prerequisite of flags [{}]",
+                        list_names(&dependents)
+                    )));
+                }
+                self.namespace = namespace;
+                self.put(Some(obj_flag(stored)), None, false);
+            }
+            Op::CreateSegment(segment) => {
+                let model = checks::segment(segment, "segment")?;
+                self.namespace_required(&model.namespace)?;
+                if self.store.segment(&model.namespace, &model.key)?.is_some() {
+                    return Err(Error::AlreadyExists(format!("segment {:?} already exists in namespace {:?}", model.key, model.namespace)));
+                }
+                self.store_segment(model, None);
+            }
+            Op::UpdateSegment { segment, expected } => {
+                let model = checks::segment(segment, "segment")?;
+                let stored = self.store.segment(&model.namespace, &model.key)?.ok_or_else(|| {
+                    Error::NotFound(format!("segment {:?} not found in namespace {:?}", model.key, model.namespace))
+                })?;
+                check_expected(&format!("segment {:?}", model.key), &stored.stamp, expected)?;
+                self.store_segment(model, Some(stored));
+            }
+            Op::DeleteSegment { namespace, key, expected } => {
+                let stored = self
+                    .store
+                    .segment(&namespace, &key)?
+                    .ok_or_else(|| Error::NotFound(format!("segment {key:?} not found in namespace {namespace:?}")))?;
+                check_expected(&format!("segment {key:?}"), &stored.stamp, expected)?;
+                let mut users = Vec::new();
+                for flag in self.store.flags_after(&namespace, "") {
+                    let flag = flag?;
+                    if flag.rules.iter().any(|r| r.segments.contains(&key)) {
+                        users.push(flag.key);
+                    }
+                }
+                if !users.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "segment {key:?} is used by flags [{}]",
+                        list_names(&users)
+                    )));
+                }
+                self.namespace = namespace;
+                self.put(Some(obj_segment(stored)), None, false);
+            }
+            Op::Import { namespace, description, flags, segments, path } => {
+                self.import(namespace, description, flags, segments, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn import(&mut self, namespace: String, description: Option<String>, flags: Vec<model::Flag>, segments: Vec<model::Segment>, path: &str) -> Result<(), Error> {
+        let existing = self.store.namespace(&namespace)?;
+        let ns_model = checks::namespace(
+            pb::Namespace { key: namespace.clone(), description: description.clone().unwrap_or_else(|| existing.as_ref().map(|n| n.description.clone()).unwrap_or_default()), stamp: None },
+            "namespace",
+        )?;
+        self.namespace = namespace.clone();
+        let mut view = View::default();
+        let mut new_segments = Vec::with_capacity(segments.len());
+        for (i, mut model) in segments.into_iter().enumerate() {
+            model.namespace = namespace.clone();
+            let prefix = element(path, "segments", i, &model.key);
+            checks::segment_valid(&model, &prefix)?;
+            if !view.segments.insert(model.key.clone()) {
+                return Err(Error::Invalid(format!("{prefix}.key: segment {:?} appears twice", model.key)));
+            }
+            new_segments.push(model);
+        }
+        let mut new_flags = Vec::with_capacity(flags.len());
+        for (i, mut model) in flags.into_iter().enumerate() {
+            model.namespace = namespace.clone();
+            let prefix = element(path, "flags", i, &model.key);
+            if view.flags.insert(model.key.clone(), model.clone()).is_some() {
+                return Err(Error::Invalid(format!("{prefix}.key: flag {:?} appears twice", model.key)));
+            }
+            new_flags.push((prefix, model));
+        }
+        for (prefix, model) in &new_flags {
+            checks::flag(model, &view, prefix)?;
+        }
+
+        // The namespace itself: created when missing, description replaced
+        // when the import carries one.
+        match existing {
+            None => {
+                let mut ns = pb::Namespace::from(ns_model);
+                ns.stamp = Some(self.stamp(None));
+                self.put(None, Some(obj_ns(ns)), false);
+            }
+            Some(old) if old.description != ns_model.description => {
+                let mut ns = pb::Namespace::from(ns_model);
+                ns.stamp = Some(self.stamp(old.stamp.as_ref()));
+                self.put(Some(obj_ns(old)), Some(obj_ns(ns)), false);
+            }
+            Some(_) => {}
+        }
+        let mut old_flags: HashMap<String, pb::Flag> = HashMap::new();
+        for flag in self.store.flags_after(&namespace, "") {
+            let flag = flag?;
+            old_flags.insert(flag.key.clone(), flag);
+        }
+        let mut old_segments: HashMap<String, pb::Segment> = HashMap::new();
+        for segment in self.store.segments_after(&namespace, "") {
+            let segment = segment?;
+            old_segments.insert(segment.key.clone(), segment);
+        }
+        for model in new_segments {
+            let old = old_segments.remove(&model.key);
+            self.store_segment(model, old);
+        }
+        for (_, model) in new_flags {
+            let old = old_flags.remove(&model.key);
+            self.store_flag(model, old)?;
+        }
+        // Deletions last, sorted, so the record reads in a stable order.
+        let mut gone: Vec<_> = old_flags.into_values().collect();
+        gone.sort_by(|a, b| a.key.cmp(&b.key));
+        for flag in gone {
+            self.put(Some(obj_flag(flag)), None, false);
+        }
+        let mut gone: Vec<_> = old_segments.into_values().collect();
+        gone.sort_by(|a, b| a.key.cmp(&b.key));
+        for segment in gone {
+            self.put(Some(obj_segment(segment)), None, false);
+        }
+        self.object = None;
+        Ok(())
+    }
+
+    fn stamp(&self, old: Option<&pb::Stamp>) -> pb::Stamp {
+        pb::Stamp {
+            created_revision: old.map_or(self.revision, |s| s.created_revision),
+            updated_revision: self.revision,
+            updated_at: Some(self.time),
+            updated_by: self.actor.to_string(),
+        }
+    }
+
+    fn store_flag(&mut self, model: model::Flag, old: Option<pb::Flag>) -> Result<(), Error> {
+        let mut flag = pb::Flag::from(model);
+        flag.stamp = Some(self.stamp(old.as_ref().and_then(|f| f.stamp.as_ref())));
+        self.namespace = flag.namespace.clone();
+        self.put(old.map(obj_flag), Some(obj_flag(flag)), true);
+        Ok(())
+    }
+
+    fn store_segment(&mut self, model: model::Segment, old: Option<pb::Segment>) {
+        let mut segment = pb::Segment::from(model);
+        segment.stamp = Some(self.stamp(old.as_ref().and_then(|s| s.stamp.as_ref())));
+        self.namespace = segment.namespace.clone();
+        self.put(old.map(obj_segment), Some(obj_segment(segment)), true);
+    }
+
+    /// Adds a history entry; `returned` makes `after` the object the RPC returns.
+    fn put(&mut self, before: Option<pb::Object>, after: Option<pb::Object>, returned: bool) {
+        let (kind, key) = match before.as_ref().or(after.as_ref()).and_then(|o| o.kind.as_ref()) {
+            Some(pb::object::Kind::Namespace(n)) => (pb::ObjectKind::Namespace, n.key.clone()),
+            Some(pb::object::Kind::Flag(f)) => (pb::ObjectKind::Flag, f.key.clone()),
+            Some(pb::object::Kind::Segment(s)) => (pb::ObjectKind::Segment, s.key.clone()),
+            None => (pb::ObjectKind::Unspecified, String::new()),
+        };
+        if returned {
+            self.object = after.clone();
+        }
+        self.entries.push(pb::HistoryEntry { kind: kind as i32, key, before, after, ..Default::default() });
+    }
+
+    fn namespace_required(&self, key: &str) -> Result<pb::Namespace, Error> {
+        self.store.namespace(key)?.ok_or_else(|| Error::NotFound(format!("namespace {key:?} not found")))
+    }
+
+    fn flag_required(&self, namespace: &str, key: &str) -> Result<pb::Flag, Error> {
+        self.store
+            .flag(namespace, key)?
+            .ok_or_else(|| Error::NotFound(format!("flag {key:?} not found in namespace {namespace:?}")))
+    }
+
+    /// The view a flag is validated against: its transitive prerequisites
+    /// (read from the store, with the new version of the flag itself) and the
+    /// segments its rules name that exist.
+    fn view_for(&self, flag: &model::Flag) -> Result<View, Error> {
+        let mut view = View::default();
+        view.flags.insert(flag.key.clone(), flag.clone());
+        let mut pending: Vec<String> = flag.prerequisites.iter().map(|p| p.flag.clone()).collect();
+        let mut seen = BTreeSet::new();
+        while let Some(key) = pending.pop() {
+            if !seen.insert(key.clone()) || view.flags.contains_key(&key) {
+                continue;
+            }
+            if let Some(stored) = self.store.flag(&flag.namespace, &key)? {
+                // Stored flags passed validation when written.
+                let model = model::Flag::try_from(stored)
+                    .map_err(|e| Error::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
+                pending.extend(model.prerequisites.iter().map(|p| p.flag.clone()));
+                view.flags.insert(key, model);
+            }
+        }
+        for rule in &flag.rules {
+            for segment in &rule.segments {
+                if self.store.segment(&flag.namespace, segment)?.is_some() {
+                    view.segments.insert(segment.clone());
+                }
+            }
+        }
+        Ok(view)
+    }
+}
+
+fn check_expected(what: &str, stamp: &Option<pb::Stamp>, expected: u64) -> Result<(), Error> {
+    let current = stamp.as_ref().map_or(0, |s| s.updated_revision);
+    if expected != 0 && expected != current {
+        return Err(Error::Conflict { what: what.to_string(), current, expected });
+    }
+    Ok(())
+}
+
+/// The error path of an imported object: by index in our bundle format, by
+/// key for Unleash JSON (whose features the admin knows by name).
+fn element(path: &str, field: &str, index: usize, key: &str) -> String {
+    if path == "unleash_json" { format!("{path}.{field}[{key:?}]") } else { format!("{path}.{field}[{index}]") }
+}
+
+/// Names up to five keys, then how many more.
+fn list_names(names: &[String]) -> String {
+    let mut out: Vec<String> = names.iter().take(5).map(|n| format!("{n:?}")).collect();
+    if names.len() > 5 {
+        out.push(format!("and {} more", names.len() - 5));
+    }
+    out.join(", ")
+}
+
+fn obj_ns(ns: pb::Namespace) -> pb::Object {
+    pb::Object { kind: Some(pb::object::Kind::Namespace(ns)) }
+}
+
+fn obj_flag(flag: pb::Flag) -> pb::Object {
+    pb::Object { kind: Some(pb::object::Kind::Flag(flag)) }
+}
+
+fn obj_segment(segment: pb::Segment) -> pb::Object {
+    pb::Object { kind: Some(pb::object::Kind::Segment(segment)) }
+}

@@ -1,0 +1,255 @@
+//! The Replication stream against a real server on 127.0.0.1:0: from 0
+//! (snapshot), from the middle, from a compacted revision, live, namespace
+//! filtering, heartbeats, and a stalled subscriber that must not delay writes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use flagstream::pb;
+use flagstream::pb::sync_message::Kind;
+use tonic::Streaming;
+
+/// The next message that is not a heartbeat.
+async fn next(stream: &mut Streaming<pb::SyncMessage>) -> Kind {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("no message within 10 s")
+            .expect("stream failed")
+            .expect("stream ended");
+        match message.kind.expect("empty message") {
+            Kind::Heartbeat(_) => continue,
+            kind => return kind,
+        }
+    }
+}
+
+/// Reads a whole snapshot; returns its revision and flag keys.
+async fn snapshot(stream: &mut Streaming<pb::SyncMessage>) -> (u64, Vec<String>) {
+    let Kind::SnapshotBegin(begin) = next(stream).await else { panic!("expected SnapshotBegin") };
+    let mut flags = Vec::new();
+    loop {
+        match next(stream).await {
+            Kind::SnapshotChunk(chunk) => flags.extend(chunk.flags.into_iter().map(|f| format!("{}/{}", f.namespace, f.key))),
+            Kind::SnapshotEnd(end) => {
+                assert_eq!(end.revision, begin.revision);
+                return (end.revision, flags);
+            }
+            other => panic!("unexpected {other:?} inside a snapshot"),
+        }
+    }
+}
+
+/// Reads changes; returns their revisions and the number of deltas each had.
+async fn changes(stream: &mut Streaming<pb::SyncMessage>, count: usize) -> Vec<(u64, usize)> {
+    let mut out = Vec::new();
+    for _ in 0..count {
+        match next(stream).await {
+            Kind::Change(change) => out.push((change.revision, change.deltas.len())),
+            other => panic!("expected a Change, got {other:?}"),
+        }
+    }
+    out
+}
+
+async fn subscribe(server: &Server, from: u64, namespaces: &[&str]) -> Streaming<pb::SyncMessage> {
+    let mut sync = server.sync(Some(SYNC)).await;
+    sync.subscribe(pb::SubscribeRequest { from_revision: from, namespaces: namespaces.iter().map(|s| s.to_string()).collect() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Creates namespace `prod` (revision 1) and `n` flags (revisions 2..=n+1).
+async fn populate(server: &Server, n: usize) -> Admin {
+    let mut admin = server.admin(Some(ADMIN)).await;
+    create_namespace(&mut admin, "prod").await;
+    for i in 0..n {
+        create_flag(&mut admin, flag("prod", &format!("f{i:03}"))).await;
+    }
+    admin
+}
+
+#[tokio::test]
+async fn from_zero_snapshot_then_live() {
+    let server = Server::start().await;
+    let mut admin = populate(&server, 5).await;
+    let mut stream = subscribe(&server, 0, &[]).await;
+    let (revision, flags) = snapshot(&mut stream).await;
+    assert_eq!(revision, 6);
+    assert_eq!(flags.len(), 5);
+    create_flag(&mut admin, flag("prod", "live")).await;
+    assert_eq!(changes(&mut stream, 1).await, [(7, 1)]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn from_the_middle_gets_the_rest_of_the_log() {
+    let server = Server::start().await;
+    let mut admin = populate(&server, 5).await;
+    let mut stream = subscribe(&server, 3, &[]).await;
+    assert_eq!(changes(&mut stream, 3).await, [(4, 1), (5, 1), (6, 1)]);
+    admin
+        .set_flag_enabled(pb::SetFlagEnabledRequest { namespace: "prod".into(), key: "f000".into(), enabled: false, ..Default::default() })
+        .await
+        .unwrap();
+    let Kind::Change(change) = next(&mut stream).await else { panic!("expected a change") };
+    assert_eq!(change.revision, 7);
+    let Some(pb::delta::Kind::PutFlag(flag)) = &change.deltas[0].kind else { panic!("expected a put") };
+    assert!(!flag.enabled);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn from_a_compacted_revision_gets_a_snapshot() {
+    let server = Server::start_with(|c| c.changelog_retention = 4).await;
+    let mut admin = populate(&server, 20).await;
+    // The writer compacts between batches; one more write makes sure it ran.
+    create_flag(&mut admin, flag("prod", "last")).await;
+    let mut stream = subscribe(&server, 2, &[]).await;
+    let (revision, flags) = snapshot(&mut stream).await;
+    assert_eq!((revision, flags.len()), (22, 21));
+    // History only lists what the log retains.
+    let history = admin.list_history(pb::ListHistoryRequest { namespace: "prod".into(), page_size: 1000, ..Default::default() }).await.unwrap().into_inner();
+    assert!(history.entries.len() < 10, "{} entries retained", history.entries.len());
+    // A replica right at the retained window still gets changes only.
+    let oldest = history.entries.last().unwrap().revision;
+    let mut stream = subscribe(&server, oldest, &[]).await;
+    let got = changes(&mut stream, (22 - oldest) as usize).await;
+    assert_eq!(got.first().unwrap().0, oldest + 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn other_namespaces_arrive_as_empty_changes() {
+    let server = Server::start().await;
+    let mut admin = populate(&server, 1).await;
+    create_namespace(&mut admin, "dev").await;
+    create_flag(&mut admin, flag("dev", "x")).await;
+    let mut stream = subscribe(&server, 0, &["dev"]).await;
+    let (revision, flags) = snapshot(&mut stream).await;
+    assert_eq!((revision, flags), (4, vec!["dev/x".to_string()]));
+    create_flag(&mut admin, flag("prod", "p")).await;
+    create_flag(&mut admin, flag("dev", "d")).await;
+    assert_eq!(changes(&mut stream, 2).await, [(5, 0), (6, 1)]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeats_carry_the_head() {
+    let server = Server::start().await;
+    let _admin = populate(&server, 2).await;
+    let mut stream = subscribe(&server, 3, &[]).await;
+    let message = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+    let Some(Kind::Heartbeat(beat)) = message.kind else { panic!("expected a heartbeat, got {message:?}") };
+    assert_eq!(beat.head_revision, 3);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_does_not_delay_writes() {
+    // A small in-memory feed, so the stalled subscriber must catch up from
+    // the change log on disk.
+    let server = Server::start_with(|c| c.feed_capacity = 64).await;
+    let mut admin = populate(&server, 1).await;
+    // This subscriber never reads: its channel and the HTTP/2 window fill up.
+    let mut stalled = subscribe(&server, 0, &[]).await;
+    let mut live = subscribe(&server, 2, &[]).await;
+    let n = 3000u64;
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let mut admin = admin.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..n / 8 {
+                admin
+                    .set_flag_enabled(pb::SetFlagEnabledRequest { namespace: "prod".into(), key: "f000".into(), enabled: (w + i) % 2 == 0, ..Default::default() })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    // The live subscriber keeps up while the stalled one is stuck.
+    let got = changes(&mut live, n as usize).await;
+    assert!(got.windows(2).all(|w| w[1].0 == w[0].0 + 1), "gap in the live stream");
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(20), "{n} writes took {elapsed:?}");
+    // The stalled subscriber then catches up, gap-free, from the log.
+    let (revision, _) = snapshot(&mut stalled).await;
+    let rest = changes(&mut stalled, (n + 2 - revision) as usize).await;
+    let revisions: Vec<u64> = rest.iter().map(|c| c.0).collect();
+    assert_eq!(revisions, ((revision + 1)..=n + 2).collect::<Vec<_>>());
+    let head = admin.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap().into_inner().revision;
+    assert_eq!(head, n + 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn large_snapshots_come_in_chunks_of_about_one_mib() {
+    let server = Server::start().await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    create_namespace(&mut admin, "prod").await;
+    // 600 flags of about 4 KiB each: about 2.4 MiB in all.
+    for i in 0..600 {
+        let mut f = flag("prod", &format!("big{i:03}"));
+        f.description = "x".repeat(4000);
+        create_flag(&mut admin, f).await;
+    }
+    let mut stream = subscribe(&server, 0, &[]).await;
+    let Kind::SnapshotBegin(begin) = next(&mut stream).await else { panic!("expected SnapshotBegin") };
+    assert_eq!(begin.revision, 601);
+    let mut sizes = Vec::new();
+    let mut flags = 0;
+    loop {
+        match next(&mut stream).await {
+            Kind::SnapshotChunk(chunk) => {
+                sizes.push(prost::Message::encoded_len(&chunk));
+                flags += chunk.flags.len();
+            }
+            Kind::SnapshotEnd(end) => {
+                assert_eq!(end.revision, 601);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(flags, 600);
+    assert!(sizes.len() >= 3, "chunk sizes {sizes:?}");
+    assert!(sizes.iter().all(|s| *s <= 1024 * 1024 + 8 * 1024), "chunk sizes {sizes:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_endpoint_reports_writes_head_and_subscribers() {
+    let port = common::process::free_port();
+    let server = Server::start_with(|c| c.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap())).await;
+    let mut admin = populate(&server, 2).await;
+    let _ = admin.create_flag(pb::CreateFlagRequest { flag: Some(flag("prod", "f000")), options: None }).await.unwrap_err();
+    let mut stream = subscribe(&server, 3, &[]).await;
+    let _ = stream.message().await;
+    let scrape = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        socket.read_to_string(&mut body).await.unwrap();
+        body
+    };
+    let body = scrape.await;
+    for line in [
+        "HTTP/1.1 200 OK",
+        "flagwrite_writes_total{rpc=\"CreateFlag\",outcome=\"ok\"} 2",
+        "flagwrite_writes_total{rpc=\"CreateFlag\",outcome=\"already_exists\"} 1",
+        "flagwrite_head_revision 3",
+        "flagwrite_subscribers 1",
+        "flagwrite_write_duration_seconds_count 4",
+    ] {
+        assert!(body.lines().any(|l| l.trim_end() == line), "missing {line:?} in\n{body}");
+    }
+    server.stop().await;
+}
