@@ -653,3 +653,28 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     socket.read_to_string(&mut text).await.unwrap();
     text
 }
+
+#[tokio::test]
+async fn shutdown_ends_min_revision_waits_at_once() {
+    let mut fake = FakeUpstream::start().await;
+    let config = Config::local(fake.url.clone());
+    let (replica, _sub) = serving(&mut fake, config).await;
+    let mut waiting = replica.client().await;
+    let pending = tokio::spawn(async move {
+        let mut request = tonic::Request::new(pb::EvaluateRequest {
+            min_revision: 99,
+            ..evaluate("prod", "a")
+        });
+        request.set_timeout(Duration::from_secs(20));
+        let started = std::time::Instant::now();
+        (waiting.evaluate(request).await, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    replica.stop().await;
+    let (result, waited) = pending.await.unwrap();
+    assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+    assert!(
+        waited < Duration::from_secs(2),
+        "the wait ended with the shutdown, not the deadline: {waited:?}"
+    );
+}

@@ -1,0 +1,321 @@
+//! Load test of the read path, in one run: a bare tonic unary echo server,
+//! flagread `Evaluate` on a flag with constraints and a rollout, and
+//! `EvaluateAll` over 350 flags, each driven by h2load with a pre-encoded gRPC
+//! frame; then the latency of each at 70% of its maximum rate.
+//!
+//! Run it with `scripts/bench-read.sh` (which installs h2load and builds the
+//! binaries) or `cargo bench -p flagread --bench read_load` once both are there.
+//! Servers and h2load share the machine's cores, as on a developer laptop.
+//!
+//! Knobs (environment): `BENCH_SECONDS` (measured seconds per run, default 8),
+//! `BENCH_ROUNDS` (runs per target, default 2), `BENCH_CLIENTS` (connections,
+//! default 16), `BENCH_STREAMS` (streams in flight per connection, default 16),
+//! `BENCH_FLAGS` (flags in the EvaluateAll namespace, default 350),
+//! `BENCH_LATENCY_ROUNDS` (paced runs per target, default `BENCH_ROUNDS`),
+//! `BENCH_ONLY` (one of `echo`, `Evaluate`, `EvaluateAll`: measure only it).
+
+mod support;
+
+use std::time::Duration;
+
+use flagstream::pb;
+use prost::Message;
+use support::fixtures::{self, CONSTRAINED_FLAG, NAMESPACE};
+use support::grpc_raw::{self, ECHO_PATH, EchoMessage};
+use support::h2load::{self, Load};
+use support::proc::{self, Proc, RunDir};
+use support::stats::{median, percentile, runs};
+
+/// One thing h2load is pointed at.
+struct Target {
+    name: &'static str,
+    addr: String,
+    path: &'static str,
+    /// The request body, protobuf-encoded.
+    body: Vec<u8>,
+    /// Whether the server wants the eval token.
+    authorized: bool,
+    /// Length of the (constant) response body, learnt by the check call.
+    response_len: usize,
+    /// The server process, for its CPU time.
+    pid: u32,
+    /// Requests/s of each throughput run.
+    max_rps: Vec<f64>,
+    /// Server CPU microseconds per request of each throughput run.
+    cpu_us: Vec<f64>,
+    /// p50 and p99 (ms) of each paced run, and the rate it ran at.
+    paced: Vec<(f64, f64, f64, f64)>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|arg| arg == "--echo-server") {
+        let addr = args.get(at + 1).and_then(|a| a.parse().ok()).expect("--echo-server <addr>");
+        grpc_raw::serve_echo(addr);
+        return;
+    }
+    proc::watchdog(Duration::from_secs(15 * 60));
+    h2load::require();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let seconds: u32 = support::env_or("BENCH_SECONDS", 8);
+    let rounds: usize = support::env_or("BENCH_ROUNDS", 2);
+    let clients: u32 = support::env_or("BENCH_CLIENTS", 16);
+    let streams: u32 = support::env_or("BENCH_STREAMS", 16);
+    let flag_count: usize = support::env_or("BENCH_FLAGS", 350);
+    let latency_rounds: usize = support::env_or("BENCH_LATENCY_ROUNDS", rounds);
+    let dir = RunDir::new("read");
+    let tokens = support::write_tokens(dir.path());
+
+    let writer = support::start_writer(dir.path(), &tokens).await;
+    let mut admin = support::admin_client(support::connect(&writer.addr, Duration::from_secs(5)).await);
+    let revision = fixtures::import(&mut admin, NAMESPACE, fixtures::mixed_namespace(NAMESPACE, flag_count)).await;
+    let mut replica = support::spawn_replica(dir.path(), &tokens, &writer.addr, "flagread");
+    support::wait_serving(&replica.addr, Duration::from_secs(30), Duration::from_millis(10)).await;
+    replica.proc.assert_alive();
+
+    let echo_addr = format!("127.0.0.1:{}", proc::free_port());
+    let mut echo_command = std::process::Command::new(std::env::current_exe().expect("the benchmark knows its path"));
+    echo_command.arg("--echo-server").arg(&echo_addr);
+    let echo_proc = Proc::spawn("echo", echo_command, dir.path());
+    support::connect(&echo_addr, Duration::from_secs(10)).await;
+
+    let context = rollout_context(&replica.addr, revision).await;
+    let evaluate = pb::EvaluateRequest {
+        namespace: NAMESPACE.to_string(),
+        flag_key: CONSTRAINED_FLAG.to_string(),
+        context: Some(context.clone()),
+        expected_type: 0,
+        min_revision: 0,
+    }
+    .encode_to_vec();
+    let evaluate_all =
+        pb::EvaluateAllRequest { namespace: NAMESPACE.to_string(), context: Some(context), min_revision: 0 }.encode_to_vec();
+    // The echo request carries as many bytes as the Evaluate request, so both
+    // servers decode and encode messages of about the same size.
+    let echo = EchoMessage { payload: evaluate.clone() }.encode_to_vec();
+    let mut targets = vec![
+        target("echo", &echo_addr, echo_proc.pid(), ECHO_PATH, echo, false),
+        target("Evaluate", &replica.addr, replica.proc.pid(), "/flagstream.v1.FlagEval/Evaluate", evaluate, true),
+        target("EvaluateAll", &replica.addr, replica.proc.pid(), "/flagstream.v1.FlagEval/EvaluateAll", evaluate_all, true),
+    ];
+    // `BENCH_ONLY=EvaluateAll` (say) measures one target, e.g. under a profiler.
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        targets.retain(|target| target.name == only);
+        assert!(!targets.is_empty(), "BENCH_ONLY={only:?} names none of echo, Evaluate, EvaluateAll");
+    }
+    for target in &mut targets {
+        let body = check_call(target).await;
+        check_answer(target, &body, flag_count);
+        target.response_len = body.len();
+    }
+
+    println!("machine: {}", support::machine_line());
+    println!(
+        "h2load: 1 thread, {clients} connections x {streams} streams, {seconds} s measured after a 1 s warm-up run, {rounds} rounds; servers and h2load share the cores"
+    );
+    for round in 0..rounds {
+        for target in &mut targets {
+            let frame = write_frame(dir.path(), target);
+            load(target, &frame, clients, streams, 1, None, None).run(dir.path(), "h2load").check(target.name, target.response_len);
+            let cpu_before = support::cpu_seconds(target.pid);
+            let outcome = load(target, &frame, clients, streams, seconds, None, None).run(dir.path(), "h2load");
+            let cpu = support::cpu_seconds(target.pid) - cpu_before;
+            outcome.check(target.name, target.response_len);
+            let cpu_us = cpu * 1e6 / outcome.done as f64;
+            println!(
+                "round {}: {:<12} {:>10.0} req/s, server CPU {cpu_us:.1} us/request ({:.2} cores)",
+                round + 1,
+                target.name,
+                outcome.req_per_s,
+                cpu / f64::from(seconds)
+            );
+            target.max_rps.push(outcome.req_per_s);
+            target.cpu_us.push(cpu_us);
+        }
+        replica.proc.assert_alive();
+    }
+    for round in 0..latency_rounds {
+        for target in &mut targets {
+            let frame = write_frame(dir.path(), target);
+            let rate = 0.7 * median(&target.max_rps);
+            let per_client = ((rate / f64::from(clients)).round() as u32).max(1);
+            let log = dir.path().join("latency.log");
+            let _ = std::fs::remove_file(&log);
+            let outcome =
+                load(target, &frame, clients, streams, seconds, Some(per_client), Some(log.clone())).run(dir.path(), "h2load");
+            outcome.check(target.name, target.response_len);
+            let mut latencies = h2load::latencies_ms(&log);
+            let p50 = percentile(&mut latencies, 50.0);
+            let p99 = percentile(&mut latencies, 99.0);
+            println!(
+                "round {}: {:<12} at {:>7} req/s offered ({:.0} achieved): p50 {p50:.3} ms, p99 {p99:.3} ms over {} requests",
+                round + 1,
+                target.name,
+                per_client * clients,
+                outcome.req_per_s,
+                latencies.len()
+            );
+            target.paced.push((f64::from(per_client * clients), outcome.req_per_s, p50, p99));
+        }
+        replica.proc.assert_alive();
+    }
+    report(&targets, flag_count);
+    drop(writer);
+}
+
+fn target(name: &'static str, addr: &str, pid: u32, path: &'static str, body: Vec<u8>, authorized: bool) -> Target {
+    Target {
+        name,
+        addr: addr.to_string(),
+        pid,
+        cpu_us: Vec::new(),
+        path,
+        body,
+        authorized,
+        response_len: 0,
+        max_rps: Vec::new(),
+        paced: Vec::new(),
+    }
+}
+
+fn load<'a>(
+    target: &Target,
+    frame: &'a std::path::Path,
+    clients: u32,
+    streams: u32,
+    seconds: u32,
+    rps_per_client: Option<u32>,
+    log_file: Option<std::path::PathBuf>,
+) -> Load<'a> {
+    let mut headers = Vec::new();
+    if target.authorized {
+        headers.push(format!("authorization: Bearer {}", support::EVAL_SECRET));
+    }
+    Load {
+        url: format!("http://{}{}", target.addr, target.path),
+        frame,
+        headers,
+        clients,
+        streams,
+        seconds,
+        rps_per_client,
+        log_file,
+    }
+}
+
+fn write_frame(dir: &std::path::Path, target: &Target) -> std::path::PathBuf {
+    let path = dir.join(format!("{}.frame", target.name));
+    std::fs::write(&path, grpc_raw::frame(&target.body)).expect("the run directory is writable");
+    path
+}
+
+/// Sends the target's request once through a gRPC client that checks
+/// grpc-status, and returns the response body's length (h2load's byte count
+/// is checked against it after every run).
+async fn check_call(target: &Target) -> Vec<u8> {
+    let channel = support::connect(&target.addr, Duration::from_secs(5)).await;
+    let secret = target.authorized.then_some(support::EVAL_SECRET);
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let body = grpc_raw::call_raw(channel.clone(), target.path, target.body.clone(), secret)
+            .await
+            .unwrap_or_else(|status| panic!("{} answered {status}", target.name));
+        bodies.push(body);
+    }
+    let lengths: Vec<usize> = bodies.iter().map(Vec::len).collect();
+    assert!(lengths.windows(2).all(|w| w[0] == w[1]), "{}: response sizes vary: {lengths:?}", target.name);
+    bodies.swap_remove(0)
+}
+
+/// Decodes a real answer and checks it is what the benchmark claims to
+/// measure: the echo returns its input, the constrained flag is served by its
+/// split, and every flag of the namespace is evaluated without error.
+fn check_answer(target: &Target, body: &[u8], flag_count: usize) {
+    match target.name {
+        "echo" => assert_eq!(body, target.body.as_slice(), "the echo server changed the message"),
+        "Evaluate" => {
+            let answer = pb::EvaluateResponse::decode(body).expect("an EvaluateResponse");
+            assert_eq!(answer.reason, pb::Reason::Split as i32, "Evaluate answered {answer:?}");
+        }
+        _ => {
+            let answer = pb::EvaluateBatchResponse::decode(body).expect("an EvaluateBatchResponse");
+            assert_eq!(answer.results.len(), flag_count, "EvaluateAll answered {} results", answer.results.len());
+            let failed: Vec<&pb::EvaluateResponse> =
+                answer.results.iter().filter(|r| r.reason == pb::Reason::Error as i32).collect();
+            assert!(failed.is_empty(), "EvaluateAll had errors: {failed:?}");
+        }
+    }
+}
+
+/// Finds a user inside the constrained flag's 50% rollout, so every measured
+/// `Evaluate` goes through the constraints, the rollout hash and the split.
+async fn rollout_context(addr: &str, revision: u64) -> pb::Context {
+    let mut client = support::eval_client(support::connect(addr, Duration::from_secs(5)).await);
+    for index in 0..100 {
+        let mut context = fixtures::context();
+        context.user_id = format!("user-{index}");
+        context.targeting_key = context.user_id.clone();
+        let answer = client
+            .evaluate(pb::EvaluateRequest {
+                namespace: NAMESPACE.to_string(),
+                flag_key: CONSTRAINED_FLAG.to_string(),
+                context: Some(context.clone()),
+                expected_type: 0,
+                min_revision: revision,
+            })
+            .await
+            .unwrap_or_else(|status| panic!("Evaluate failed: {status}"))
+            .into_inner();
+        if answer.reason == pb::Reason::Split as i32 {
+            return context;
+        }
+    }
+    panic!("no user of 100 fell inside the 50% rollout of {CONSTRAINED_FLAG}: the rule does not match the context");
+}
+
+fn report(targets: &[Target], flag_count: usize) {
+    if targets.len() < 3 {
+        return;
+    }
+    let echo = median(&targets[0].max_rps);
+    println!();
+    println!(
+        "| load ({}) | req/s (median) | runs | vs echo | server CPU per request | p50 / p99 at 70% of max |",
+        support::machine_line()
+    );
+    println!("|---|---:|---|---:|---:|---|");
+    for target in targets {
+        let max = median(&target.max_rps);
+        let p50: Vec<f64> = target.paced.iter().map(|p| p.2).collect();
+        let p99: Vec<f64> = target.paced.iter().map(|p| p.3).collect();
+        let name = if target.name == "EvaluateAll" { format!("EvaluateAll ({flag_count} flags)") } else { target.name.to_string() };
+        println!(
+            "| {name} | {max:.0} | {} | {:.0}% | {:.1} us | {:.2} ms / {:.2} ms (runs: {}) |",
+            runs(&target.max_rps, 0),
+            100.0 * max / echo,
+            median(&target.cpu_us),
+            median(&p50),
+            median(&p99),
+            runs(&p99, 2)
+        );
+    }
+    let evaluate = median(&targets[1].max_rps);
+    let all = median(&targets[2].max_rps);
+    let worst_p99 = targets.iter().map(|t| median(&t.paced.iter().map(|p| p.3).collect::<Vec<_>>())).fold(0.0, f64::max);
+    println!();
+    println!(
+        "targets: Evaluate/echo {:.0}% (>= 85%: {}), EvaluateAll {all:.0} req/s (>= 10,000: {}), worst p99 at 70% {worst_p99:.2} ms (<= 5 ms: {})",
+        100.0 * evaluate / echo,
+        verdict(evaluate / echo >= 0.85),
+        verdict(all >= 10_000.0),
+        verdict(worst_p99 <= 5.0)
+    );
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}

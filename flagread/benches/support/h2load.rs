@@ -1,0 +1,181 @@
+//! Drives h2load (Debian's nghttp2-client) with a pre-encoded gRPC frame and
+//! reads its summary and per-request log.
+//!
+//! h2load does not look at gRPC trailers, so a call failing with a non-zero
+//! grpc-status would still count as an HTTP 200. Two checks close that hole:
+//! the benchmark first sends the same frame with a gRPC client that does check
+//! grpc-status and decodes the answer, and after every run it checks that
+//! h2load received at least one whole response message (prefix + body of the
+//! known, constant length) per successful request: a failed gRPC call carries
+//! no message at all, so any failures beyond the few streams still in flight
+//! at the end (whose partial bodies h2load also counts) are caught.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::proc::Proc;
+
+/// One h2load invocation.
+pub struct Load<'a> {
+    /// Full URL, e.g. `http://127.0.0.1:5000/flagstream.v1.FlagEval/Evaluate`.
+    pub url: String,
+    /// File holding the request frame sent as every request's body.
+    pub frame: &'a Path,
+    /// Extra headers (`authorization`).
+    pub headers: Vec<String>,
+    /// Connections.
+    pub clients: u32,
+    /// Streams in flight per connection.
+    pub streams: u32,
+    /// Measured seconds.
+    pub seconds: u32,
+    /// Requests per second per connection; `None` for as fast as possible.
+    pub rps_per_client: Option<u32>,
+    /// Where to write the per-request log (for latency percentiles).
+    pub log_file: Option<PathBuf>,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub req_per_s: f64,
+    pub started: u64,
+    pub done: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub errored: u64,
+    pub timeout: u64,
+    pub data_bytes: u64,
+    /// The raw summary, kept for the post-mortem.
+    pub summary: String,
+}
+
+impl Load<'_> {
+    /// Runs h2load to completion (bounded by its own duration plus a margin).
+    ///
+    /// h2load's own `--warm-up-time` is not used: its byte counts would then
+    /// include the warm-up's responses and the per-request check below could
+    /// not be exact. Warm up with a separate short run instead.
+    pub fn run(&self, dir: &Path, name: &str) -> Outcome {
+        let mut command = Command::new(h2load_path());
+        command
+            .arg(format!("--clients={}", self.clients))
+            .arg(format!("--max-concurrent-streams={}", self.streams))
+            .arg("--threads=1")
+            .arg(format!("--duration={}", self.seconds))
+            .arg(format!("--data={}", self.frame.display()))
+            .arg("--header=content-type: application/grpc")
+            .arg("--header=te: trailers");
+        for header in &self.headers {
+            command.arg(format!("--header={header}"));
+        }
+        if let Some(rps) = self.rps_per_client {
+            command.arg(format!("--rps={rps}"));
+        }
+        if let Some(log) = &self.log_file {
+            command.arg(format!("--log-file={}", log.display()));
+        }
+        command.arg(&self.url);
+        let mut process = Proc::spawn(name, command, dir);
+        let status = process.wait(Duration::from_secs(u64::from(self.seconds) + 30));
+        let summary = std::fs::read_to_string(&process.log).unwrap_or_default();
+        assert!(status.success(), "h2load failed ({status}):\n{summary}");
+        parse(&summary)
+    }
+}
+
+/// `h2load` from PATH, or `FLAGSTREAM_H2LOAD`.
+pub fn h2load_path() -> PathBuf {
+    std::env::var_os("FLAGSTREAM_H2LOAD").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("h2load"))
+}
+
+/// Checks that h2load is installed, with the fix in the message.
+pub fn require() {
+    let found = Command::new(h2load_path()).arg("--version").output().map(|out| out.status.success());
+    assert!(
+        matches!(found, Ok(true)),
+        "h2load is missing: `apt-get install -y nghttp2-client` (scripts/bench-read.sh does it), or set FLAGSTREAM_H2LOAD"
+    );
+}
+
+fn number_before(text: &str, marker: &str) -> Option<u64> {
+    let end = text.find(marker)?;
+    let start = text[..end].rfind([' ', '(']).map_or(0, |i| i + 1);
+    text[start..end].trim().parse().ok()
+}
+
+/// Reads h2load's summary lines:
+/// `finished in 10.00s, 95000.00 req/s, 9.5MB/s`,
+/// `requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout`,
+/// `traffic: … total, … headers (…), 12.3MB (12345678) data`.
+pub fn parse(summary: &str) -> Outcome {
+    let line = |prefix: &str| {
+        summary
+            .lines()
+            .find(|line| line.starts_with(prefix))
+            .unwrap_or_else(|| panic!("h2load printed no `{prefix}` line:\n{summary}"))
+    };
+    let finished = line("finished in");
+    let req_per_s = finished
+        .split(',')
+        .find_map(|part| part.trim().strip_suffix(" req/s"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unreadable h2load line {finished:?}"));
+    let requests = line("requests:");
+    let count = |what: &str| number_before(requests, &format!(" {what}")).unwrap_or(0);
+    let traffic = line("traffic:");
+    let data_bytes = traffic
+        .rsplit_once(") data")
+        .and_then(|(head, _)| head.rsplit_once('('))
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable h2load line {traffic:?}"));
+    Outcome {
+        req_per_s,
+        started: count("started"),
+        done: count("done"),
+        succeeded: count("succeeded"),
+        failed: count("failed"),
+        errored: count("errored"),
+        timeout: count("timeout"),
+        data_bytes,
+        summary: summary.to_string(),
+    }
+}
+
+impl Outcome {
+    /// Panics unless every request succeeded and carried one whole response
+    /// message of `response_len` bytes (see the module documentation).
+    pub fn check(&self, what: &str, response_len: usize) {
+        assert!(
+            self.succeeded > 0 && self.failed == 0 && self.errored == 0 && self.timeout == 0,
+            "{what}: h2load saw failures:\n{}",
+            self.summary
+        );
+        // Streams still in flight when h2load stops may have received part
+        // of their body without counting as done, hence the upper bound.
+        let each = response_len as u64 + 5;
+        let (least, most) = (self.succeeded * each, self.started * each);
+        assert!(
+            (least..=most).contains(&self.data_bytes),
+            "{what}: {} response bytes for {} requests, expected at least {least} ({each} each): some calls did not answer grpc-status 0\n{}",
+            self.data_bytes,
+            self.succeeded,
+            self.summary
+        );
+    }
+}
+
+/// Latencies (ms) from h2load's `--log-file`: `start_us<TAB>status<TAB>duration_us`.
+pub fn latencies_ms(log: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|error| panic!("cannot read {}: {error}", log.display()));
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let _start = fields.next()?;
+            let status: i32 = fields.next()?.trim().parse().ok()?;
+            let micros: f64 = fields.next()?.trim().parse().ok()?;
+            (status == 200).then_some(micros / 1000.0)
+        })
+        .collect()
+}
