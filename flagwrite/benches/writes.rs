@@ -16,10 +16,13 @@ use flagstream::pb::replication_client::ReplicationClient;
 use tonic::transport::Channel;
 
 fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // program too, without it, and then a tiny smoke run is enough.
+    let benching = std::env::args().any(|a| a == "--bench");
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let serial = args.first().copied().unwrap_or(3_000);
-    let concurrent = args.get(1).copied().unwrap_or(30_000);
-    let subscribers = args.get(2).copied().unwrap_or(16);
+    let serial = args.first().copied().unwrap_or(if benching { 3_000 } else { 20 });
+    let concurrent = args.get(1).copied().unwrap_or(if benching { 30_000 } else { 128 });
+    let subscribers = args.get(2).copied().unwrap_or(if benching { 16 } else { 2 });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(bench(serial, concurrent, subscribers));
 }
@@ -166,7 +169,7 @@ async fn bench(serial: u64, concurrent: u64, subscribers: u64) {
 
     // Server CPU per change without subscribers, then with `subscribers`
     // live subscribers that read every change.
-    let per_change = 2_000u64;
+    let per_change = if serial < 1_000 { 80 } else { 2_000u64 };
     let cpu0 = server.cpu();
     writes(&channel, 8, per_change).await;
     let base = server.cpu() - cpu0;
