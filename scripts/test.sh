@@ -16,7 +16,6 @@ fi
 
 export FLAGSTREAM_GRPCURL="$PWD/$venv/bin/grpcurl"
 export FLAGSTREAM_PYTHON="$PWD/$venv/bin/python"
-export UNLEASH_SPEC_DIR="${UNLEASH_SPEC_DIR:-$PWD/../shared/conformance/unleash-client-specification/specifications}"
 
 # Benches are not built here: criterion benches and load tests are run on
 # purpose (see README, Performance), never as part of the test suite.
