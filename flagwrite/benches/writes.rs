@@ -16,10 +16,13 @@ use flagstream::pb::replication_client::ReplicationClient;
 use tonic::transport::Channel;
 
 fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // program too, without it, and then a tiny smoke run is enough.
+    let benching = std::env::args().any(|a| a == "--bench");
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let serial = args.first().copied().unwrap_or(3_000);
-    let concurrent = args.get(1).copied().unwrap_or(30_000);
-    let subscribers = args.get(2).copied().unwrap_or(16);
+    let serial = args.first().copied().unwrap_or(if benching { 3_000 } else { 20 });
+    let concurrent = args.get(1).copied().unwrap_or(if benching { 30_000 } else { 128 });
+    let subscribers = args.get(2).copied().unwrap_or(if benching { 16 } else { 2 });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(bench(serial, concurrent, subscribers));
 }
@@ -29,6 +32,7 @@ struct Server {
     child: Child,
     addr: String,
     dir: std::path::PathBuf,
+    metrics_port: u16,
 }
 
 impl Server {
@@ -39,8 +43,9 @@ impl Server {
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("flagwrite-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let addr = format!("127.0.0.1:{port}");
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(env!("CARGO_BIN_EXE_flagwrite"))
-            .args(["--listen", &addr, "--metrics-listen", "127.0.0.1:0", "--dev-no-auth"])
+            .args(["--listen", &addr, "--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--dev-no-auth"])
             .arg("--data-dir")
             .arg(&dir)
             .env("RUST_LOG", "warn")
@@ -49,11 +54,21 @@ impl Server {
             .unwrap();
         for _ in 0..500 {
             if std::net::TcpStream::connect(&addr).is_ok() {
-                return Server { child, addr, dir };
+                return Server { child, addr, dir, metrics_port };
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("flagwrite did not start");
+    }
+
+    /// The server's flush count, from its metrics endpoint.
+    fn flushes(&self) -> u64 {
+        use std::io::{Read, Write};
+        let mut socket = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        socket.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut body = String::new();
+        socket.read_to_string(&mut body).unwrap();
+        body.lines().find_map(|l| l.strip_prefix("flagwrite_flushes_total ")).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 
     /// User plus system CPU time the server process used so far.
@@ -122,10 +137,13 @@ async fn bench(serial: u64, concurrent: u64, subscribers: u64) {
         admin.create_flag(pb::CreateFlagRequest { flag: Some(flag), options: None }).await.unwrap();
     }
 
+    let flushes = server.flushes();
     let elapsed = writes(&channel, 1, serial).await;
-    println!("serial, 1 client:        {serial} writes in {elapsed:.2?} = {:.0} durable writes/s", serial as f64 / elapsed.as_secs_f64());
+    let serial_flushes = server.flushes() - flushes;
+    println!("serial, 1 client:        {serial} writes in {elapsed:.2?} = {:.0} durable writes/s ({serial_flushes} flushes)", serial as f64 / elapsed.as_secs_f64());
 
     // 64 clients, each on its own HTTP/2 connection like separate admin tools.
+    let flushes = server.flushes();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..64u64 {
@@ -143,11 +161,15 @@ async fn bench(serial: u64, concurrent: u64, subscribers: u64) {
     }
     let elapsed = started.elapsed();
     let done = concurrent / 64 * 64;
-    println!("concurrent, 64 clients:  {done} writes in {elapsed:.2?} = {:.0} durable writes/s", done as f64 / elapsed.as_secs_f64());
+    println!(
+        "concurrent, 64 clients:  {done} writes in {elapsed:.2?} = {:.0} durable writes/s ({:.1} writes per flush)",
+        done as f64 / elapsed.as_secs_f64(),
+        done as f64 / (server.flushes() - flushes) as f64
+    );
 
     // Server CPU per change without subscribers, then with `subscribers`
     // live subscribers that read every change.
-    let per_change = 2_000u64;
+    let per_change = if serial < 1_000 { 80 } else { 2_000u64 };
     let cpu0 = server.cpu();
     writes(&channel, 8, per_change).await;
     let base = server.cpu() - cpu0;

@@ -182,7 +182,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     health.set_serving::<FlagAdminServer<Admin>>().await;
     health.set_service_status("flagstream.v1.Replication", tonic_health::ServingStatus::Serving).await;
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let (reflection_v1, reflection_v1alpha) = flagstream::kit::grpc::reflection();
+    let (reflection_v1, reflection_v1alpha) =
+        flagstream::kit::grpc::reflection_for(&["flagstream.v1.FlagAdmin", "flagstream.v1.Replication"]);
 
     let admin = tonic::service::interceptor::InterceptedService::new(
         FlagAdminServer::new(Admin::new(store.clone(), writer, metrics.clone()))

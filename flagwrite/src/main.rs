@@ -4,7 +4,17 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let config = flagwrite::Config::parse();
+    let config = match flagwrite::Config::try_parse() {
+        Ok(config) => config,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) => {
+            // clap's message spans several lines; the first says it all.
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or("invalid arguments");
+            eprintln!("flagwrite: {}", first.trim_start_matches("error: "));
+            return std::process::ExitCode::from(2);
+        }
+    };
     flagstream::kit::telemetry::init(config.log_format);
     // Bad configuration is reported before anything is bound.
     if let Err(e) = config.prepare() {

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub write_latency: Histogram,
     /// The latest durable revision.
     pub head_revision: Gauge,
+    /// Flushes (fsyncs) the writer made; writes per flush shows how well
+    /// group commit works.
+    pub flushes: Gauge,
     /// Connected subscribers by id, with the last revision each was sent.
     subscribers: Mutex<BTreeMap<u64, Arc<AtomicU64>>>,
     next_subscriber: AtomicU64,
@@ -35,6 +38,7 @@ impl Default for Metrics {
             writes: CounterVec::default(),
             write_latency: Histogram::new(LATENCY_BUCKETS),
             head_revision: Gauge::default(),
+            flushes: Gauge::default(),
             subscribers: Mutex::new(BTreeMap::new()),
             next_subscriber: AtomicU64::new(1),
         }
@@ -62,6 +66,7 @@ impl Metrics {
         text.counter_vec("flagwrite_writes_total", "Write RPCs by RPC and outcome.", &["rpc", "outcome"], &self.writes);
         text.histogram("flagwrite_write_duration_seconds", "Time to commit and flush a write, per write.", &self.write_latency);
         text.gauge("flagwrite_head_revision", "The latest durable revision.", head);
+        text.counter("flagwrite_flushes_total", "Flushes to disk; each acknowledges a group of writes.", self.flushes.get());
         let subscribers: Vec<(Vec<String>, i64)> = self
             .subscribers
             .lock()

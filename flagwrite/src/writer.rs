@@ -95,6 +95,9 @@ struct Pending {
     started: Instant,
 }
 
+/// The longest a flush waits for more writes to join its group.
+const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
+
 type Flush = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::store::StoreError>> + Send>>;
 
 /// The writer loop. Writes are committed as they arrive, even while a flush
@@ -108,11 +111,25 @@ async fn run(store: Store, feed: Arc<Feed>, metrics: Arc<Metrics>, retention: u6
     let mut flushing: Option<(Flush, Vec<Pending>)> = None;
     let mut open = true;
     let mut healthy = true;
+    // Size of the last group flushed: when many writers are active, a
+    // flush waits up to `GATHER` for about half as many writes to arrive,
+    // so each fsync (the costly part) carries a full group instead of the
+    // first few writers that happened to answer quickly.
+    let mut last_group = 0usize;
     loop {
+        let mut gather = None;
         if flushing.is_none() && !waiting.is_empty() {
+            let deadline = waiting[0].started + GATHER;
+            if open && waiting.len() * 2 < last_group && Instant::now() < deadline {
+                gather = Some(deadline);
+            }
+        }
+        if flushing.is_none() && !waiting.is_empty() && gather.is_none() {
             let group = std::mem::take(&mut waiting);
+            last_group = group.len();
             if group.iter().any(|p| p.record.is_some()) {
                 let store = store.clone();
+                metrics.flushes.add(1);
                 flushing = Some((Box::pin(async move { store.flush().await }), group));
             } else {
                 // Only refusals and dry runs: nothing to make durable.
@@ -136,6 +153,7 @@ async fn run(store: Store, feed: Arc<Feed>, metrics: Arc<Metrics>, retention: u6
                 }
                 None => open = false,
             },
+            _ = tokio::time::sleep_until(gather.unwrap_or_else(Instant::now).into()), if gather.is_some() => {}
             flushed = async { (&mut flushing.as_mut().expect("guarded by the condition").0).await }, if flushing.is_some() => {
                 let (_, group) = flushing.take().expect("guarded by the condition");
                 match flushed {

@@ -465,3 +465,41 @@ async fn unleash_import_is_atomic_and_names_the_bad_field() {
     assert_eq!(keys(&flags.flags), ["rollout", "simple"]);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_writes() {
+    let server = Server::start().await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    create_namespace(&mut admin, "prod").await;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let mut admin = admin.clone();
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let key = format!("w{w}-{i}");
+                match admin.create_flag(pb::CreateFlagRequest { flag: Some(flag("prod", &key)), options: None }).await {
+                    Ok(r) => acked.lock().unwrap().push((key, r.into_inner().revision)),
+                    // Once shutdown starts, new calls are refused; that is fine.
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < 200 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let dir = server.stop_keeping_data().await;
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let server = Server::start_in(dir, |_| {}).await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    let acked = acked.lock().unwrap().clone();
+    for (key, revision) in &acked {
+        let flag = admin.get_flag(pb::GetFlagRequest { namespace: "prod".into(), key: key.clone() }).await.unwrap().into_inner();
+        assert_eq!(flag.stamp.unwrap().created_revision, *revision);
+    }
+    server.stop().await;
+}

@@ -106,6 +106,8 @@ fn sigterm_stops_cleanly_and_bad_config_fails_fast() {
         assert!(stderr.contains(message), "{stderr:?} should contain {message:?}");
     };
     check(&[], "no --tokens-file");
+    check(&["--dev-no-auth", "--log-format", "yaml"], "unknown log format \"yaml\"");
+    check(&["--dev-no-auth", "--changelog-retention", "lots"], "invalid value 'lots' for '--changelog-retention");
     check(&["--tokens-file", "/nonexistent/tokens"], "cannot read tokens file /nonexistent/tokens");
     check(&["--dev-no-auth", "--tls-cert", "/x.pem"], "--tls-cert and --tls-key");
     let bad = dir.0.join("bad-tokens");

@@ -85,7 +85,8 @@ fn admin_through_reflection_with_grpcurl() {
     let process = Process::start(&dir.0.join("data"), &["--tokens-file", tokens.to_str().unwrap()]);
     let addr = process.addr.to_string();
 
-    check(&grpcurl, &addr, "grpcurl -plaintext localhost:50051 list", &["flagstream.v1.FlagAdmin", "flagstream.v1.Replication", "grpc.health.v1.Health"]);
+    let services = check(&grpcurl, &addr, "grpcurl -plaintext localhost:50051 list", &["flagstream.v1.FlagAdmin", "flagstream.v1.Replication", "grpc.health.v1.Health"]);
+    assert!(!services.contains("FlagEval"), "flagwrite does not serve FlagEval:\n{services}");
     check(&grpcurl, &addr, "grpcurl -plaintext localhost:50051 describe flagstream.v1.FlagAdmin", &["rpc CreateFlag", "rpc ListHistory"]);
     check(&grpcurl, &addr, "grpcurl -plaintext localhost:50051 describe flagstream.v1.Flag", &["disabled_variant"]);
     check(
@@ -119,5 +120,37 @@ fn admin_through_reflection_with_grpcurl() {
         &[r#""operation": "SetFlagEnabled""#, r#""operation": "CreateFlag""#, r#""comment": "launch to beta""#, r#""actor": "ops""#],
     );
     check(&grpcurl, &addr, "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check", &["SERVING"]);
+    assert!(process.terminate().success());
+}
+
+#[test]
+fn serves_tls_with_a_certificate_from_pem_files() {
+    let Some(grpcurl) = grpcurl() else { return };
+    let dir = TempDir::new("tls");
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    // openssl only makes the test certificate; without it there is nothing
+    // to serve, so the test says so and returns.
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    if !made.is_ok_and(|o| o.status.success()) {
+        eprintln!("NOTICE: openssl could not make a test certificate; skipping the TLS test");
+        return;
+    }
+    let process = Process::start(
+        &dir.0.join("data"),
+        &["--dev-no-auth", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+    );
+    let addr = process.addr.to_string();
+    let listed = Command::new(&grpcurl).arg("-cacert").arg(&cert).arg(&addr).arg("list").output().unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("flagstream.v1.FlagAdmin"));
+    let plain = Command::new(&grpcurl).args(["-plaintext", "-max-time", "3", &addr, "list"]).output().unwrap();
+    assert!(!plain.status.success(), "plaintext must be refused on a TLS port");
     assert!(process.terminate().success());
 }

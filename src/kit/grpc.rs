@@ -29,20 +29,37 @@ pub fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<S
     Ok(config)
 }
 
-/// The reflection services, v1 and v1alpha, serving every flagstream proto.
+/// The reflection services, v1 and v1alpha, listing every service of every
+/// flagstream proto (including ones another binary serves).
 pub fn reflection() -> (
     v1::ServerReflectionServer<impl v1::ServerReflection>,
     v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
 ) {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the compiled-in descriptor set is valid");
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("the compiled-in descriptor set is valid");
+    reflection_for(&[])
+}
+
+/// The reflection services, v1 and v1alpha, listing only `services` (full
+/// names such as `flagstream.v1.FlagAdmin`) besides health and reflection
+/// itself; every message type stays describable. Empty lists everything.
+pub fn reflection_for(
+    services: &[&str],
+) -> (
+    v1::ServerReflectionServer<impl v1::ServerReflection>,
+    v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
+) {
+    let builder = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        if !services.is_empty() {
+            builder = builder.with_service_name("grpc.health.v1.Health");
+            for service in services {
+                builder = builder.with_service_name(*service);
+            }
+        }
+        builder
+    };
+    let v1 = builder().build_v1().expect("the compiled-in descriptor set is valid");
+    let v1alpha = builder().build_v1alpha().expect("the compiled-in descriptor set is valid");
     (v1, v1alpha)
 }

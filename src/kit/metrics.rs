@@ -115,6 +115,12 @@ impl Text {
         }
     }
 
+    /// Renders a counter without labels.
+    pub fn counter(&mut self, name: &str, help: &str, value: i64) {
+        self.header(name, help, "counter");
+        let _ = writeln!(self.out, "{name} {value}");
+    }
+
     /// Renders a gauge.
     pub fn gauge(&mut self, name: &str, help: &str, value: i64) {
         self.header(name, help, "gauge");

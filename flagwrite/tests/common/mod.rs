@@ -107,7 +107,11 @@ impl Server {
 
     /// Starts a server after `adjust` changed the test configuration.
     pub async fn start_with(adjust: impl FnOnce(&mut flagwrite::Config)) -> Server {
-        let dir = TempDir::new("srv");
+        Server::start_in(TempDir::new("srv"), adjust).await
+    }
+
+    /// Starts a server on the data in `dir` (e.g. one a stopped server left).
+    pub async fn start_in(dir: TempDir, adjust: impl FnOnce(&mut flagwrite::Config)) -> Server {
         let mut config = config(&dir);
         adjust(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -139,13 +143,19 @@ impl Server {
     }
 
     /// Stops the server and waits for it to finish.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_keeping_data().await;
+    }
+
+    /// Stops the server, waits for it to finish and hands back its data.
+    pub async fn stop_keeping_data(mut self) -> TempDir {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
         }
+        std::mem::replace(&mut self.dir, TempDir(PathBuf::new()))
     }
 }
 
