@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load test of the read path: a bare tonic echo server, flagread Evaluate (constraints +
 # rollout + split) and EvaluateAll over 350 flags, driven by h2load with a pre-encoded gRPC frame;
-# then p50/p99 latency of each at 70% of its maximum rate. About 3 minutes.
+# then p50/p99 latency of each at 70% of its maximum rate. About 4.5 minutes.
 #
 # Loopback only; every process it starts is killed when it ends (or on Ctrl-C,
 # or after its time budget). Knobs: see the header of flagread/benches/read_load.rs.

@@ -31,6 +31,9 @@ const SWITCH_FLAG: &str = "flag-00002";
 type Seen = (usize, u64, Instant);
 
 fn main() {
+    if !support::started_by_cargo_bench("propagation") {
+        return;
+    }
     proc::watchdog(Duration::from_secs(10 * 60));
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
     runtime.block_on(run());

@@ -8,10 +8,10 @@
 //! Servers and h2load share the machine's cores, as on a developer laptop.
 //!
 //! Knobs (environment): `BENCH_SECONDS` (measured seconds per run, default 8),
-//! `BENCH_ROUNDS` (runs per target, default 2), `BENCH_CLIENTS` (connections,
+//! `BENCH_ROUNDS` (interleaved throughput runs per target, default 3), `BENCH_CLIENTS` (connections,
 //! default 16), `BENCH_STREAMS` (streams in flight per connection, default 16),
 //! `BENCH_FLAGS` (flags in the EvaluateAll namespace, default 350),
-//! `BENCH_LATENCY_ROUNDS` (paced runs per target, default `BENCH_ROUNDS`),
+//! `BENCH_LATENCY_ROUNDS` (paced runs per target, default 2),
 //! `BENCH_ONLY` (one of `echo`, `Evaluate`, `EvaluateAll`: measure only it).
 
 mod support;
@@ -54,6 +54,9 @@ fn main() {
         grpc_raw::serve_echo(addr);
         return;
     }
+    if !support::started_by_cargo_bench("read_load") {
+        return;
+    }
     proc::watchdog(Duration::from_secs(15 * 60));
     h2load::require();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
@@ -62,11 +65,11 @@ fn main() {
 
 async fn run() {
     let seconds: u32 = support::env_or("BENCH_SECONDS", 8);
-    let rounds: usize = support::env_or("BENCH_ROUNDS", 2);
+    let rounds: usize = support::env_or("BENCH_ROUNDS", 3);
     let clients: u32 = support::env_or("BENCH_CLIENTS", 16);
     let streams: u32 = support::env_or("BENCH_STREAMS", 16);
     let flag_count: usize = support::env_or("BENCH_FLAGS", 350);
-    let latency_rounds: usize = support::env_or("BENCH_LATENCY_ROUNDS", rounds);
+    let latency_rounds: usize = support::env_or("BENCH_LATENCY_ROUNDS", 2);
     let dir = RunDir::new("read");
     let tokens = support::write_tokens(dir.path());
 

@@ -26,6 +26,9 @@ use support::proc::{self, RunDir};
 use support::stats::{median, runs};
 
 fn main() {
+    if !support::started_by_cargo_bench("scale") {
+        return;
+    }
     proc::watchdog(Duration::from_secs(10 * 60));
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
     runtime.block_on(run());

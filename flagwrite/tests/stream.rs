@@ -154,10 +154,15 @@ async fn a_stalled_subscriber_does_not_delay_writes() {
     // the change log on disk.
     let server = Server::start_with(|c| c.feed_capacity = 64).await;
     let mut admin = populate(&server, 1).await;
-    // This subscriber never reads: its channel and the HTTP/2 window fill up.
+    // Every change carries the whole flag: 64 KiB, so the stalled
+    // subscriber's channel and HTTP/2 windows fill after a few dozen.
+    let mut big = flag("prod", "f000");
+    big.metadata = (0..64).map(|i| (format!("k{i}"), "x".repeat(1000))).collect();
+    admin.update_flag(pb::UpdateFlagRequest { flag: Some(big), expected_revision: 0, options: None }).await.unwrap();
+    // This subscriber does not read until the writes are done.
     let mut stalled = subscribe(&server, 0, &[]).await;
-    let mut live = subscribe(&server, 2, &[]).await;
-    let n = 3000u64;
+    let mut live = subscribe(&server, 3, &[]).await;
+    let n = 400u64;
     let started = Instant::now();
     let mut writers = Vec::new();
     for w in 0..8u64 {
@@ -181,11 +186,11 @@ async fn a_stalled_subscriber_does_not_delay_writes() {
     assert!(elapsed < Duration::from_secs(20), "{n} writes took {elapsed:?}");
     // The stalled subscriber then catches up, gap-free, from the log.
     let (revision, _) = snapshot(&mut stalled).await;
-    let rest = changes(&mut stalled, (n + 2 - revision) as usize).await;
+    let rest = changes(&mut stalled, (n + 3 - revision) as usize).await;
     let revisions: Vec<u64> = rest.iter().map(|c| c.0).collect();
-    assert_eq!(revisions, ((revision + 1)..=n + 2).collect::<Vec<_>>());
+    assert_eq!(revisions, ((revision + 1)..=n + 3).collect::<Vec<_>>());
     let head = admin.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap().into_inner().revision;
-    assert_eq!(head, n + 2);
+    assert_eq!(head, n + 3);
     server.stop().await;
 }
 
@@ -251,5 +256,63 @@ async fn metrics_endpoint_reports_writes_head_and_subscribers() {
     ] {
         assert!(body.lines().any(|l| l.trim_end() == line), "missing {line:?} in\n{body}");
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_behind_the_retained_window_gets_a_fresh_snapshot() {
+    // Four changes in memory, eight in the log: a subscriber that stalls for
+    // 200 changes of 64 KiB (more than the HTTP/2 windows and the channel
+    // hold) finds its next revision gone from both.
+    let server = Server::start_with(|c| {
+        c.changelog_retention = 8;
+        c.feed_capacity = 4;
+    })
+    .await;
+    let mut admin = populate(&server, 1).await;
+    let mut stream = subscribe(&server, 0, &[]).await;
+    let (first, _) = snapshot(&mut stream).await;
+    assert_eq!(first, 2);
+    let mut f = flag("prod", "f000");
+    f.metadata = (0..64).map(|i| (format!("k{i}"), "x".repeat(1000))).collect();
+    for i in 0..200 {
+        tokio::time::timeout(Duration::from_secs(10), admin.update_flag(pb::UpdateFlagRequest { flag: Some(f.clone()), expected_revision: 0, options: None }))
+            .await
+            .unwrap_or_else(|_| panic!("write {i} hung"))
+            .unwrap();
+    }
+    // Drain what was queued before the stall, then expect a fresh snapshot.
+    let mut last = first;
+    loop {
+        match next(&mut stream).await {
+            Kind::Change(change) => {
+                assert_eq!(change.revision, last + 1, "gap before the fresh snapshot");
+                assert!(change.revision < 202, "the subscriber never fell behind the window");
+                last = change.revision;
+            }
+            Kind::SnapshotBegin(begin) => {
+                assert!(begin.revision > last + 1);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let revision = loop {
+        match next(&mut stream).await {
+            Kind::SnapshotChunk(_) => {}
+            Kind::SnapshotEnd(end) => break end.revision,
+            other => panic!("unexpected {other:?} in the snapshot"),
+        }
+    };
+    // Then live changes continue from the snapshot's revision.
+    if revision < 202 {
+        let got = changes(&mut stream, (202 - revision) as usize).await;
+        assert_eq!(got.first().unwrap().0, revision + 1);
+    }
+    admin
+        .set_flag_enabled(pb::SetFlagEnabledRequest { namespace: "prod".into(), key: "f000".into(), enabled: false, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(changes(&mut stream, 1).await[0].0, 203);
     server.stop().await;
 }

@@ -248,3 +248,14 @@ fn clock_ticks_per_second() -> f64 {
             .unwrap_or(100.0)
     })
 }
+
+/// Whether `cargo bench` started this program (it passes `--bench`). Under
+/// `cargo test --all-targets` it is started without, and then the benchmark
+/// only says how to run it instead of taking minutes and the machine.
+pub fn started_by_cargo_bench(name: &str) -> bool {
+    if std::env::args().any(|arg| arg == "--bench") {
+        return true;
+    }
+    println!("{name}: a system benchmark; run it with `cargo bench -p flagread --bench {name}` or scripts/bench-*.sh");
+    false
+}
