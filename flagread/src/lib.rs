@@ -354,7 +354,8 @@ pub async fn run_with(
             .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
         authenticator,
     );
-    let (reflection_v1, reflection_v1alpha) = kit::grpc::reflection();
+    let (reflection_v1, reflection_v1alpha) =
+        kit::grpc::reflection_for(&["flagstream.v1.FlagEval"]);
     let mut server = Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
         .max_concurrent_streams(config.max_concurrent_streams)

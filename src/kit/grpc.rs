@@ -18,24 +18,26 @@ pub struct TlsError {
 
 /// Builds a TLS configuration from a PEM certificate chain and key, requiring
 /// client certificates signed by `client_ca` when one is given.
-pub fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTlsConfig, TlsError> {
+pub fn tls_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<ServerTlsConfig, TlsError> {
     let read = |what: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|source| TlsError { what, path: path.display().to_string(), source })
+        std::fs::read(path).map_err(|source| TlsError {
+            what,
+            path: path.display().to_string(),
+            source,
+        })
     };
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read("TLS certificate", cert)?, read("TLS key", key)?));
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("TLS certificate", cert)?,
+        read("TLS key", key)?,
+    ));
     if let Some(ca) = client_ca {
         config = config.client_ca_root(Certificate::from_pem(read("client CA", ca)?));
     }
     Ok(config)
-}
-
-/// The reflection services, v1 and v1alpha, listing every service of every
-/// flagstream proto (including ones another binary serves).
-pub fn reflection() -> (
-    v1::ServerReflectionServer<impl v1::ServerReflection>,
-    v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
-) {
-    reflection_for(&[])
 }
 
 /// The reflection services, v1 and v1alpha, listing only `services` (full
@@ -59,7 +61,11 @@ pub fn reflection_for(
         }
         builder
     };
-    let v1 = builder().build_v1().expect("the compiled-in descriptor set is valid");
-    let v1alpha = builder().build_v1alpha().expect("the compiled-in descriptor set is valid");
+    let v1 = builder()
+        .build_v1()
+        .expect("the compiled-in descriptor set is valid");
+    let v1alpha = builder()
+        .build_v1alpha()
+        .expect("the compiled-in descriptor set is valid");
     (v1, v1alpha)
 }
