@@ -50,11 +50,21 @@ pub fn reflection_for(
     v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
 ) {
     let builder = || {
+        // Both reflection versions are registered (and listed) by both
+        // servers, so a client of either version sees the whole picture.
         let mut builder = tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            );
         if !services.is_empty() {
-            builder = builder.with_service_name("grpc.health.v1.Health");
+            builder = builder
+                .with_service_name("grpc.health.v1.Health")
+                .with_service_name("grpc.reflection.v1.ServerReflection")
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection");
             for service in services {
                 builder = builder.with_service_name(*service);
             }

@@ -232,7 +232,7 @@ pub fn spawn_replica(dir: &Path, tokens: &Path, writer: &str, name: &str) -> Rep
         .arg(SYNC_SECRET)
         .arg("--tokens-file")
         .arg(tokens)
-        .arg("--metrics-addr")
+        .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
         .env("RUST_LOG", "warn");
     let mut proc = proc::Proc::spawn(name, command, dir);
