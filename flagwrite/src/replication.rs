@@ -313,11 +313,27 @@ impl Follower {
         for chunk in chunks {
             self.send(Wire::SnapshotChunk(chunk.into())).await?;
         }
+        // The copy may hold writes that are committed but not yet flushed. A
+        // replica must never hold a revision the writer could still lose in a
+        // crash, so the snapshot ends only once its revision is durable (at
+        // most one group-commit flush away); if the writer dies first, the
+        // replica never sees SnapshotEnd and drops what it received.
+        self.durable(revision).await?;
         let end = pb::SnapshotEnd { revision };
         self.send(Wire::SnapshotEnd(end.encode_to_vec().into()))
             .await?;
         self.guard.sent.store(revision, Ordering::Relaxed);
         Ok(revision)
+    }
+
+    /// Waits until `revision` is durable (published to the feed's head).
+    async fn durable(&self, revision: u64) -> Result<(), Stop> {
+        let mut head = self.service.feed.subscribe_head();
+        let mut shutdown = self.service.shutdown.clone();
+        tokio::select! {
+            reached = head.wait_for(|h| *h >= revision) => reached.map(|_| ()).map_err(|_| Stop::Done),
+            _ = stopped(&mut shutdown) => Err(Stop::Done),
+        }
     }
 
     /// Sends one message, giving up when the client is gone or the server
