@@ -654,7 +654,7 @@ mod tests {
             rules: vec![],
             prerequisites: vec![],
             tags: vec![],
-            metadata: BTreeMap::new(),
+            metadata: model::Metadata::new(),
             stamp: model::Stamp::default(),
         }
     }
