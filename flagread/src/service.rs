@@ -175,8 +175,8 @@ impl EvalService {
             Some(flag) => ns.flags.evaluate_flag(flag, ctx),
             None => Evaluation::not_found(),
         };
-        if let Some(counters) = ns.counters(key) {
-            counters.record(evaluation.variant, evaluation.reason);
+        if let (Some(flag), Some(counters)) = (flag, ns.counters(key)) {
+            counters.record(flag.source(), evaluation.variant, evaluation.reason);
         }
         convert::evaluation(key, &evaluation, revision)
     }
