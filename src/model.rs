@@ -392,3 +392,47 @@ impl<'a> IntoIterator for &'a Metadata {
         self.iter()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Metadata;
+
+    /// Builds metadata from `pairs` and compares its entries, in order, with `expected`.
+    fn check(pairs: &[(&str, &str)], expected: &[(&str, &str)]) {
+        let metadata: Metadata = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let entries: Vec<(&str, &str)> = metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(entries, expected, "from {pairs:?}");
+        for (key, value) in expected {
+            assert_eq!(metadata.get(key).map(String::as_str), Some(*value));
+        }
+        let mut inserted = Metadata::new();
+        for (key, value) in pairs {
+            inserted.insert(key.to_string(), value.to_string());
+        }
+        assert_eq!(
+            inserted, metadata,
+            "insert agrees with collect for {pairs:?}"
+        );
+    }
+
+    #[test]
+    fn metadata_is_sorted_by_key_and_the_last_value_wins() {
+        check(&[], &[]);
+        check(&[("owner", "ana")], &[("owner", "ana")]);
+        check(
+            &[("ticket", "T-1"), ("owner", "ana"), ("area", "web")],
+            &[("area", "web"), ("owner", "ana"), ("ticket", "T-1")],
+        );
+        check(
+            &[("owner", "ana"), ("team", "x"), ("owner", "bo")],
+            &[("owner", "bo"), ("team", "x")],
+        );
+        assert_eq!(Metadata::new().get("owner"), None);
+    }
+}
