@@ -81,7 +81,7 @@ for i in 1 2; do
   addr_var=replica$i
   "$bin/flagread" --listen "${!addr_var}" --upstream "http://$writer" --sync-token "$sync_token" \
     --tokens-file "$state/tokens" --snapshot-file "$state/flagread-$i.snapshot" \
-    --metrics-addr "127.0.0.1:$((metrics_base + i))" > "$state/flagread-$i.log" 2>&1 &
+    --metrics-listen "127.0.0.1:$((metrics_base + i))" > "$state/flagread-$i.log" 2>&1 &
   pids+=($!)
 done
 

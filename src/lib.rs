@@ -9,6 +9,7 @@
 //! - [`validate`]: write-time rules that need a whole namespace (references,
 //!   cycles, limits).
 //! - [`engine`]: flags compiled into an evaluation form, and evaluation.
+//! - [`hash`]: murmur3 x86_32, streaming, as Unleash hashes for stickiness.
 //! - [`kit`]: server plumbing shared by flagwrite and flagread (auth, tracing,
 //!   metrics endpoint, TLS, reflection, shutdown).
 //! - [`unleash`]: Unleash client-features JSON and delta events into the model.

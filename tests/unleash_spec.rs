@@ -18,7 +18,9 @@ const SPEC_SUBDIR: &str = "shared/conformance/unleash-client-specification/speci
 fn spec_dir() -> Option<PathBuf> {
     let dir = match std::env::var_os("UNLEASH_SPEC_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(SPEC_SUBDIR),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(SPEC_SUBDIR),
     };
     dir.is_dir().then_some(dir)
 }
@@ -181,7 +183,9 @@ fn run_file(path: &Path) -> (usize, Vec<String>) {
 fn main() -> ExitCode {
     let Some(dir) = spec_dir() else {
         if std::env::var_os("CI").is_some() {
-            eprintln!("unleash_spec: the Unleash client specification folder is missing (set UNLEASH_SPEC_DIR)");
+            eprintln!(
+                "unleash_spec: the Unleash client specification folder is missing (set UNLEASH_SPEC_DIR)"
+            );
             return ExitCode::FAILURE;
         }
         eprintln!(

@@ -47,25 +47,46 @@ async fn run() {
     let tokens = support::write_tokens(dir.path());
 
     let writer = support::start_writer(dir.path(), &tokens).await;
-    let mut admin = support::admin_client(support::connect(&writer.addr, Duration::from_secs(5)).await);
+    let mut admin =
+        support::admin_client(support::connect(&writer.addr, Duration::from_secs(5)).await);
     let flags = fixtures::mixed_namespace(NAMESPACE, 350);
-    assert_eq!((flags[0].key.as_str(), flags[2].key.as_str()), (CONSTRAINED_FLAG, SWITCH_FLAG));
+    assert_eq!(
+        (flags[0].key.as_str(), flags[2].key.as_str()),
+        (CONSTRAINED_FLAG, SWITCH_FLAG)
+    );
     let mut constrained = flags[0].clone();
     let revision = fixtures::import(&mut admin, NAMESPACE, flags).await;
 
     let mut replicas: Vec<support::Replica> = (0..replica_count)
-        .map(|index| support::spawn_replica(dir.path(), &tokens, &writer.addr, &format!("flagread-{index}")))
+        .map(|index| {
+            support::spawn_replica(
+                dir.path(),
+                &tokens,
+                &writer.addr,
+                &format!("flagread-{index}"),
+            )
+        })
         .collect();
     for replica in &mut replicas {
-        support::wait_serving(&replica.addr, Duration::from_secs(60), Duration::from_millis(20)).await;
+        support::wait_serving(
+            &replica.addr,
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+        )
+        .await;
         replica.proc.assert_alive();
     }
 
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<Seen>();
     for (index, replica) in replicas.iter().enumerate() {
-        let mut client = support::eval_client(support::connect(&replica.addr, Duration::from_secs(5)).await);
+        let mut client =
+            support::eval_client(support::connect(&replica.addr, Duration::from_secs(5)).await);
         let mut stream = client
-            .watch(pb::WatchRequest { namespace: NAMESPACE.to_string(), context: None, flag_keys: Vec::new() })
+            .watch(pb::WatchRequest {
+                namespace: NAMESPACE.to_string(),
+                context: None,
+                flag_keys: Vec::new(),
+            })
             .await
             .unwrap_or_else(|status| panic!("Watch on flagread-{index} failed: {status}"))
             .into_inner();
@@ -73,7 +94,10 @@ async fn run() {
         // Ends when the replica closes the stream or the benchmark stops listening.
         tokio::spawn(async move {
             while let Ok(Some(event)) = stream.message().await {
-                if seen_tx.send((index, event.revision, Instant::now())).is_err() {
+                if seen_tx
+                    .send((index, event.revision, Instant::now()))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -85,7 +109,9 @@ async fn run() {
     wait_all(&mut seen, &mut applied, revision, Instant::now()).await;
 
     println!("machine: {}", support::machine_line());
-    println!("{replica_count} flagread processes + 1 flagwrite + this client on the same cores; {writes} writes per round");
+    println!(
+        "{replica_count} flagread processes + 1 flagwrite + this client on the same cores; {writes} writes per round"
+    );
     let mut p50s = Vec::new();
     let mut p99s = Vec::new();
     let mut maxes = Vec::new();
@@ -113,10 +139,17 @@ async fn run() {
                     .into_inner()
                     .revision
             } else {
-                let rollout = constrained.rules[0].rollout.as_mut().expect("the constrained flag has a rollout");
+                let rollout = constrained.rules[0]
+                    .rollout
+                    .as_mut()
+                    .expect("the constrained flag has a rollout");
                 rollout.percentage = 40 + (index % 20) as u32;
                 admin
-                    .update_flag(pb::UpdateFlagRequest { flag: Some(constrained.clone()), expected_revision: 0, options: None })
+                    .update_flag(pb::UpdateFlagRequest {
+                        flag: Some(constrained.clone()),
+                        expected_revision: 0,
+                        options: None,
+                    })
                     .await
                     .unwrap_or_else(|status| panic!("UpdateFlag failed: {status}"))
                     .into_inner()
@@ -140,7 +173,11 @@ async fn run() {
         for replica in &mut replicas {
             replica.proc.assert_alive();
         }
-        let (p50, p99, max) = (percentile(&mut delays, 50.0), percentile(&mut delays, 99.0), percentile(&mut delays, 100.0));
+        let (p50, p99, max) = (
+            percentile(&mut delays, 50.0),
+            percentile(&mut delays, 99.0),
+            percentile(&mut delays, 100.0),
+        );
         let first_p50 = percentile(&mut first, 50.0);
         let ack_p50 = percentile(&mut acks, 50.0);
         let signed_p50 = percentile(&mut signed, 50.0);
@@ -156,25 +193,56 @@ async fn run() {
         ack_p50s.push(ack_p50);
     }
     println!();
-    println!("| propagation to {replica_count} replicas ({}) | median of rounds | runs |", support::machine_line());
+    println!(
+        "| propagation to {replica_count} replicas ({}) | median of rounds | runs |",
+        support::machine_line()
+    );
     println!("|---|---:|---|");
-    println!("| ack -> applied on all, p50 | {:.2} ms | {} |", median(&p50s), runs(&p50s, 2));
-    println!("| ack -> applied on all, p99 | {:.2} ms | {} |", median(&p99s), runs(&p99s, 2));
-    println!("| ack -> applied on all, max | {:.2} ms | {} |", median(&maxes), runs(&maxes, 2));
+    println!(
+        "| ack -> applied on all, p50 | {:.2} ms | {} |",
+        median(&p50s),
+        runs(&p50s, 2)
+    );
+    println!(
+        "| ack -> applied on all, p99 | {:.2} ms | {} |",
+        median(&p99s),
+        runs(&p99s, 2)
+    );
+    println!(
+        "| ack -> applied on all, max | {:.2} ms | {} |",
+        median(&maxes),
+        runs(&maxes, 2)
+    );
     println!(
         "| last replica applied, relative to the ack, p50 (negative: before the ack) | {:.2} ms | {} |",
         median(&signed_p50s),
         runs(&signed_p50s, 2)
     );
-    println!("| ack -> applied on the first, p50 | {:.2} ms | {} |", median(&first_p50s), runs(&first_p50s, 2));
-    println!("| write acknowledged (durable), p50 | {:.2} ms | {} |", median(&ack_p50s), runs(&ack_p50s, 2));
+    println!(
+        "| ack -> applied on the first, p50 | {:.2} ms | {} |",
+        median(&first_p50s),
+        runs(&first_p50s, 2)
+    );
+    println!(
+        "| write acknowledged (durable), p50 | {:.2} ms | {} |",
+        median(&ack_p50s),
+        runs(&ack_p50s, 2)
+    );
     println!();
     println!(
         "targets: p50 {:.2} ms (<= 2 ms: {}), p99 {:.2} ms (<= 10 ms: {})",
         median(&p50s),
-        if median(&p50s) <= 2.0 { "met" } else { "MISSED" },
+        if median(&p50s) <= 2.0 {
+            "met"
+        } else {
+            "MISSED"
+        },
         median(&p99s),
-        if median(&p99s) <= 10.0 { "met" } else { "MISSED" }
+        if median(&p99s) <= 10.0 {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
     drop(replicas);
     drop(writer);
@@ -183,8 +251,16 @@ async fn run() {
 /// Reads Watch events until every replica has reported `revision` or later,
 /// returning for each the instant it did (events that arrived before `since`
 /// keep their own, earlier instant). Panics after 10 s naming the laggards.
-async fn wait_all(seen: &mut mpsc::UnboundedReceiver<Seen>, applied: &mut [u64], revision: u64, since: Instant) -> Vec<Instant> {
-    let mut times: Vec<Option<Instant>> = applied.iter().map(|&have| (have >= revision).then_some(since)).collect();
+async fn wait_all(
+    seen: &mut mpsc::UnboundedReceiver<Seen>,
+    applied: &mut [u64],
+    revision: u64,
+    since: Instant,
+) -> Vec<Instant> {
+    let mut times: Vec<Option<Instant>> = applied
+        .iter()
+        .map(|&have| (have >= revision).then_some(since))
+        .collect();
     // Events already queued carry their own arrival time, which may precede `since`.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while times.iter().any(Option::is_none) {
@@ -196,12 +272,18 @@ async fn wait_all(seen: &mut mpsc::UnboundedReceiver<Seen>, applied: &mut [u64],
                 .filter(|(_, have)| **have < revision)
                 .map(|(index, have)| format!("flagread-{index} at {have}"))
                 .collect();
-            panic!("revision {revision} did not reach every replica within 10 s: {}", behind.join(", "));
+            panic!(
+                "revision {revision} did not reach every replica within 10 s: {}",
+                behind.join(", ")
+            );
         };
         applied[index] = applied[index].max(reported);
         if reported >= revision && times[index].is_none() {
             times[index] = Some(at);
         }
     }
-    times.into_iter().map(|time| time.expect("every replica reported")).collect()
+    times
+        .into_iter()
+        .map(|time| time.expect("every replica reported"))
+        .collect()
 }

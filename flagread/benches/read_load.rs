@@ -50,7 +50,10 @@ struct Target {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|arg| arg == "--echo-server") {
-        let addr = args.get(at + 1).and_then(|a| a.parse().ok()).expect("--echo-server <addr>");
+        let addr = args
+            .get(at + 1)
+            .and_then(|a| a.parse().ok())
+            .expect("--echo-server <addr>");
         grpc_raw::serve_echo(addr);
         return;
     }
@@ -74,14 +77,26 @@ async fn run() {
     let tokens = support::write_tokens(dir.path());
 
     let writer = support::start_writer(dir.path(), &tokens).await;
-    let mut admin = support::admin_client(support::connect(&writer.addr, Duration::from_secs(5)).await);
-    let revision = fixtures::import(&mut admin, NAMESPACE, fixtures::mixed_namespace(NAMESPACE, flag_count)).await;
+    let mut admin =
+        support::admin_client(support::connect(&writer.addr, Duration::from_secs(5)).await);
+    let revision = fixtures::import(
+        &mut admin,
+        NAMESPACE,
+        fixtures::mixed_namespace(NAMESPACE, flag_count),
+    )
+    .await;
     let mut replica = support::spawn_replica(dir.path(), &tokens, &writer.addr, "flagread");
-    support::wait_serving(&replica.addr, Duration::from_secs(30), Duration::from_millis(10)).await;
+    support::wait_serving(
+        &replica.addr,
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+    )
+    .await;
     replica.proc.assert_alive();
 
     let echo_addr = format!("127.0.0.1:{}", proc::free_port());
-    let mut echo_command = std::process::Command::new(std::env::current_exe().expect("the benchmark knows its path"));
+    let mut echo_command =
+        std::process::Command::new(std::env::current_exe().expect("the benchmark knows its path"));
     echo_command.arg("--echo-server").arg(&echo_addr);
     let echo_proc = Proc::spawn("echo", echo_command, dir.path());
     support::connect(&echo_addr, Duration::from_secs(10)).await;
@@ -95,20 +110,44 @@ async fn run() {
         min_revision: 0,
     }
     .encode_to_vec();
-    let evaluate_all =
-        pb::EvaluateAllRequest { namespace: NAMESPACE.to_string(), context: Some(context), min_revision: 0 }.encode_to_vec();
+    let evaluate_all = pb::EvaluateAllRequest {
+        namespace: NAMESPACE.to_string(),
+        context: Some(context),
+        min_revision: 0,
+    }
+    .encode_to_vec();
     // The echo request carries as many bytes as the Evaluate request, so both
     // servers decode and encode messages of about the same size.
-    let echo = EchoMessage { payload: evaluate.clone() }.encode_to_vec();
+    let echo = EchoMessage {
+        payload: evaluate.clone(),
+    }
+    .encode_to_vec();
     let mut targets = vec![
         target("echo", &echo_addr, echo_proc.pid(), ECHO_PATH, echo, false),
-        target("Evaluate", &replica.addr, replica.proc.pid(), "/flagstream.v1.FlagEval/Evaluate", evaluate, true),
-        target("EvaluateAll", &replica.addr, replica.proc.pid(), "/flagstream.v1.FlagEval/EvaluateAll", evaluate_all, true),
+        target(
+            "Evaluate",
+            &replica.addr,
+            replica.proc.pid(),
+            "/flagstream.v1.FlagEval/Evaluate",
+            evaluate,
+            true,
+        ),
+        target(
+            "EvaluateAll",
+            &replica.addr,
+            replica.proc.pid(),
+            "/flagstream.v1.FlagEval/EvaluateAll",
+            evaluate_all,
+            true,
+        ),
     ];
     // `BENCH_ONLY=EvaluateAll` (say) measures one target, e.g. under a profiler.
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         targets.retain(|target| target.name == only);
-        assert!(!targets.is_empty(), "BENCH_ONLY={only:?} names none of echo, Evaluate, EvaluateAll");
+        assert!(
+            !targets.is_empty(),
+            "BENCH_ONLY={only:?} names none of echo, Evaluate, EvaluateAll"
+        );
     }
     for target in &mut targets {
         let body = check_call(target).await;
@@ -123,9 +162,12 @@ async fn run() {
     for round in 0..rounds {
         for target in &mut targets {
             let frame = write_frame(dir.path(), target);
-            load(target, &frame, clients, streams, 1, None, None).run(dir.path(), "h2load").check(target.name, target.response_len);
+            load(target, &frame, clients, streams, 1, None, None)
+                .run(dir.path(), "h2load")
+                .check(target.name, target.response_len);
             let cpu_before = support::cpu_seconds(target.pid);
-            let outcome = load(target, &frame, clients, streams, seconds, None, None).run(dir.path(), "h2load");
+            let outcome = load(target, &frame, clients, streams, seconds, None, None)
+                .run(dir.path(), "h2load");
             let cpu = support::cpu_seconds(target.pid) - cpu_before;
             outcome.check(target.name, target.response_len);
             let cpu_us = cpu * 1e6 / outcome.done as f64;
@@ -148,8 +190,16 @@ async fn run() {
             let per_client = ((rate / f64::from(clients)).round() as u32).max(1);
             let log = dir.path().join("latency.log");
             let _ = std::fs::remove_file(&log);
-            let outcome =
-                load(target, &frame, clients, streams, seconds, Some(per_client), Some(log.clone())).run(dir.path(), "h2load");
+            let outcome = load(
+                target,
+                &frame,
+                clients,
+                streams,
+                seconds,
+                Some(per_client),
+                Some(log.clone()),
+            )
+            .run(dir.path(), "h2load");
             outcome.check(target.name, target.response_len);
             let mut latencies = h2load::latencies_ms(&log);
             let p50 = percentile(&mut latencies, 50.0);
@@ -162,7 +212,9 @@ async fn run() {
                 outcome.req_per_s,
                 latencies.len()
             );
-            target.paced.push((f64::from(per_client * clients), outcome.req_per_s, p50, p99));
+            target
+                .paced
+                .push((f64::from(per_client * clients), outcome.req_per_s, p50, p99));
         }
         replica.proc.assert_alive();
     }
@@ -170,7 +222,14 @@ async fn run() {
     drop(writer);
 }
 
-fn target(name: &'static str, addr: &str, pid: u32, path: &'static str, body: Vec<u8>, authorized: bool) -> Target {
+fn target(
+    name: &'static str,
+    addr: &str,
+    pid: u32,
+    path: &'static str,
+    body: Vec<u8>,
+    authorized: bool,
+) -> Target {
     Target {
         name,
         addr: addr.to_string(),
@@ -230,7 +289,11 @@ async fn check_call(target: &Target) -> Vec<u8> {
         bodies.push(body);
     }
     let lengths: Vec<usize> = bodies.iter().map(Vec::len).collect();
-    assert!(lengths.windows(2).all(|w| w[0] == w[1]), "{}: response sizes vary: {lengths:?}", target.name);
+    assert!(
+        lengths.windows(2).all(|w| w[0] == w[1]),
+        "{}: response sizes vary: {lengths:?}",
+        target.name
+    );
     bodies.swap_remove(0)
 }
 
@@ -239,16 +302,32 @@ async fn check_call(target: &Target) -> Vec<u8> {
 /// split, and every flag of the namespace is evaluated without error.
 fn check_answer(target: &Target, body: &[u8], flag_count: usize) {
     match target.name {
-        "echo" => assert_eq!(body, target.body.as_slice(), "the echo server changed the message"),
+        "echo" => assert_eq!(
+            body,
+            target.body.as_slice(),
+            "the echo server changed the message"
+        ),
         "Evaluate" => {
             let answer = pb::EvaluateResponse::decode(body).expect("an EvaluateResponse");
-            assert_eq!(answer.reason, pb::Reason::Split as i32, "Evaluate answered {answer:?}");
+            assert_eq!(
+                answer.reason,
+                pb::Reason::Split as i32,
+                "Evaluate answered {answer:?}"
+            );
         }
         _ => {
             let answer = pb::EvaluateBatchResponse::decode(body).expect("an EvaluateBatchResponse");
-            assert_eq!(answer.results.len(), flag_count, "EvaluateAll answered {} results", answer.results.len());
-            let failed: Vec<&pb::EvaluateResponse> =
-                answer.results.iter().filter(|r| r.reason == pb::Reason::Error as i32).collect();
+            assert_eq!(
+                answer.results.len(),
+                flag_count,
+                "EvaluateAll answered {} results",
+                answer.results.len()
+            );
+            let failed: Vec<&pb::EvaluateResponse> = answer
+                .results
+                .iter()
+                .filter(|r| r.reason == pb::Reason::Error as i32)
+                .collect();
             assert!(failed.is_empty(), "EvaluateAll had errors: {failed:?}");
         }
     }
@@ -277,7 +356,9 @@ async fn rollout_context(addr: &str, revision: u64) -> pb::Context {
             return context;
         }
     }
-    panic!("no user of 100 fell inside the 50% rollout of {CONSTRAINED_FLAG}: the rule does not match the context");
+    panic!(
+        "no user of 100 fell inside the 50% rollout of {CONSTRAINED_FLAG}: the rule does not match the context"
+    );
 }
 
 fn report(targets: &[Target], flag_count: usize) {
@@ -295,7 +376,11 @@ fn report(targets: &[Target], flag_count: usize) {
         let max = median(&target.max_rps);
         let p50: Vec<f64> = target.paced.iter().map(|p| p.2).collect();
         let p99: Vec<f64> = target.paced.iter().map(|p| p.3).collect();
-        let name = if target.name == "EvaluateAll" { format!("EvaluateAll ({flag_count} flags)") } else { target.name.to_string() };
+        let name = if target.name == "EvaluateAll" {
+            format!("EvaluateAll ({flag_count} flags)")
+        } else {
+            target.name.to_string()
+        };
         println!(
             "| {name} | {max:.0} | {} | {:.0}% | {:.1} us | {:.2} ms / {:.2} ms (runs: {}) |",
             runs(&target.max_rps, 0),
@@ -308,7 +393,10 @@ fn report(targets: &[Target], flag_count: usize) {
     }
     let evaluate = median(&targets[1].max_rps);
     let all = median(&targets[2].max_rps);
-    let worst_p99 = targets.iter().map(|t| median(&t.paced.iter().map(|p| p.3).collect::<Vec<_>>())).fold(0.0, f64::max);
+    let worst_p99 = targets
+        .iter()
+        .map(|t| median(&t.paced.iter().map(|p| p.3).collect::<Vec<_>>()))
+        .fold(0.0, f64::max);
     println!();
     println!(
         "targets: Evaluate/echo {:.0}% (>= 85%: {}), EvaluateAll {all:.0} req/s (>= 10,000: {}), worst p99 at 70% {worst_p99:.2} ms (<= 5 ms: {})",

@@ -42,7 +42,8 @@ async fn run() {
     let tokens = support::write_tokens(dir.path());
 
     let writer = support::start_writer(dir.path(), &tokens).await;
-    let mut admin = support::admin_client(support::connect(&writer.addr, Duration::from_secs(5)).await);
+    let mut admin =
+        support::admin_client(support::connect(&writer.addr, Duration::from_secs(5)).await);
     let load_started = Instant::now();
     let mut head = 0;
     let mut loaded = 0;
@@ -50,7 +51,12 @@ async fn run() {
     while loaded < total {
         let count = per_namespace.min(total - loaded);
         let namespace = format!("scale-{:03}", namespaces.len());
-        head = fixtures::import(&mut admin, &namespace, fixtures::mixed_namespace(&namespace, count)).await;
+        head = fixtures::import(
+            &mut admin,
+            &namespace,
+            fixtures::mixed_namespace(&namespace, count),
+        )
+        .await;
         namespaces.push((namespace, count));
         loaded += count;
     }
@@ -72,7 +78,12 @@ async fn run() {
         let name = format!("flagread-{round}");
         let spawned = Instant::now();
         let mut replica = support::spawn_replica(dir.path(), &tokens, &writer.addr, &name);
-        let serving = support::wait_serving(&replica.addr, Duration::from_secs(60), Duration::from_millis(2)).await;
+        let serving = support::wait_serving(
+            &replica.addr,
+            Duration::from_secs(60),
+            Duration::from_millis(2),
+        )
+        .await;
         let sync = serving.duration_since(spawned).as_secs_f64();
         let (rss, _) = support::rss_kib(replica.proc.pid());
         check_holds(&replica.addr, &namespaces, head).await;
@@ -96,12 +107,31 @@ async fn run() {
         peaks.push(mib(peak));
     }
     println!();
-    println!("| replica with {loaded} flags ({}) | median | runs |", support::machine_line());
+    println!(
+        "| replica with {loaded} flags ({}) | median | runs |",
+        support::machine_line()
+    );
     println!("|---|---:|---|");
-    println!("| cold sync (spawn -> SERVING) | {:.2} s | {} |", median(&syncs), runs(&syncs, 2));
-    println!("| RSS at SERVING | {:.0} MB | {} |", median(&rss_now), runs(&rss_now, 0));
-    println!("| RSS 1 s later | {:.0} MB | {} |", median(&rss_settled), runs(&rss_settled, 0));
-    println!("| peak RSS (VmHWM) | {:.0} MB | {} |", median(&peaks), runs(&peaks, 0));
+    println!(
+        "| cold sync (spawn -> SERVING) | {:.2} s | {} |",
+        median(&syncs),
+        runs(&syncs, 2)
+    );
+    println!(
+        "| RSS at SERVING | {:.0} MB | {} |",
+        median(&rss_now),
+        runs(&rss_now, 0)
+    );
+    println!(
+        "| RSS 1 s later | {:.0} MB | {} |",
+        median(&rss_settled),
+        runs(&rss_settled, 0)
+    );
+    println!(
+        "| peak RSS (VmHWM) | {:.0} MB | {} |",
+        median(&peaks),
+        runs(&peaks, 0)
+    );
     println!(
         "| writer's snapshot stream alone (Subscribe from 0 to SnapshotEnd, after each round) | {:.2} s | {} |",
         median(&streams),
@@ -114,11 +144,19 @@ async fn run() {
         loaded as f64 / load_time.as_secs_f64()
     );
     println!();
-    let worst_rss = rss_now.iter().chain(&rss_settled).copied().fold(0.0, f64::max);
+    let worst_rss = rss_now
+        .iter()
+        .chain(&rss_settled)
+        .copied()
+        .fold(0.0, f64::max);
     println!(
         "targets: cold sync {:.2} s (<= 2 s: {}), RSS {worst_rss:.0} MB at most (< 300 MB: {})",
         median(&syncs),
-        if median(&syncs) <= 2.0 { "met" } else { "MISSED" },
+        if median(&syncs) <= 2.0 {
+            "met"
+        } else {
+            "MISSED"
+        },
         if worst_rss < 300.0 { "met" } else { "MISSED" }
     );
     drop(writer);
@@ -130,15 +168,25 @@ async fn run() {
 async fn snapshot_stream(writer: &str) -> f64 {
     use pb::sync_message::Kind;
     let channel = support::connect(writer, Duration::from_secs(5)).await;
-    let mut client = pb::replication_client::ReplicationClient::with_interceptor(channel, support::Bearer::new(support::SYNC_SECRET))
-        .max_decoding_message_size(64 << 20);
+    let mut client = pb::replication_client::ReplicationClient::with_interceptor(
+        channel,
+        support::Bearer::new(support::SYNC_SECRET),
+    )
+    .max_decoding_message_size(64 << 20);
     let started = Instant::now();
     let mut stream = client
-        .subscribe(pb::SubscribeRequest { from_revision: 0, namespaces: Vec::new() })
+        .subscribe(pb::SubscribeRequest {
+            from_revision: 0,
+            namespaces: Vec::new(),
+        })
         .await
         .unwrap_or_else(|status| panic!("Subscribe failed: {status}"))
         .into_inner();
-    while let Some(message) = stream.message().await.unwrap_or_else(|status| panic!("the change stream failed: {status}")) {
+    while let Some(message) = stream
+        .message()
+        .await
+        .unwrap_or_else(|status| panic!("the change stream failed: {status}"))
+    {
         if matches!(message.kind, Some(Kind::SnapshotEnd(_))) {
             return started.elapsed().as_secs_f64();
         }
@@ -164,6 +212,15 @@ async fn check_holds(addr: &str, namespaces: &[(String, usize)], head: u64) {
         .await
         .unwrap_or_else(|status| panic!("EvaluateAll on {namespace} failed: {status}"))
         .into_inner();
-    assert_eq!(answer.results.len(), *count, "the replica holds {} flags of {namespace}", answer.results.len());
-    assert!(answer.revision >= head, "the replica is at {} < {head}", answer.revision);
+    assert_eq!(
+        answer.results.len(),
+        *count,
+        "the replica holds {} flags of {namespace}",
+        answer.results.len()
+    );
+    assert!(
+        answer.revision >= head,
+        "the replica is at {} < {head}",
+        answer.revision
+    );
 }

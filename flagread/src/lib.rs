@@ -93,8 +93,8 @@ pub struct Config {
     #[arg(long, env = "FLAGREAD_UPSTREAM_DOMAIN")]
     pub upstream_domain: Option<String>,
     /// Address of the Prometheus `/metrics` endpoint.
-    #[arg(long, env = "FLAGREAD_METRICS_ADDR", default_value = "0.0.0.0:9092")]
-    pub metrics_addr: SocketAddr,
+    #[arg(long, env = "FLAGREAD_METRICS_LISTEN", default_value = "0.0.0.0:9092")]
+    pub metrics_listen: SocketAddr,
     /// Log format: `text` or `json`.
     #[arg(long, env = "FLAGREAD_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -179,7 +179,7 @@ impl Config {
         let mut config = <Config as clap::Parser>::parse_from(["flagread", "--dev-no-auth"]);
         config.upstream = upstream.into();
         config.listen = "127.0.0.1:0".parse().expect("a valid address");
-        config.metrics_addr = "127.0.0.1:0".parse().expect("a valid address");
+        config.metrics_listen = "127.0.0.1:0".parse().expect("a valid address");
         config.backoff_min_ms = 20;
         config.backoff_max_ms = 500;
         config.drain_s = 5;
@@ -238,7 +238,7 @@ pub struct Handles {
     /// What the follower knows about the writer.
     pub status: Arc<SyncStatus>,
     /// Where `/metrics` is served.
-    pub metrics_addr: SocketAddr,
+    pub metrics_listen: SocketAddr,
 }
 
 /// Runs a replica on `listener` until `shutdown` completes, then drains (bounded by
@@ -293,16 +293,16 @@ pub async fn run_with(
     }
     let status = Arc::new(SyncStatus::new());
     let metrics = Arc::new(Metrics::default());
-    let metrics_listener = TcpListener::bind(config.metrics_addr)
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|source| Error::Bind {
-            addr: config.metrics_addr,
+            addr: config.metrics_listen,
             source,
         })?;
-    let metrics_addr = metrics_listener
+    let metrics_listen = metrics_listener
         .local_addr()
         .map_err(|source| Error::Bind {
-            addr: config.metrics_addr,
+            addr: config.metrics_listen,
             source,
         })?;
 
@@ -336,11 +336,11 @@ pub async fn run_with(
         addr: config.listen,
         source,
     })?;
-    tracing::info!(listen = %local, metrics = %metrics_addr, upstream = %config.upstream, "flagread serving");
+    tracing::info!(listen = %local, metrics = %metrics_listen, upstream = %config.upstream, "flagread serving");
     started(Handles {
         state: state.clone(),
         status: status.clone(),
-        metrics_addr,
+        metrics_listen,
     });
 
     let eval = EvalService::new(
@@ -354,7 +354,8 @@ pub async fn run_with(
             .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
         authenticator,
     );
-    let (reflection_v1, reflection_v1alpha) = kit::grpc::reflection();
+    let (reflection_v1, reflection_v1alpha) =
+        kit::grpc::reflection_for(&["flagstream.v1.FlagEval"]);
     let mut server = Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
         .max_concurrent_streams(config.max_concurrent_streams)

@@ -16,6 +16,9 @@ async fn main() -> ExitCode {
         eprintln!("flagread: {error}");
         return ExitCode::FAILURE;
     }
+    // Install the signal handlers before binding, so a SIGTERM that arrives
+    // while starting up still drains instead of killing the process.
+    let shutdown = flagstream::kit::shutdown::signal();
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -23,7 +26,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match flagread::run(listener, config, flagstream::kit::shutdown::signal()).await {
+    match flagread::run(listener, config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("flagread: {error}");

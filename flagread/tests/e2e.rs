@@ -226,7 +226,7 @@ impl Cluster {
             snapshot.display().to_string(),
             "--snapshot-interval-ms".into(),
             "50".into(),
-            "--metrics-addr".into(),
+            "--metrics-listen".into(),
             format!("127.0.0.1:{metrics}"),
             "--backoff-min-ms".into(),
             "20".into(),

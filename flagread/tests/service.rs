@@ -231,7 +231,7 @@ async fn evaluate_answers_and_refuses_as_documented() {
         })
     );
 
-    let metrics = scrape(replica.handles.metrics_addr).await;
+    let metrics = scrape(replica.handles.metrics_listen).await;
     assert!(
         metrics.contains("flagread_evaluations_total{namespace=\"prod\",flag=\"a\",variant=\"on\",reason=\"STATIC\"} 4"),
         "{metrics}"

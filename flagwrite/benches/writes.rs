@@ -19,11 +19,26 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
     // program too, without it, and then a tiny smoke run is enough.
     let benching = std::env::args().any(|a| a == "--bench");
-    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let serial = args.first().copied().unwrap_or(if benching { 3_000 } else { 20 });
-    let concurrent = args.get(1).copied().unwrap_or(if benching { 30_000 } else { 128 });
-    let subscribers = args.get(2).copied().unwrap_or(if benching { 16 } else { 2 });
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let serial = args
+        .first()
+        .copied()
+        .unwrap_or(if benching { 3_000 } else { 20 });
+    let concurrent = args
+        .get(1)
+        .copied()
+        .unwrap_or(if benching { 30_000 } else { 128 });
+    let subscribers = args
+        .get(2)
+        .copied()
+        .unwrap_or(if benching { 16 } else { 2 });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(bench(serial, concurrent, subscribers));
 }
 
@@ -39,13 +54,28 @@ impl Server {
     // The child is killed and waited for in `Drop`.
     #[allow(clippy::zombie_processes)]
     fn start() -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("flagwrite-bench-{}", std::process::id()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("flagwrite-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let addr = format!("127.0.0.1:{port}");
-        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(env!("CARGO_BIN_EXE_flagwrite"))
-            .args(["--listen", &addr, "--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--dev-no-auth"])
+            .args([
+                "--listen",
+                &addr,
+                "--metrics-listen",
+                &format!("127.0.0.1:{metrics_port}"),
+                "--dev-no-auth",
+            ])
             .arg("--data-dir")
             .arg(&dir)
             .env("RUST_LOG", "warn")
@@ -54,7 +84,12 @@ impl Server {
             .unwrap();
         for _ in 0..500 {
             if std::net::TcpStream::connect(&addr).is_ok() {
-                return Server { child, addr, dir, metrics_port };
+                return Server {
+                    child,
+                    addr,
+                    dir,
+                    metrics_port,
+                };
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -68,13 +103,21 @@ impl Server {
         socket.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
         let mut body = String::new();
         socket.read_to_string(&mut body).unwrap();
-        body.lines().find_map(|l| l.strip_prefix("flagwrite_flushes_total ")).and_then(|v| v.parse().ok()).unwrap_or(0)
+        body.lines()
+            .find_map(|l| l.strip_prefix("flagwrite_flushes_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     /// User plus system CPU time the server process used so far.
     fn cpu(&self) -> Duration {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
         let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
         // Linux reports clock ticks; USER_HZ is 100 on every mainstream kernel.
         Duration::from_millis(ticks * 10)
@@ -90,7 +133,12 @@ impl Drop for Server {
 }
 
 fn toggle(i: u64, key: &str) -> pb::SetFlagEnabledRequest {
-    pb::SetFlagEnabledRequest { namespace: "bench".into(), key: key.into(), enabled: i.is_multiple_of(2), ..Default::default() }
+    pb::SetFlagEnabledRequest {
+        namespace: "bench".into(),
+        key: key.into(),
+        enabled: i.is_multiple_of(2),
+        ..Default::default()
+    }
 }
 
 async fn writes(channel: &Channel, clients: u64, total: u64) -> Duration {
@@ -113,34 +161,65 @@ async fn writes(channel: &Channel, clients: u64, total: u64) -> Duration {
 
 async fn bench(serial: u64, concurrent: u64, subscribers: u64) {
     let server = Server::start();
-    let channel = Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
-    let mut admin = FlagAdminClient::new(channel.clone());
-    admin
-        .create_namespace(pb::CreateNamespaceRequest { namespace: Some(pb::Namespace { key: "bench".into(), ..Default::default() }), options: None })
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
-    let on = |b| Some(pb::TypedValue { kind: Some(pb::typed_value::Kind::BoolValue(b)) });
+    let mut admin = FlagAdminClient::new(channel.clone());
+    admin
+        .create_namespace(pb::CreateNamespaceRequest {
+            namespace: Some(pb::Namespace {
+                key: "bench".into(),
+                ..Default::default()
+            }),
+            options: None,
+        })
+        .await
+        .unwrap();
+    let on = |b| {
+        Some(pb::TypedValue {
+            kind: Some(pb::typed_value::Kind::BoolValue(b)),
+        })
+    };
     for i in 0..64 {
         let flag = pb::Flag {
             namespace: "bench".into(),
             key: format!("flag-{i}"),
             r#type: pb::FlagType::Boolean as i32,
             variants: vec![
-                pb::Variant { name: "on".into(), value: on(true), description: String::new() },
-                pb::Variant { name: "off".into(), value: on(false), description: String::new() },
+                pb::Variant {
+                    name: "on".into(),
+                    value: on(true),
+                    description: String::new(),
+                },
+                pb::Variant {
+                    name: "off".into(),
+                    value: on(false),
+                    description: String::new(),
+                },
             ],
             enabled: true,
             disabled_variant: "off".into(),
             default_variant: "on".into(),
             ..Default::default()
         };
-        admin.create_flag(pb::CreateFlagRequest { flag: Some(flag), options: None }).await.unwrap();
+        admin
+            .create_flag(pb::CreateFlagRequest {
+                flag: Some(flag),
+                options: None,
+            })
+            .await
+            .unwrap();
     }
 
     let flushes = server.flushes();
     let elapsed = writes(&channel, 1, serial).await;
     let serial_flushes = server.flushes() - flushes;
-    println!("serial, 1 client:        {serial} writes in {elapsed:.2?} = {:.0} durable writes/s ({serial_flushes} flushes)", serial as f64 / elapsed.as_secs_f64());
+    println!(
+        "serial, 1 client:        {serial} writes in {elapsed:.2?} = {:.0} durable writes/s ({serial_flushes} flushes)",
+        serial as f64 / elapsed.as_secs_f64()
+    );
 
     // 64 clients, each on its own HTTP/2 connection like separate admin tools.
     let flushes = server.flushes();
@@ -149,7 +228,9 @@ async fn bench(serial: u64, concurrent: u64, subscribers: u64) {
     for c in 0..64u64 {
         let addr = server.addr.clone();
         tasks.push(tokio::spawn(async move {
-            let mut admin = FlagAdminClient::connect(format!("http://{addr}")).await.unwrap();
+            let mut admin = FlagAdminClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
             let key = format!("flag-{c}");
             for i in 0..concurrent / 64 {
                 admin.set_flag_enabled(toggle(i, &key)).await.unwrap();
@@ -177,8 +258,20 @@ async fn bench(serial: u64, concurrent: u64, subscribers: u64) {
     let (done_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     for _ in 0..subscribers {
         let mut sync = ReplicationClient::new(channel.clone());
-        let head = admin.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap().into_inner().revision;
-        let mut stream = sync.subscribe(pb::SubscribeRequest { from_revision: head, namespaces: vec![] }).await.unwrap().into_inner();
+        let head = admin
+            .list_namespaces(pb::ListNamespacesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .revision;
+        let mut stream = sync
+            .subscribe(pb::SubscribeRequest {
+                from_revision: head,
+                namespaces: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
         let mut done = done_tx.subscribe();
         readers.push(tokio::spawn(async move {
             let mut received = 0u64;

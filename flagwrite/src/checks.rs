@@ -3,34 +3,15 @@
 //! `flagstream::validate` against a view of their namespace. Everything that
 //! is stored went through here.
 
-use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
-
-use flagstream::validate::{FieldError, NamespaceView};
+use flagstream::validate::{FieldError, MemoryView};
 use flagstream::{model, pb};
 
 use crate::error::Error;
 
 /// The part of a namespace a flag or segment is checked against: the flags
-/// reachable through prerequisites and the segments that exist.
-#[derive(Debug, Default)]
-pub struct View {
-    /// Flags by key (the transitive prerequisites of what is checked, or a
-    /// whole namespace for imports).
-    pub flags: HashMap<String, model::Flag>,
-    /// Keys of the segments that exist.
-    pub segments: HashSet<String>,
-}
-
-impl NamespaceView for View {
-    fn segment_exists(&self, key: &str) -> bool {
-        self.segments.contains(key)
-    }
-
-    fn flag(&self, key: &str) -> Option<Cow<'_, model::Flag>> {
-        self.flags.get(key).map(Cow::Borrowed)
-    }
-}
+/// reachable through prerequisites (or a whole namespace, for imports) and the
+/// segments that exist.
+pub type View = MemoryView;
 
 /// Converts and validates a namespace.
 pub fn namespace(ns: pb::Namespace, prefix: &str) -> Result<model::Namespace, Error> {
@@ -73,6 +54,10 @@ pub fn comment(comment: &str) -> Result<(), Error> {
 
 /// An INVALID_ARGUMENT error whose path starts with `prefix` (e.g. `flag`).
 fn invalid(prefix: &str, error: FieldError) -> Error {
-    let error = if prefix.is_empty() { error } else { error.at(prefix) };
+    let error = if prefix.is_empty() {
+        error
+    } else {
+        error.at(prefix)
+    };
     Error::Invalid(error.to_string())
 }

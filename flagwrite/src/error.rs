@@ -22,7 +22,11 @@ pub enum Error {
     FailedPrecondition(String),
     /// Optimistic concurrency failed: the object is at another revision.
     #[error("{what} is at revision {current}, not the expected {expected}")]
-    Conflict { what: String, current: u64, expected: u64 },
+    Conflict {
+        what: String,
+        current: u64,
+        expected: u64,
+    },
     /// The server is shutting down and takes no more writes.
     #[error("flagwrite is shutting down")]
     ShuttingDown,

@@ -10,9 +10,9 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prost::bytes::Bytes;
 use flagstream::pb;
 use prost::Message;
+use prost::bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::store::LogRecord;
@@ -99,8 +99,16 @@ impl Feed {
 /// Encodes a change-log record as the stream's `Change`.
 pub fn encode(record: &LogRecord) -> EncodedChange {
     let deltas = record.entries.iter().filter_map(delta).collect();
-    let full = pb::Change { revision: record.revision, time: record.time, deltas };
-    let empty = pb::Change { revision: record.revision, time: record.time, deltas: Vec::new() };
+    let full = pb::Change {
+        revision: record.revision,
+        time: record.time,
+        deltas,
+    };
+    let empty = pb::Change {
+        revision: record.revision,
+        time: record.time,
+        deltas: Vec::new(),
+    };
     EncodedChange {
         revision: record.revision,
         namespace: record.namespace.clone(),
@@ -121,8 +129,14 @@ fn delta(entry: &pb::HistoryEntry) -> Option<pb::Delta> {
         },
         (None, Some(before)) => match before.kind.as_ref()? {
             O::Namespace(n) => D::DeleteNamespace(n.key.clone()),
-            O::Flag(f) => D::DeleteFlag(pb::ObjectRef { namespace: f.namespace.clone(), key: f.key.clone() }),
-            O::Segment(s) => D::DeleteSegment(pb::ObjectRef { namespace: s.namespace.clone(), key: s.key.clone() }),
+            O::Flag(f) => D::DeleteFlag(pb::ObjectRef {
+                namespace: f.namespace.clone(),
+                key: f.key.clone(),
+            }),
+            O::Segment(s) => D::DeleteSegment(pb::ObjectRef {
+                namespace: s.namespace.clone(),
+                key: s.key.clone(),
+            }),
         },
         (None, None) => return None,
     };

@@ -46,7 +46,11 @@ use crate::writer::Writer;
 /// flagwrite's configuration: every option is a flag and an environment
 /// variable `FLAGWRITE_<NAME>`.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "flagwrite", version, about = "flagstream's writer: the FlagAdmin API and the replication stream")]
+#[command(
+    name = "flagwrite",
+    version,
+    about = "flagstream's writer: the FlagAdmin API and the replication stream"
+)]
 pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "FLAGWRITE_LISTEN", default_value = "0.0.0.0:50051")]
@@ -107,7 +111,10 @@ pub enum RunError {
     Transport(#[from] tonic::transport::Error),
     /// The metrics endpoint could not bind.
     #[error("cannot listen for metrics on {addr}: {source}")]
-    Metrics { addr: SocketAddr, source: std::io::Error },
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// The configuration after loading the files it names.
@@ -121,24 +128,37 @@ impl Config {
     /// one line naming the bad option.
     pub fn prepare(&self) -> Result<Prepared, RunError> {
         let auth = match (&self.tokens_file, self.dev_no_auth) {
-            (Some(_), true) => return Err(RunError::Config("--tokens-file and --dev-no-auth exclude each other".into())),
+            (Some(_), true) => {
+                return Err(RunError::Config(
+                    "--tokens-file and --dev-no-auth exclude each other".into(),
+                ));
+            }
             (None, false) => {
                 return Err(RunError::Config(
                     "no --tokens-file (FLAGWRITE_TOKENS_FILE) given; pass --dev-no-auth to run without auth in development".into(),
                 ));
             }
             (None, true) => Authenticator::allow_all(),
-            (Some(path), false) => Authenticator::new(Tokens::load(path).map_err(|e| RunError::Config(e.to_string()))?),
+            (Some(path), false) => {
+                Authenticator::new(Tokens::load(path).map_err(|e| RunError::Config(e.to_string()))?)
+            }
         };
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(
-                flagstream::kit::grpc::tls_config(cert, key, self.tls_client_ca.as_deref()).map_err(|e| RunError::Config(e.to_string()))?,
+                flagstream::kit::grpc::tls_config(cert, key, self.tls_client_ca.as_deref())
+                    .map_err(|e| RunError::Config(e.to_string()))?,
             ),
             (None, None) if self.tls_client_ca.is_some() => {
-                return Err(RunError::Config("--tls-client-ca needs --tls-cert and --tls-key".into()));
+                return Err(RunError::Config(
+                    "--tls-client-ca needs --tls-cert and --tls-key".into(),
+                ));
             }
             (None, None) => None,
-            _ => return Err(RunError::Config("--tls-cert and --tls-key must be given together".into())),
+            _ => {
+                return Err(RunError::Config(
+                    "--tls-cert and --tls-key must be given together".into(),
+                ));
+            }
         };
         if self.heartbeat_ms == 0 {
             return Err(RunError::Config("--heartbeat-ms must be above 0".into()));
@@ -150,7 +170,11 @@ impl Config {
 /// Serves flagwrite on `listener` until `shutdown` completes, then stops
 /// accepting, ends the change streams, lets in-flight calls finish (within
 /// the grace period), drains the writer and flushes.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let prepared = config.prepare()?;
     let dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&dir))
@@ -160,11 +184,18 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     let feed = Arc::new(Feed::new(head, store.compacted()?, config.feed_capacity));
     let metrics = Arc::new(Metrics::default());
     metrics.head_revision.set(head as i64);
-    let (writer, writer_task) = Writer::spawn(store.clone(), feed.clone(), metrics.clone(), config.changelog_retention);
+    let (writer, writer_task) = Writer::spawn(
+        store.clone(),
+        feed.clone(),
+        metrics.clone(),
+        config.changelog_retention,
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
 
     if let Some(addr) = config.metrics_listen {
-        let metrics_listener = TcpListener::bind(addr).await.map_err(|source| RunError::Metrics { addr, source })?;
+        let metrics_listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Metrics { addr, source })?;
         tracing::info!(addr = %metrics_listener.local_addr().unwrap_or(addr), "metrics endpoint listening");
         let render_metrics = metrics.clone();
         let mut stop = stop_rx.clone();
@@ -180,18 +211,37 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FlagAdminServer<Admin>>().await;
-    health.set_service_status("flagstream.v1.Replication", tonic_health::ServingStatus::Serving).await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let (reflection_v1, reflection_v1alpha) =
-        flagstream::kit::grpc::reflection_for(&["flagstream.v1.FlagAdmin", "flagstream.v1.Replication"]);
+    health
+        .set_service_status(
+            "flagstream.v1.Replication",
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let (reflection_v1, reflection_v1alpha) = flagstream::kit::grpc::reflection_for(&[
+        "flagstream.v1.FlagAdmin",
+        "flagstream.v1.Replication",
+    ]);
 
     let admin = tonic::service::interceptor::InterceptedService::new(
         FlagAdminServer::new(Admin::new(store.clone(), writer, metrics.clone()))
             .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
         prepared.auth.clone(),
     );
-    let stream_config = StreamConfig { heartbeat: Duration::from_millis(config.heartbeat_ms), chunk_bytes: 1024 * 1024 };
-    let replication = Replication::new(store.clone(), feed, metrics.clone(), stream_config, stop_rx.clone()).into_server(prepared.auth);
+    let stream_config = StreamConfig {
+        heartbeat: Duration::from_millis(config.heartbeat_ms),
+        chunk_bytes: 1024 * 1024,
+    };
+    let replication = Replication::new(
+        store.clone(),
+        feed,
+        metrics.clone(),
+        stream_config,
+        stop_rx.clone(),
+    )
+    .into_server(prepared.auth);
 
     let mut builder = Server::builder();
     if let Some(tls) = prepared.tls {
@@ -210,7 +260,9 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams, draining writes");
-        health_on_stop.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        health_on_stop
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         let _ = stop_tx.send(true);
     };
     let grace = Duration::from_secs(config.shutdown_grace_secs);

@@ -6,7 +6,14 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let config = match flagwrite::Config::try_parse() {
         Ok(config) => config,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            e.exit()
+        }
         Err(e) => {
             // clap's message spans several lines; the first says it all.
             let message = e.to_string();
@@ -21,7 +28,10 @@ fn main() -> std::process::ExitCode {
         eprintln!("flagwrite: {e}");
         return std::process::ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("flagwrite: cannot start the runtime: {e}");

@@ -50,38 +50,83 @@ impl Metrics {
     pub fn subscriber(self: &Arc<Self>) -> SubscriberGuard {
         let id = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let sent = Arc::new(AtomicU64::new(0));
-        self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).insert(id, sent.clone());
-        SubscriberGuard { metrics: self.clone(), id, sent }
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, sent.clone());
+        SubscriberGuard {
+            metrics: self.clone(),
+            id,
+            sent,
+        }
     }
 
     /// How many subscribers are connected.
     pub fn subscriber_count(&self) -> usize {
-        self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// The Prometheus text of every metric.
     pub fn render(&self) -> String {
         let head = self.head_revision.get();
         let mut text = Text::default();
-        text.counter_vec("flagwrite_writes_total", "Write RPCs by RPC and outcome.", &["rpc", "outcome"], &self.writes);
-        text.histogram("flagwrite_write_duration_seconds", "Time to commit and flush a write, per write.", &self.write_latency);
-        text.gauge("flagwrite_head_revision", "The latest durable revision.", head);
-        text.counter("flagwrite_flushes_total", "Flushes to disk; each acknowledges a group of writes.", self.flushes.get());
+        text.counter_vec(
+            "flagwrite_writes_total",
+            "Write RPCs by RPC and outcome.",
+            &["rpc", "outcome"],
+            &self.writes,
+        );
+        text.histogram(
+            "flagwrite_write_duration_seconds",
+            "Time to commit and flush a write, per write.",
+            &self.write_latency,
+        );
+        text.gauge(
+            "flagwrite_head_revision",
+            "The latest durable revision.",
+            head,
+        );
+        text.counter(
+            "flagwrite_flushes_total",
+            "Flushes to disk; each acknowledges a group of writes.",
+            self.flushes.get(),
+        );
         let subscribers: Vec<(Vec<String>, i64)> = self
             .subscribers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(id, sent)| (vec![id.to_string()], head - sent.load(Ordering::Relaxed) as i64))
+            .map(|(id, sent)| {
+                (
+                    vec![id.to_string()],
+                    head - sent.load(Ordering::Relaxed) as i64,
+                )
+            })
             .collect();
-        text.gauge("flagwrite_subscribers", "Connected replication subscribers.", subscribers.len() as i64);
-        text.gauge_vec("flagwrite_subscriber_lag_revisions", "Revisions each subscriber is behind the head.", &["subscriber"], subscribers);
+        text.gauge(
+            "flagwrite_subscribers",
+            "Connected replication subscribers.",
+            subscribers.len() as i64,
+        );
+        text.gauge_vec(
+            "flagwrite_subscriber_lag_revisions",
+            "Revisions each subscriber is behind the head.",
+            &["subscriber"],
+            subscribers,
+        );
         text.finish()
     }
 }
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        self.metrics.subscribers.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        self.metrics
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }

@@ -91,23 +91,47 @@ pub struct ReplicationServer<I> {
 const CATCH_UP_STEP: usize = 256;
 
 impl Replication {
-    pub fn new(store: Store, feed: Arc<Feed>, metrics: Arc<Metrics>, config: StreamConfig, shutdown: watch::Receiver<bool>) -> Replication {
-        Replication { store, feed, metrics, config, shutdown }
+    pub fn new(
+        store: Store,
+        feed: Arc<Feed>,
+        metrics: Arc<Metrics>,
+        config: StreamConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Replication {
+        Replication {
+            store,
+            feed,
+            metrics,
+            config,
+            shutdown,
+        }
     }
 
     /// The tonic service, authenticating with `interceptor`.
     pub fn into_server<I>(self, interceptor: I) -> ReplicationServer<I> {
-        ReplicationServer { inner: self, interceptor }
+        ReplicationServer {
+            inner: self,
+            interceptor,
+        }
     }
 
     /// Starts a subscriber task and returns its stream.
-    pub fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<ReceiverStream<Result<WireMessage, Status>>, Status> {
-        let identity = auth::require(&request, "follow the change stream", |id| id.scopes.contains(&auth::Scope::Sync))?;
+    pub fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<ReceiverStream<Result<WireMessage, Status>>, Status> {
+        let identity = auth::require(&request, "follow the change stream", |id| {
+            id.scopes.contains(&auth::Scope::Sync)
+        })?;
         let request = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let follower = Follower {
             service: self.clone(),
-            filter: if request.namespaces.is_empty() { None } else { Some(request.namespaces.into_iter().collect()) },
+            filter: if request.namespaces.is_empty() {
+                None
+            } else {
+                Some(request.namespaces.into_iter().collect())
+            },
             tx,
             guard: self.metrics.subscriber(),
         };
@@ -222,8 +246,13 @@ impl Follower {
         });
         match read.await {
             Ok(Ok(changes)) => Ok(changes),
-            Ok(Err(e)) => Err(Stop::Failed(Status::internal(format!("reading the change log: {}", e)))),
-            Err(e) => Err(Stop::Failed(Status::internal(format!("reading the change log: {e}")))),
+            Ok(Err(e)) => Err(Stop::Failed(Status::internal(format!(
+                "reading the change log: {}",
+                e
+            )))),
+            Err(e) => Err(Stop::Failed(Status::internal(format!(
+                "reading the change log: {e}"
+            )))),
         }
     }
 
@@ -232,13 +261,22 @@ impl Follower {
         let store = self.service.store.clone();
         let snapshot: Snapshot = match tokio::task::spawn_blocking(move || store.snapshot()).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(Stop::Failed(Status::internal(format!("taking a snapshot: {e}")))),
-            Err(e) => return Err(Stop::Failed(Status::internal(format!("taking a snapshot: {e}")))),
+            Ok(Err(e)) => {
+                return Err(Stop::Failed(Status::internal(format!(
+                    "taking a snapshot: {e}"
+                ))));
+            }
+            Err(e) => {
+                return Err(Stop::Failed(Status::internal(format!(
+                    "taking a snapshot: {e}"
+                ))));
+            }
         };
         let revision = snapshot.revision;
         let follows = |ns: &str| self.filter.as_ref().is_none_or(|f| f.contains(ns));
         let begin = pb::SnapshotBegin { revision };
-        self.send(Wire::SnapshotBegin(begin.encode_to_vec().into())).await?;
+        self.send(Wire::SnapshotBegin(begin.encode_to_vec().into()))
+            .await?;
         let limit = self.service.config.chunk_bytes;
         let mut chunk = pb::SnapshotChunk::default();
         let mut size = 0;
@@ -255,7 +293,11 @@ impl Follower {
             chunk.namespaces.push(ns);
             add(&mut chunk, len);
         }
-        for segment in snapshot.segments.into_iter().filter(|s| follows(&s.namespace)) {
+        for segment in snapshot
+            .segments
+            .into_iter()
+            .filter(|s| follows(&s.namespace))
+        {
             let len = segment.encoded_len();
             chunk.segments.push(segment);
             add(&mut chunk, len);
@@ -272,7 +314,8 @@ impl Follower {
             self.send(Wire::SnapshotChunk(chunk.into())).await?;
         }
         let end = pb::SnapshotEnd { revision };
-        self.send(Wire::SnapshotEnd(end.encode_to_vec().into())).await?;
+        self.send(Wire::SnapshotEnd(end.encode_to_vec().into()))
+            .await?;
         self.guard.sent.store(revision, Ordering::Relaxed);
         Ok(revision)
     }
@@ -332,7 +375,9 @@ struct SubscribeSvc<I> {
     interceptor: I,
 }
 
-impl<I: tonic::service::Interceptor + Send + 'static> tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeSvc<I> {
+impl<I: tonic::service::Interceptor + Send + 'static>
+    tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeSvc<I>
+{
     type Response = WireMessage;
     type ResponseStream = ReceiverStream<Result<WireMessage, Status>>;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
@@ -341,7 +386,9 @@ impl<I: tonic::service::Interceptor + Send + 'static> tonic::server::ServerStrea
         // The interceptor runs here, on the decoded request's metadata, since
         // this service is not wrapped by `InterceptedService`.
         let (metadata, extensions, message) = request.into_parts();
-        let checked = self.interceptor.call(Request::from_parts(metadata, extensions, ()));
+        let checked = self
+            .interceptor
+            .call(Request::from_parts(metadata, extensions, ()));
         let inner = self.inner.clone();
         Box::pin(async move {
             let (metadata, extensions, ()) = checked?.into_parts();

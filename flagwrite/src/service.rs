@@ -28,13 +28,28 @@ const MAX_PAGE: usize = 1000;
 
 impl Admin {
     pub fn new(store: Store, writer: Writer, metrics: Arc<Metrics>) -> Admin {
-        Admin { store, writer, metrics }
+        Admin {
+            store,
+            writer,
+            metrics,
+        }
     }
 
     /// Runs a write for `rpc` and counts its outcome.
-    async fn write(&self, rpc: &'static str, identity: &Identity, op: Op, options: Option<pb::WriteOptions>) -> Result<Outcome, Status> {
+    async fn write(
+        &self,
+        rpc: &'static str,
+        identity: &Identity,
+        op: Op,
+        options: Option<pb::WriteOptions>,
+    ) -> Result<Outcome, Status> {
         let options = options.unwrap_or_default();
-        let request = WriteRequest { op, actor: identity.name.clone(), comment: options.comment, validate_only: options.validate_only };
+        let request = WriteRequest {
+            op,
+            actor: identity.name.clone(),
+            comment: options.comment,
+            validate_only: options.validate_only,
+        };
         let result = self.writer.write(request).await;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -56,18 +71,26 @@ impl Admin {
 }
 
 fn admin<T>(request: &Request<T>) -> Result<Arc<Identity>, Status> {
-    auth::require(request, "write (needs scope admin)", |id| id.scopes.contains(&Scope::Admin))
+    auth::require(request, "write (needs scope admin)", |id| {
+        id.scopes.contains(&Scope::Admin)
+    })
 }
 
 fn reader<T>(request: &Request<T>) -> Result<Arc<Identity>, Status> {
-    auth::require(request, "read admin data (needs scope admin or admin-read)", Identity::can_admin_read)
+    auth::require(
+        request,
+        "read admin data (needs scope admin or admin-read)",
+        Identity::can_admin_read,
+    )
 }
 
 fn page_size(requested: u32) -> Result<usize, Status> {
     match requested as usize {
         0 => Ok(DEFAULT_PAGE),
         n if n <= MAX_PAGE => Ok(n),
-        n => Err(Status::invalid_argument(format!("page_size: {n} is more than {MAX_PAGE}"))),
+        n => Err(Status::invalid_argument(format!(
+            "page_size: {n} is more than {MAX_PAGE}"
+        ))),
     }
 }
 
@@ -80,7 +103,10 @@ fn flag_of(outcome: Outcome) -> pb::FlagResponse {
         Some(pb::object::Kind::Flag(f)) => Some(f),
         _ => None,
     };
-    pb::FlagResponse { revision: outcome.revision, flag }
+    pb::FlagResponse {
+        revision: outcome.revision,
+        flag,
+    }
 }
 
 fn segment_of(outcome: Outcome) -> pb::SegmentResponse {
@@ -88,77 +114,159 @@ fn segment_of(outcome: Outcome) -> pb::SegmentResponse {
         Some(pb::object::Kind::Segment(s)) => Some(s),
         _ => None,
     };
-    pb::SegmentResponse { revision: outcome.revision, segment }
+    pb::SegmentResponse {
+        revision: outcome.revision,
+        segment,
+    }
 }
 
 #[tonic::async_trait]
 impl FlagAdmin for Admin {
-    async fn create_namespace(&self, request: Request<pb::CreateNamespaceRequest>) -> Result<Response<pb::NamespaceResponse>, Status> {
+    async fn create_namespace(
+        &self,
+        request: Request<pb::CreateNamespaceRequest>,
+    ) -> Result<Response<pb::NamespaceResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
         let ns = required(req.namespace, "namespace")?;
-        let outcome = self.write("CreateNamespace", &identity, Op::CreateNamespace(ns), req.options).await?;
+        let outcome = self
+            .write(
+                "CreateNamespace",
+                &identity,
+                Op::CreateNamespace(ns),
+                req.options,
+            )
+            .await?;
         let namespace = match outcome.object.and_then(|o| o.kind) {
             Some(pb::object::Kind::Namespace(n)) => Some(n),
             _ => None,
         };
-        Ok(Response::new(pb::NamespaceResponse { revision: outcome.revision, namespace }))
+        Ok(Response::new(pb::NamespaceResponse {
+            revision: outcome.revision,
+            namespace,
+        }))
     }
 
-    async fn list_namespaces(&self, request: Request<pb::ListNamespacesRequest>) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+    async fn list_namespaces(
+        &self,
+        request: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
         reader(&request)?;
         let revision = self.store.head().map_err(Error::from)?;
         let namespaces = self.store.namespaces().map_err(Error::from)?;
-        Ok(Response::new(pb::ListNamespacesResponse { namespaces, revision }))
+        Ok(Response::new(pb::ListNamespacesResponse {
+            namespaces,
+            revision,
+        }))
     }
 
-    async fn delete_namespace(&self, request: Request<pb::DeleteNamespaceRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn delete_namespace(
+        &self,
+        request: Request<pb::DeleteNamespaceRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
-        let outcome = self.write("DeleteNamespace", &identity, Op::DeleteNamespace { key: req.namespace }, req.options).await?;
-        Ok(Response::new(pb::WriteResponse { revision: outcome.revision }))
+        let outcome = self
+            .write(
+                "DeleteNamespace",
+                &identity,
+                Op::DeleteNamespace { key: req.namespace },
+                req.options,
+            )
+            .await?;
+        Ok(Response::new(pb::WriteResponse {
+            revision: outcome.revision,
+        }))
     }
 
-    async fn create_flag(&self, request: Request<pb::CreateFlagRequest>) -> Result<Response<pb::FlagResponse>, Status> {
+    async fn create_flag(
+        &self,
+        request: Request<pb::CreateFlagRequest>,
+    ) -> Result<Response<pb::FlagResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
         let flag = required(req.flag, "flag")?;
-        Ok(Response::new(flag_of(self.write("CreateFlag", &identity, Op::CreateFlag(flag), req.options).await?)))
+        Ok(Response::new(flag_of(
+            self.write("CreateFlag", &identity, Op::CreateFlag(flag), req.options)
+                .await?,
+        )))
     }
 
-    async fn update_flag(&self, request: Request<pb::UpdateFlagRequest>) -> Result<Response<pb::FlagResponse>, Status> {
+    async fn update_flag(
+        &self,
+        request: Request<pb::UpdateFlagRequest>,
+    ) -> Result<Response<pb::FlagResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
         let flag = required(req.flag, "flag")?;
-        let op = Op::UpdateFlag { flag, expected: req.expected_revision };
-        Ok(Response::new(flag_of(self.write("UpdateFlag", &identity, op, req.options).await?)))
+        let op = Op::UpdateFlag {
+            flag,
+            expected: req.expected_revision,
+        };
+        Ok(Response::new(flag_of(
+            self.write("UpdateFlag", &identity, op, req.options).await?,
+        )))
     }
 
-    async fn set_flag_enabled(&self, request: Request<pb::SetFlagEnabledRequest>) -> Result<Response<pb::FlagResponse>, Status> {
+    async fn set_flag_enabled(
+        &self,
+        request: Request<pb::SetFlagEnabledRequest>,
+    ) -> Result<Response<pb::FlagResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
-        let op = Op::SetFlagEnabled { namespace: req.namespace, key: req.key, enabled: req.enabled, expected: req.expected_revision };
-        Ok(Response::new(flag_of(self.write("SetFlagEnabled", &identity, op, req.options).await?)))
+        let op = Op::SetFlagEnabled {
+            namespace: req.namespace,
+            key: req.key,
+            enabled: req.enabled,
+            expected: req.expected_revision,
+        };
+        Ok(Response::new(flag_of(
+            self.write("SetFlagEnabled", &identity, op, req.options)
+                .await?,
+        )))
     }
 
-    async fn delete_flag(&self, request: Request<pb::DeleteFlagRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn delete_flag(
+        &self,
+        request: Request<pb::DeleteFlagRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
-        let op = Op::DeleteFlag { namespace: req.namespace, key: req.key, expected: req.expected_revision };
+        let op = Op::DeleteFlag {
+            namespace: req.namespace,
+            key: req.key,
+            expected: req.expected_revision,
+        };
         let outcome = self.write("DeleteFlag", &identity, op, req.options).await?;
-        Ok(Response::new(pb::WriteResponse { revision: outcome.revision }))
+        Ok(Response::new(pb::WriteResponse {
+            revision: outcome.revision,
+        }))
     }
 
-    async fn get_flag(&self, request: Request<pb::GetFlagRequest>) -> Result<Response<pb::Flag>, Status> {
+    async fn get_flag(
+        &self,
+        request: Request<pb::GetFlagRequest>,
+    ) -> Result<Response<pb::Flag>, Status> {
         reader(&request)?;
         let req = request.into_inner();
-        match self.store.flag(&req.namespace, &req.key).map_err(Error::from)? {
+        match self
+            .store
+            .flag(&req.namespace, &req.key)
+            .map_err(Error::from)?
+        {
             Some(flag) => Ok(Response::new(flag)),
-            None => Err(Error::NotFound(format!("flag {:?} not found in namespace {:?}", req.key, req.namespace)).into()),
+            None => Err(Error::NotFound(format!(
+                "flag {:?} not found in namespace {:?}",
+                req.key, req.namespace
+            ))
+            .into()),
         }
     }
 
-    async fn list_flags(&self, request: Request<pb::ListFlagsRequest>) -> Result<Response<pb::ListFlagsResponse>, Status> {
+    async fn list_flags(
+        &self,
+        request: Request<pb::ListFlagsRequest>,
+    ) -> Result<Response<pb::ListFlagsResponse>, Status> {
         reader(&request)?;
         let req = request.into_inner();
         let size = page_size(req.page_size)?;
@@ -177,47 +285,98 @@ impl FlagAdmin for Admin {
                 continue;
             }
             if flags.len() == size {
-                next_page_token = flags.last().map(|f: &pb::Flag| f.key.clone()).unwrap_or_default();
+                next_page_token = flags
+                    .last()
+                    .map(|f: &pb::Flag| f.key.clone())
+                    .unwrap_or_default();
                 break;
             }
             flags.push(flag);
         }
-        Ok(Response::new(pb::ListFlagsResponse { flags, next_page_token }))
+        Ok(Response::new(pb::ListFlagsResponse {
+            flags,
+            next_page_token,
+        }))
     }
 
-    async fn create_segment(&self, request: Request<pb::CreateSegmentRequest>) -> Result<Response<pb::SegmentResponse>, Status> {
+    async fn create_segment(
+        &self,
+        request: Request<pb::CreateSegmentRequest>,
+    ) -> Result<Response<pb::SegmentResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
         let segment = required(req.segment, "segment")?;
-        Ok(Response::new(segment_of(self.write("CreateSegment", &identity, Op::CreateSegment(segment), req.options).await?)))
+        Ok(Response::new(segment_of(
+            self.write(
+                "CreateSegment",
+                &identity,
+                Op::CreateSegment(segment),
+                req.options,
+            )
+            .await?,
+        )))
     }
 
-    async fn update_segment(&self, request: Request<pb::UpdateSegmentRequest>) -> Result<Response<pb::SegmentResponse>, Status> {
+    async fn update_segment(
+        &self,
+        request: Request<pb::UpdateSegmentRequest>,
+    ) -> Result<Response<pb::SegmentResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
         let segment = required(req.segment, "segment")?;
-        let op = Op::UpdateSegment { segment, expected: req.expected_revision };
-        Ok(Response::new(segment_of(self.write("UpdateSegment", &identity, op, req.options).await?)))
+        let op = Op::UpdateSegment {
+            segment,
+            expected: req.expected_revision,
+        };
+        Ok(Response::new(segment_of(
+            self.write("UpdateSegment", &identity, op, req.options)
+                .await?,
+        )))
     }
 
-    async fn delete_segment(&self, request: Request<pb::DeleteSegmentRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn delete_segment(
+        &self,
+        request: Request<pb::DeleteSegmentRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
-        let op = Op::DeleteSegment { namespace: req.namespace, key: req.key, expected: req.expected_revision };
-        let outcome = self.write("DeleteSegment", &identity, op, req.options).await?;
-        Ok(Response::new(pb::WriteResponse { revision: outcome.revision }))
+        let op = Op::DeleteSegment {
+            namespace: req.namespace,
+            key: req.key,
+            expected: req.expected_revision,
+        };
+        let outcome = self
+            .write("DeleteSegment", &identity, op, req.options)
+            .await?;
+        Ok(Response::new(pb::WriteResponse {
+            revision: outcome.revision,
+        }))
     }
 
-    async fn get_segment(&self, request: Request<pb::GetSegmentRequest>) -> Result<Response<pb::Segment>, Status> {
+    async fn get_segment(
+        &self,
+        request: Request<pb::GetSegmentRequest>,
+    ) -> Result<Response<pb::Segment>, Status> {
         reader(&request)?;
         let req = request.into_inner();
-        match self.store.segment(&req.namespace, &req.key).map_err(Error::from)? {
+        match self
+            .store
+            .segment(&req.namespace, &req.key)
+            .map_err(Error::from)?
+        {
             Some(segment) => Ok(Response::new(segment)),
-            None => Err(Error::NotFound(format!("segment {:?} not found in namespace {:?}", req.key, req.namespace)).into()),
+            None => Err(Error::NotFound(format!(
+                "segment {:?} not found in namespace {:?}",
+                req.key, req.namespace
+            ))
+            .into()),
         }
     }
 
-    async fn list_segments(&self, request: Request<pb::ListSegmentsRequest>) -> Result<Response<pb::ListSegmentsResponse>, Status> {
+    async fn list_segments(
+        &self,
+        request: Request<pb::ListSegmentsRequest>,
+    ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
         reader(&request)?;
         let req = request.into_inner();
         let size = page_size(req.page_size)?;
@@ -232,17 +391,24 @@ impl FlagAdmin for Admin {
             }
             segments.push(segment);
         }
-        Ok(Response::new(pb::ListSegmentsResponse { segments, next_page_token }))
+        Ok(Response::new(pb::ListSegmentsResponse {
+            segments,
+            next_page_token,
+        }))
     }
 
-    async fn list_history(&self, request: Request<pb::ListHistoryRequest>) -> Result<Response<pb::ListHistoryResponse>, Status> {
+    async fn list_history(
+        &self,
+        request: Request<pb::ListHistoryRequest>,
+    ) -> Result<Response<pb::ListHistoryResponse>, Status> {
         reader(&request)?;
         let req = request.into_inner();
         let size = page_size(req.page_size)?;
         if req.namespace.is_empty() {
             return Err(Status::invalid_argument("namespace: required"));
         }
-        let kind = pb::ObjectKind::try_from(req.kind).map_err(|_| Status::invalid_argument(format!("kind: unknown value {}", req.kind)))?;
+        let kind = pb::ObjectKind::try_from(req.kind)
+            .map_err(|_| Status::invalid_argument(format!("kind: unknown value {}", req.kind)))?;
         if !req.key.is_empty() && kind == pb::ObjectKind::Unspecified {
             return Err(Status::invalid_argument("kind: required when key is set"));
         }
@@ -250,8 +416,13 @@ impl FlagAdmin for Admin {
         let (before, skip) = if req.page_token.is_empty() {
             (u64::MAX, 0)
         } else {
-            let parsed = req.page_token.split_once('.').and_then(|(r, i)| Some((r.parse::<u64>().ok()?, i.parse::<usize>().ok()?)));
-            let (revision, index) = parsed.ok_or_else(|| Status::invalid_argument("page_token: not a token this server issued"))?;
+            let parsed = req
+                .page_token
+                .split_once('.')
+                .and_then(|(r, i)| Some((r.parse::<u64>().ok()?, i.parse::<usize>().ok()?)));
+            let (revision, index) = parsed.ok_or_else(|| {
+                Status::invalid_argument("page_token: not a token this server issued")
+            })?;
             (revision.saturating_add(1), index)
         };
         let mut entries = Vec::new();
@@ -261,7 +432,11 @@ impl FlagAdmin for Admin {
             if record.namespace != req.namespace {
                 continue;
             }
-            let first = if record.revision.saturating_add(1) == before { skip } else { 0 };
+            let first = if record.revision.saturating_add(1) == before {
+                skip
+            } else {
+                0
+            };
             for (index, entry) in record.entries.iter().enumerate().skip(first) {
                 if kind != pb::ObjectKind::Unspecified && entry.kind != kind as i32 {
                     continue;
@@ -282,10 +457,16 @@ impl FlagAdmin for Admin {
                 entries.push(entry);
             }
         }
-        Ok(Response::new(pb::ListHistoryResponse { entries, next_page_token }))
+        Ok(Response::new(pb::ListHistoryResponse {
+            entries,
+            next_page_token,
+        }))
     }
 
-    async fn export_namespace(&self, request: Request<pb::ExportNamespaceRequest>) -> Result<Response<pb::ExportNamespaceResponse>, Status> {
+    async fn export_namespace(
+        &self,
+        request: Request<pb::ExportNamespaceRequest>,
+    ) -> Result<Response<pb::ExportNamespaceResponse>, Status> {
         reader(&request)?;
         let namespace = request.into_inner().namespace;
         let store = self.store.clone();
@@ -300,13 +481,27 @@ impl FlagAdmin for Admin {
         };
         let bundle = pb::NamespaceBundle {
             namespace: Some(ns),
-            flags: snapshot.flags.into_iter().filter(|f| f.namespace == namespace).collect(),
-            segments: snapshot.segments.into_iter().filter(|s| s.namespace == namespace).collect(),
+            flags: snapshot
+                .flags
+                .into_iter()
+                .filter(|f| f.namespace == namespace)
+                .collect(),
+            segments: snapshot
+                .segments
+                .into_iter()
+                .filter(|s| s.namespace == namespace)
+                .collect(),
         };
-        Ok(Response::new(pb::ExportNamespaceResponse { revision: snapshot.revision, bundle: Some(bundle) }))
+        Ok(Response::new(pb::ExportNamespaceResponse {
+            revision: snapshot.revision,
+            bundle: Some(bundle),
+        }))
     }
 
-    async fn import_namespace(&self, request: Request<pb::ImportNamespaceRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn import_namespace(
+        &self,
+        request: Request<pb::ImportNamespaceRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
         let op = match req.source {
@@ -331,7 +526,13 @@ impl FlagAdmin for Admin {
                         checks::segment_model(s, &format!("bundle.segments[{i}]"))
                     })
                     .collect::<Result<_, _>>()?;
-                Op::Import { namespace: req.namespace, description: bundle.namespace.map(|n| n.description), flags, segments, path: "bundle" }
+                Op::Import {
+                    namespace: req.namespace,
+                    description: bundle.namespace.map(|n| n.description),
+                    flags,
+                    segments,
+                    path: "bundle",
+                }
             }
             Some(pb::import_namespace_request::Source::UnleashJson(json)) => {
                 // The importer keeps what Unleash would silently turn off (an
@@ -348,9 +549,17 @@ impl FlagAdmin for Admin {
                     path: "unleash_json",
                 }
             }
-            None => return Err(Status::invalid_argument("source: one of bundle or unleash_json is required")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "source: one of bundle or unleash_json is required",
+                ));
+            }
         };
-        let outcome = self.write("ImportNamespace", &identity, op, req.options).await?;
-        Ok(Response::new(pb::WriteResponse { revision: outcome.revision }))
+        let outcome = self
+            .write("ImportNamespace", &identity, op, req.options)
+            .await?;
+        Ok(Response::new(pb::WriteResponse {
+            revision: outcome.revision,
+        }))
     }
 }

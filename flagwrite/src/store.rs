@@ -16,8 +16,8 @@
 //! `after` images), so they cannot disagree.
 
 use std::path::Path;
-use std::sync::RwLock;
 use std::sync::Arc;
+use std::sync::RwLock;
 
 use flagstream::pb;
 use prost::Message;
@@ -100,7 +100,10 @@ const COMPACTED: &[u8] = b"compacted";
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         let inner = Inner {
             namespaces: db.open_tree("namespaces")?,
             flags: db.open_tree("flags")?,
@@ -110,7 +113,9 @@ impl Store {
             commit_lock: RwLock::new(()),
             db,
         };
-        Ok(Store { inner: Arc::new(inner) })
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The latest committed revision (0 for an empty store).
@@ -125,16 +130,28 @@ impl Store {
     }
 
     pub fn namespace(&self, key: &str) -> Result<Option<pb::Namespace>, StoreError> {
-        self.inner.namespaces.get(key)?.map(|v| decode(&v)).transpose()
+        self.inner
+            .namespaces
+            .get(key)?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// Every namespace, ordered by key.
     pub fn namespaces(&self) -> Result<Vec<pb::Namespace>, StoreError> {
-        self.inner.namespaces.iter().map(|kv| decode(&kv?.1)).collect()
+        self.inner
+            .namespaces
+            .iter()
+            .map(|kv| decode(&kv?.1))
+            .collect()
     }
 
     pub fn flag(&self, namespace: &str, key: &str) -> Result<Option<pb::Flag>, StoreError> {
-        self.inner.flags.get(object_key(namespace, key))?.map(|v| decode(&v)).transpose()
+        self.inner
+            .flags
+            .get(object_key(namespace, key))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// The flags of `namespace` with keys after `after` (all when empty),
@@ -148,7 +165,11 @@ impl Store {
     }
 
     pub fn segment(&self, namespace: &str, key: &str) -> Result<Option<pb::Segment>, StoreError> {
-        self.inner.segments.get(object_key(namespace, key))?.map(|v| decode(&v)).transpose()
+        self.inner
+            .segments
+            .get(object_key(namespace, key))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// The segments of `namespace` with keys after `after`, ordered by key.
@@ -161,7 +182,10 @@ impl Store {
     }
 
     /// The change-log records after revision `after`, oldest first.
-    pub fn log_after(&self, after: u64) -> impl Iterator<Item = Result<LogRecord, StoreError>> + use<> {
+    pub fn log_after(
+        &self,
+        after: u64,
+    ) -> impl Iterator<Item = Result<LogRecord, StoreError>> + use<> {
         self.inner
             .changelog
             .range(after.saturating_add(1).to_be_bytes()..)
@@ -169,8 +193,15 @@ impl Store {
     }
 
     /// The change-log records before revision `before`, newest first.
-    pub fn log_before(&self, before: u64) -> impl Iterator<Item = Result<LogRecord, StoreError>> + use<> {
-        self.inner.changelog.range(..before.to_be_bytes()).rev().map(|kv| decode(&kv?.1))
+    pub fn log_before(
+        &self,
+        before: u64,
+    ) -> impl Iterator<Item = Result<LogRecord, StoreError>> + use<> {
+        self.inner
+            .changelog
+            .range(..before.to_be_bytes())
+            .rev()
+            .map(|kv| decode(&kv?.1))
     }
 
     /// Commits one write in one transaction: checks that `record.revision`
@@ -178,19 +209,24 @@ impl Store {
     /// appends the record to the change log and moves the head. Not yet
     /// durable: call [`Store::flush`] before acknowledging.
     pub fn commit(&self, record: &LogRecord) -> Result<(), StoreError> {
-        let mut writes: Vec<(u8, Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(record.entries.len());
+        let mut writes: Vec<(u8, Vec<u8>, Option<Vec<u8>>)> =
+            Vec::with_capacity(record.entries.len());
         for entry in &record.entries {
             let object = entry.after.as_ref().or(entry.before.as_ref());
             let (tree, key, value) = match object.and_then(|o| o.kind.as_ref()) {
                 Some(pb::object::Kind::Namespace(ns)) => {
                     (0, ns.key.as_bytes().to_vec(), after_bytes(&entry.after))
                 }
-                Some(pb::object::Kind::Flag(f)) => {
-                    (1, object_key(&f.namespace, &f.key), after_bytes(&entry.after))
-                }
-                Some(pb::object::Kind::Segment(s)) => {
-                    (2, object_key(&s.namespace, &s.key), after_bytes(&entry.after))
-                }
+                Some(pb::object::Kind::Flag(f)) => (
+                    1,
+                    object_key(&f.namespace, &f.key),
+                    after_bytes(&entry.after),
+                ),
+                Some(pb::object::Kind::Segment(s)) => (
+                    2,
+                    object_key(&s.namespace, &s.key),
+                    after_bytes(&entry.after),
+                ),
                 None => return Err(StoreError::Corrupt("log entry without an object".into())),
             };
             writes.push((tree, key, value));
@@ -199,13 +235,20 @@ impl Store {
         let revision = record.revision;
         let inner = &*self.inner;
         let _guard = inner.commit_lock.write().unwrap_or_else(|e| e.into_inner());
-        let result = (&inner.namespaces, &inner.flags, &inner.segments, &inner.changelog, &inner.meta)
+        let result = (
+            &inner.namespaces,
+            &inner.flags,
+            &inner.segments,
+            &inner.changelog,
+            &inner.meta,
+        )
             .transaction(|(namespaces, flags, segments, changelog, meta)| {
-                let head = read_u64(meta.get(HEAD)?).map_err(ConflictableTransactionError::Abort)?;
+                let head =
+                    read_u64(meta.get(HEAD)?).map_err(ConflictableTransactionError::Abort)?;
                 if head + 1 != revision {
-                    return Err(ConflictableTransactionError::Abort(StoreError::Corrupt(format!(
-                        "revision {revision} does not follow head {head}"
-                    ))));
+                    return Err(ConflictableTransactionError::Abort(StoreError::Corrupt(
+                        format!("revision {revision} does not follow head {head}"),
+                    )));
                 }
                 for (tree, key, value) in &writes {
                     let tree = [namespaces, flags, segments][usize::from(*tree)];
@@ -244,7 +287,9 @@ impl Store {
         let new_compacted = keep_from - 1;
         // The watermark moves first: a crash half-way leaves some records
         // below it, which readers never use and the next compaction removes.
-        self.inner.meta.insert(COMPACTED, &new_compacted.to_be_bytes()[..])?;
+        self.inner
+            .meta
+            .insert(COMPACTED, &new_compacted.to_be_bytes()[..])?;
         let mut removed = 0;
         for kv in self.inner.changelog.range(..keep_from.to_be_bytes()) {
             self.inner.changelog.remove(kv?.0)?;
@@ -262,7 +307,14 @@ impl Store {
             // Copying `IVec`s is cheap (reference counts for large values);
             // decoding happens after the lock is released.
             let copy = |tree: &sled::Tree| tree.iter().values().collect::<Result<Vec<_>, _>>();
-            (revision, (copy(&inner.namespaces)?, copy(&inner.flags)?, copy(&inner.segments)?))
+            (
+                revision,
+                (
+                    copy(&inner.namespaces)?,
+                    copy(&inner.flags)?,
+                    copy(&inner.segments)?,
+                ),
+            )
         };
         Ok(Snapshot {
             revision,
@@ -321,7 +373,10 @@ fn read_u64(value: Option<sled::IVec>) -> Result<u64, StoreError> {
     match value {
         None => Ok(0),
         Some(v) => {
-            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("bad counter".into()))?;
+            let bytes: [u8; 8] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("bad counter".into()))?;
             Ok(u64::from_be_bytes(bytes))
         }
     }

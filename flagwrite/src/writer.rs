@@ -23,18 +23,45 @@ use crate::store::{LogRecord, Store};
 #[derive(Debug, Clone)]
 pub enum Op {
     CreateNamespace(pb::Namespace),
-    DeleteNamespace { key: String },
+    DeleteNamespace {
+        key: String,
+    },
     CreateFlag(pb::Flag),
-    UpdateFlag { flag: pb::Flag, expected: u64 },
-    SetFlagEnabled { namespace: String, key: String, enabled: bool, expected: u64 },
-    DeleteFlag { namespace: String, key: String, expected: u64 },
+    UpdateFlag {
+        flag: pb::Flag,
+        expected: u64,
+    },
+    SetFlagEnabled {
+        namespace: String,
+        key: String,
+        enabled: bool,
+        expected: u64,
+    },
+    DeleteFlag {
+        namespace: String,
+        key: String,
+        expected: u64,
+    },
     CreateSegment(pb::Segment),
-    UpdateSegment { segment: pb::Segment, expected: u64 },
-    DeleteSegment { namespace: String, key: String, expected: u64 },
+    UpdateSegment {
+        segment: pb::Segment,
+        expected: u64,
+    },
+    DeleteSegment {
+        namespace: String,
+        key: String,
+        expected: u64,
+    },
     /// Replaces a namespace's contents (the objects' own namespace fields
     /// are overridden); `path` prefixes error paths (`bundle` or
     /// `unleash_json`).
-    Import { namespace: String, description: Option<String>, flags: Vec<model::Flag>, segments: Vec<model::Segment>, path: &'static str },
+    Import {
+        namespace: String,
+        description: Option<String>,
+        flags: Vec<model::Flag>,
+        segments: Vec<model::Segment>,
+        path: &'static str,
+    },
 }
 
 /// One write request as the service hands it to the writer.
@@ -72,7 +99,12 @@ struct Job {
 impl Writer {
     /// Starts the writer task. It ends when every `Writer` clone is dropped
     /// and the queue is drained.
-    pub fn spawn(store: Store, feed: Arc<Feed>, metrics: Arc<Metrics>, retention: u64) -> (Writer, tokio::task::JoinHandle<()>) {
+    pub fn spawn(
+        store: Store,
+        feed: Arc<Feed>,
+        metrics: Arc<Metrics>,
+        retention: u64,
+    ) -> (Writer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4096);
         let task = tokio::spawn(run(store, feed, metrics, retention, rx));
         (Writer { tx }, task)
@@ -81,7 +113,10 @@ impl Writer {
     /// Submits a write and waits until it is durable (or refused).
     pub async fn write(&self, request: WriteRequest) -> Result<Outcome, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { request, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        self.tx
+            .send(Job { request, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 }
@@ -98,13 +133,21 @@ struct Pending {
 /// The longest a flush waits for more writes to join its group.
 const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
 
-type Flush = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::store::StoreError>> + Send>>;
+type Flush = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), crate::store::StoreError>> + Send>,
+>;
 
 /// The writer loop. Writes are committed as they arrive, even while a flush
 /// is running; a flush covers everything committed before it started, so
 /// each flush acknowledges the group of writes committed since the previous
 /// one (group commit, pipelined with the next group's commits).
-async fn run(store: Store, feed: Arc<Feed>, metrics: Arc<Metrics>, retention: u64, mut rx: mpsc::Receiver<Job>) {
+async fn run(
+    store: Store,
+    feed: Arc<Feed>,
+    metrics: Arc<Metrics>,
+    retention: u64,
+    mut rx: mpsc::Receiver<Job>,
+) {
     // Committed, waiting for a flush to start.
     let mut waiting: Vec<Pending> = Vec::new();
     // The flush in progress and the writes it will make durable.
@@ -216,10 +259,24 @@ fn apply(store: &Store, request: &WriteRequest) -> Result<(Outcome, Option<LogRe
     let revision = store.head()? + 1;
     let now = SystemTime::now();
     let stamp_time = prost_types::Timestamp::from(now);
-    let mut plan = Plan { store, revision, actor: &request.actor, time: stamp_time, entries: Vec::new(), object: None, namespace: String::new() };
+    let mut plan = Plan {
+        store,
+        revision,
+        actor: &request.actor,
+        time: stamp_time,
+        entries: Vec::new(),
+        object: None,
+        namespace: String::new(),
+    };
     plan.build(&request.op)?;
     if request.validate_only {
-        return Ok((Outcome { revision: 0, object: plan.object }, None));
+        return Ok((
+            Outcome {
+                revision: 0,
+                object: plan.object,
+            },
+            None,
+        ));
     }
     let record = LogRecord {
         revision,
@@ -231,7 +288,13 @@ fn apply(store: &Store, request: &WriteRequest) -> Result<(Outcome, Option<LogRe
         entries: plan.entries,
     };
     store.commit(&record)?;
-    Ok((Outcome { revision, object: plan.object }, Some(record)))
+    Ok((
+        Outcome {
+            revision,
+            object: plan.object,
+        },
+        Some(record),
+    ))
 }
 
 /// The RPC name of an operation, recorded in the history.
@@ -267,7 +330,10 @@ impl Plan<'_> {
             Op::CreateNamespace(ns) => {
                 let mut ns = pb::Namespace::from(checks::namespace(ns, "namespace")?);
                 if self.store.namespace(&ns.key)?.is_some() {
-                    return Err(Error::AlreadyExists(format!("namespace {:?} already exists", ns.key)));
+                    return Err(Error::AlreadyExists(format!(
+                        "namespace {:?} already exists",
+                        ns.key
+                    )));
                 }
                 ns.stamp = Some(self.stamp(None));
                 self.namespace = ns.key.clone();
@@ -275,8 +341,16 @@ impl Plan<'_> {
             }
             Op::DeleteNamespace { key } => {
                 let ns = self.namespace_required(&key)?;
-                let flags: Vec<String> = self.store.flags_after(&key, "").map(|f| f.map(|f| f.key)).collect::<Result<_, _>>()?;
-                let segments: Vec<String> = self.store.segments_after(&key, "").map(|s| s.map(|s| s.key)).collect::<Result<_, _>>()?;
+                let flags: Vec<String> = self
+                    .store
+                    .flags_after(&key, "")
+                    .map(|f| f.map(|f| f.key))
+                    .collect::<Result<_, _>>()?;
+                let segments: Vec<String> = self
+                    .store
+                    .segments_after(&key, "")
+                    .map(|s| s.map(|s| s.key))
+                    .collect::<Result<_, _>>()?;
                 if !flags.is_empty() || !segments.is_empty() {
                     return Err(Error::FailedPrecondition(format!(
                         "namespace {key:?} is not empty: it holds flags [{}] and segments [{}]",
@@ -291,7 +365,10 @@ impl Plan<'_> {
                 let model = checks::flag_model(flag, "flag")?;
                 self.namespace_required(&model.namespace)?;
                 if self.store.flag(&model.namespace, &model.key)?.is_some() {
-                    return Err(Error::AlreadyExists(format!("flag {:?} already exists in namespace {:?}", model.key, model.namespace)));
+                    return Err(Error::AlreadyExists(format!(
+                        "flag {:?} already exists in namespace {:?}",
+                        model.key, model.namespace
+                    )));
                 }
                 let view = self.view_for(&model)?;
                 checks::flag(&model, &view, "flag")?;
@@ -301,7 +378,8 @@ impl Plan<'_> {
                 let model = checks::flag_model(flag, "flag")?;
                 let stored = self.flag_required(&model.namespace, &model.key)?;
                 check_expected(&format!("flag {:?}", model.key), &stored.stamp, expected)?;
-                let stored_type = pb::FlagType::try_from(stored.r#type).unwrap_or(pb::FlagType::Unspecified);
+                let stored_type =
+                    pb::FlagType::try_from(stored.r#type).unwrap_or(pb::FlagType::Unspecified);
                 if pb::FlagType::from(model.flag_type) != stored_type {
                     return Err(Error::Invalid(format!(
                         "flag.type: the type of a flag cannot change (it is {})",
@@ -312,7 +390,12 @@ impl Plan<'_> {
                 checks::flag(&model, &view, "flag")?;
                 self.store_flag(model, Some(stored))?;
             }
-            Op::SetFlagEnabled { namespace, key, enabled, expected } => {
+            Op::SetFlagEnabled {
+                namespace,
+                key,
+                enabled,
+                expected,
+            } => {
                 let stored = self.flag_required(&namespace, &key)?;
                 check_expected(&format!("flag {key:?}"), &stored.stamp, expected)?;
                 let mut flag = stored.clone();
@@ -321,7 +404,11 @@ impl Plan<'_> {
                 self.namespace = namespace;
                 self.put(Some(obj_flag(stored)), Some(obj_flag(flag)), true);
             }
-            Op::DeleteFlag { namespace, key, expected } => {
+            Op::DeleteFlag {
+                namespace,
+                key,
+                expected,
+            } => {
                 let stored = self.flag_required(&namespace, &key)?;
                 check_expected(&format!("flag {key:?}"), &stored.stamp, expected)?;
                 let mut dependents = Vec::new();
@@ -344,23 +431,37 @@ impl Plan<'_> {
                 let model = checks::segment(segment, "segment")?;
                 self.namespace_required(&model.namespace)?;
                 if self.store.segment(&model.namespace, &model.key)?.is_some() {
-                    return Err(Error::AlreadyExists(format!("segment {:?} already exists in namespace {:?}", model.key, model.namespace)));
+                    return Err(Error::AlreadyExists(format!(
+                        "segment {:?} already exists in namespace {:?}",
+                        model.key, model.namespace
+                    )));
                 }
                 self.store_segment(model, None);
             }
             Op::UpdateSegment { segment, expected } => {
                 let model = checks::segment(segment, "segment")?;
-                let stored = self.store.segment(&model.namespace, &model.key)?.ok_or_else(|| {
-                    Error::NotFound(format!("segment {:?} not found in namespace {:?}", model.key, model.namespace))
-                })?;
+                let stored = self
+                    .store
+                    .segment(&model.namespace, &model.key)?
+                    .ok_or_else(|| {
+                        Error::NotFound(format!(
+                            "segment {:?} not found in namespace {:?}",
+                            model.key, model.namespace
+                        ))
+                    })?;
                 check_expected(&format!("segment {:?}", model.key), &stored.stamp, expected)?;
                 self.store_segment(model, Some(stored));
             }
-            Op::DeleteSegment { namespace, key, expected } => {
-                let stored = self
-                    .store
-                    .segment(&namespace, &key)?
-                    .ok_or_else(|| Error::NotFound(format!("segment {key:?} not found in namespace {namespace:?}")))?;
+            Op::DeleteSegment {
+                namespace,
+                key,
+                expected,
+            } => {
+                let stored = self.store.segment(&namespace, &key)?.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "segment {key:?} not found in namespace {namespace:?}"
+                    ))
+                })?;
                 check_expected(&format!("segment {key:?}"), &stored.stamp, expected)?;
                 let mut users = Vec::new();
                 for flag in self.store.flags_after(&namespace, "") {
@@ -378,17 +479,39 @@ impl Plan<'_> {
                 self.namespace = namespace;
                 self.put(Some(obj_segment(stored)), None, false);
             }
-            Op::Import { namespace, description, flags, segments, path } => {
+            Op::Import {
+                namespace,
+                description,
+                flags,
+                segments,
+                path,
+            } => {
                 self.import(namespace, description, flags, segments, path)?;
             }
         }
         Ok(())
     }
 
-    fn import(&mut self, namespace: String, description: Option<String>, flags: Vec<model::Flag>, segments: Vec<model::Segment>, path: &str) -> Result<(), Error> {
+    fn import(
+        &mut self,
+        namespace: String,
+        description: Option<String>,
+        flags: Vec<model::Flag>,
+        segments: Vec<model::Segment>,
+        path: &str,
+    ) -> Result<(), Error> {
         let existing = self.store.namespace(&namespace)?;
         let ns_model = checks::namespace(
-            pb::Namespace { key: namespace.clone(), description: description.clone().unwrap_or_else(|| existing.as_ref().map(|n| n.description.clone()).unwrap_or_default()), stamp: None },
+            pb::Namespace {
+                key: namespace.clone(),
+                description: description.clone().unwrap_or_else(|| {
+                    existing
+                        .as_ref()
+                        .map(|n| n.description.clone())
+                        .unwrap_or_default()
+                }),
+                stamp: None,
+            },
             "namespace",
         )?;
         self.namespace = namespace.clone();
@@ -399,7 +522,10 @@ impl Plan<'_> {
             let prefix = element(path, "segments", i, &model.key);
             checks::segment_valid(&model, &prefix)?;
             if !view.segments.insert(model.key.clone()) {
-                return Err(Error::Invalid(format!("{prefix}.key: segment {:?} appears twice", model.key)));
+                return Err(Error::Invalid(format!(
+                    "{prefix}.key: segment {:?} appears twice",
+                    model.key
+                )));
             }
             new_segments.push(model);
         }
@@ -407,8 +533,15 @@ impl Plan<'_> {
         for (i, mut model) in flags.into_iter().enumerate() {
             model.namespace = namespace.clone();
             let prefix = element(path, "flags", i, &model.key);
-            if view.flags.insert(model.key.clone(), model.clone()).is_some() {
-                return Err(Error::Invalid(format!("{prefix}.key: flag {:?} appears twice", model.key)));
+            if view
+                .flags
+                .insert(model.key.clone(), model.clone())
+                .is_some()
+            {
+                return Err(Error::Invalid(format!(
+                    "{prefix}.key: flag {:?} appears twice",
+                    model.key
+                )));
             }
             new_flags.push((prefix, model));
         }
@@ -490,7 +623,11 @@ impl Plan<'_> {
 
     /// Adds a history entry; `returned` makes `after` the object the RPC returns.
     fn put(&mut self, before: Option<pb::Object>, after: Option<pb::Object>, returned: bool) {
-        let (kind, key) = match before.as_ref().or(after.as_ref()).and_then(|o| o.kind.as_ref()) {
+        let (kind, key) = match before
+            .as_ref()
+            .or(after.as_ref())
+            .and_then(|o| o.kind.as_ref())
+        {
             Some(pb::object::Kind::Namespace(n)) => (pb::ObjectKind::Namespace, n.key.clone()),
             Some(pb::object::Kind::Flag(f)) => (pb::ObjectKind::Flag, f.key.clone()),
             Some(pb::object::Kind::Segment(s)) => (pb::ObjectKind::Segment, s.key.clone()),
@@ -499,17 +636,25 @@ impl Plan<'_> {
         if returned {
             self.object = after.clone();
         }
-        self.entries.push(pb::HistoryEntry { kind: kind as i32, key, before, after, ..Default::default() });
+        self.entries.push(pb::HistoryEntry {
+            kind: kind as i32,
+            key,
+            before,
+            after,
+            ..Default::default()
+        });
     }
 
     fn namespace_required(&self, key: &str) -> Result<pb::Namespace, Error> {
-        self.store.namespace(key)?.ok_or_else(|| Error::NotFound(format!("namespace {key:?} not found")))
+        self.store
+            .namespace(key)?
+            .ok_or_else(|| Error::NotFound(format!("namespace {key:?} not found")))
     }
 
     fn flag_required(&self, namespace: &str, key: &str) -> Result<pb::Flag, Error> {
-        self.store
-            .flag(namespace, key)?
-            .ok_or_else(|| Error::NotFound(format!("flag {key:?} not found in namespace {namespace:?}")))
+        self.store.flag(namespace, key)?.ok_or_else(|| {
+            Error::NotFound(format!("flag {key:?} not found in namespace {namespace:?}"))
+        })
     }
 
     /// The view a flag is validated against: its transitive prerequisites
@@ -546,7 +691,11 @@ impl Plan<'_> {
 fn check_expected(what: &str, stamp: &Option<pb::Stamp>, expected: u64) -> Result<(), Error> {
     let current = stamp.as_ref().map_or(0, |s| s.updated_revision);
     if expected != 0 && expected != current {
-        return Err(Error::Conflict { what: what.to_string(), current, expected });
+        return Err(Error::Conflict {
+            what: what.to_string(),
+            current,
+            expected,
+        });
     }
     Ok(())
 }
@@ -554,7 +703,11 @@ fn check_expected(what: &str, stamp: &Option<pb::Stamp>, expected: u64) -> Resul
 /// The error path of an imported object: by index in our bundle format, by
 /// key for Unleash JSON (whose features the admin knows by name).
 fn element(path: &str, field: &str, index: usize, key: &str) -> String {
-    if path == "unleash_json" { format!("{path}.{field}[{key:?}]") } else { format!("{path}.{field}[{index}]") }
+    if path == "unleash_json" {
+        format!("{path}.{field}[{key:?}]")
+    } else {
+        format!("{path}.{field}[{index}]")
+    }
 }
 
 /// Names up to five keys, then how many more.
@@ -567,13 +720,19 @@ fn list_names(names: &[String]) -> String {
 }
 
 fn obj_ns(ns: pb::Namespace) -> pb::Object {
-    pb::Object { kind: Some(pb::object::Kind::Namespace(ns)) }
+    pb::Object {
+        kind: Some(pb::object::Kind::Namespace(ns)),
+    }
 }
 
 fn obj_flag(flag: pb::Flag) -> pb::Object {
-    pb::Object { kind: Some(pb::object::Kind::Flag(flag)) }
+    pb::Object {
+        kind: Some(pb::object::Kind::Flag(flag)),
+    }
 }
 
 fn obj_segment(segment: pb::Segment) -> pb::Object {
-    pb::Object { kind: Some(pb::object::Kind::Segment(segment)) }
+    pb::Object {
+        kind: Some(pb::object::Kind::Segment(segment)),
+    }
 }

@@ -13,12 +13,25 @@ async fn every_rpc_succeeds() {
     let mut admin = server.admin(Some(ADMIN)).await;
 
     assert_eq!(create_namespace(&mut admin, "prod").await, 1);
-    let list = admin.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap().into_inner();
-    assert_eq!(list.namespaces.iter().map(|n| n.key.as_str()).collect::<Vec<_>>(), ["prod"]);
+    let list = admin
+        .list_namespaces(pb::ListNamespacesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.namespaces
+            .iter()
+            .map(|n| n.key.as_str())
+            .collect::<Vec<_>>(),
+        ["prod"]
+    );
     assert_eq!(list.revision, 1);
 
     let seg = admin
-        .create_segment(pb::CreateSegmentRequest { segment: Some(segment("prod", "pro")), options: options("add pro") })
+        .create_segment(pb::CreateSegmentRequest {
+            segment: Some(segment("prod", "pro")),
+            options: options("add pro"),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -33,10 +46,24 @@ async fn every_rpc_succeeds() {
     other.tags = vec!["other".into()];
     assert_eq!(create_flag(&mut admin, other).await, 5);
 
-    let got = admin.get_flag(pb::GetFlagRequest { namespace: "prod".into(), key: "checkout".into() }).await.unwrap().into_inner();
+    let got = admin
+        .get_flag(pb::GetFlagRequest {
+            namespace: "prod".into(),
+            key: "checkout".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.rules.len(), 1);
     let stamp = got.stamp.clone().unwrap();
-    assert_eq!((stamp.created_revision, stamp.updated_revision, stamp.updated_by.as_str()), (3, 3, "ops"));
+    assert_eq!(
+        (
+            stamp.created_revision,
+            stamp.updated_revision,
+            stamp.updated_by.as_str()
+        ),
+        (3, 3, "ops")
+    );
 
     // Paging, prefix and tag filters.
     let page = |size, token: &str, tag: &str, prefix: &str| pb::ListFlagsRequest {
@@ -46,25 +73,58 @@ async fn every_rpc_succeeds() {
         tag: tag.into(),
         key_prefix: prefix.into(),
     };
-    let first = admin.list_flags(page(2, "", "", "")).await.unwrap().into_inner();
+    let first = admin
+        .list_flags(page(2, "", "", ""))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(keys(&first.flags), ["banner", "checkout"]);
-    let second = admin.list_flags(page(2, &first.next_page_token, "", "")).await.unwrap().into_inner();
-    assert_eq!((keys(&second.flags), second.next_page_token.as_str()), (vec!["zeta"], ""));
-    let tagged = admin.list_flags(page(0, "", "other", "")).await.unwrap().into_inner();
+    let second = admin
+        .list_flags(page(2, &first.next_page_token, "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (keys(&second.flags), second.next_page_token.as_str()),
+        (vec!["zeta"], "")
+    );
+    let tagged = admin
+        .list_flags(page(0, "", "other", ""))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(keys(&tagged.flags), ["zeta"]);
-    let prefixed = admin.list_flags(page(0, "", "", "ch")).await.unwrap().into_inner();
+    let prefixed = admin
+        .list_flags(page(0, "", "", "ch"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(keys(&prefixed.flags), ["checkout"]);
 
     // Update with the right expected revision, then the kill switch.
     let mut changed = got.clone();
     changed.description = "changed".into();
     let updated = admin
-        .update_flag(pb::UpdateFlagRequest { flag: Some(changed), expected_revision: 3, options: options("describe") })
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(changed),
+            expected_revision: 3,
+            options: options("describe"),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(updated.revision, 6);
-    assert_eq!(updated.flag.as_ref().unwrap().stamp.as_ref().unwrap().created_revision, 3);
+    assert_eq!(
+        updated
+            .flag
+            .as_ref()
+            .unwrap()
+            .stamp
+            .as_ref()
+            .unwrap()
+            .created_revision,
+        3
+    );
     let off = admin
         .set_flag_enabled(pb::SetFlagEnabledRequest {
             namespace: "prod".into(),
@@ -79,17 +139,32 @@ async fn every_rpc_succeeds() {
     assert_eq!((off.revision, off.flag.unwrap().enabled), (7, false));
 
     // Segments.
-    let got_seg = admin.get_segment(pb::GetSegmentRequest { namespace: "prod".into(), key: "pro".into() }).await.unwrap().into_inner();
+    let got_seg = admin
+        .get_segment(pb::GetSegmentRequest {
+            namespace: "prod".into(),
+            key: "pro".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let mut seg2 = got_seg.clone();
     seg2.description = "paying users".into();
     let up = admin
-        .update_segment(pb::UpdateSegmentRequest { segment: Some(seg2), expected_revision: 2, options: None })
+        .update_segment(pb::UpdateSegmentRequest {
+            segment: Some(seg2),
+            expected_revision: 2,
+            options: None,
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(up.revision, 8);
     let segs = admin
-        .list_segments(pb::ListSegmentsRequest { namespace: "prod".into(), page_size: 0, page_token: String::new() })
+        .list_segments(pb::ListSegmentsRequest {
+            namespace: "prod".into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -104,23 +179,57 @@ async fn every_rpc_succeeds() {
         page_size,
         page_token,
     };
-    let h1 = admin.list_history(history(2, String::new())).await.unwrap().into_inner();
-    assert_eq!(h1.entries.iter().map(|e| e.revision).collect::<Vec<_>>(), [7, 6]);
-    assert_eq!((h1.entries[0].operation.as_str(), h1.entries[0].comment.as_str(), h1.entries[0].actor.as_str()), ("SetFlagEnabled", "incident 42", "ops"));
-    assert!(h1.entries[0].before.is_some() && h1.entries[0].after.is_some());
-    let h2 = admin.list_history(history(2, h1.next_page_token)).await.unwrap().into_inner();
-    assert_eq!(h2.entries.iter().map(|e| e.revision).collect::<Vec<_>>(), [3]);
-    assert!(h2.entries[0].before.is_none());
-    assert!(h2.next_page_token.is_empty());
-    let all = admin
-        .list_history(pb::ListHistoryRequest { namespace: "prod".into(), page_size: 100, ..Default::default() })
+    let h1 = admin
+        .list_history(history(2, String::new()))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(all.entries.iter().map(|e| e.revision).collect::<Vec<_>>(), [8, 7, 6, 5, 4, 3, 2, 1]);
+    assert_eq!(
+        h1.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        [7, 6]
+    );
+    assert_eq!(
+        (
+            h1.entries[0].operation.as_str(),
+            h1.entries[0].comment.as_str(),
+            h1.entries[0].actor.as_str()
+        ),
+        ("SetFlagEnabled", "incident 42", "ops")
+    );
+    assert!(h1.entries[0].before.is_some() && h1.entries[0].after.is_some());
+    let h2 = admin
+        .list_history(history(2, h1.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h2.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        [3]
+    );
+    assert!(h2.entries[0].before.is_none());
+    assert!(h2.next_page_token.is_empty());
+    let all = admin
+        .list_history(pb::ListHistoryRequest {
+            namespace: "prod".into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        all.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        [8, 7, 6, 5, 4, 3, 2, 1]
+    );
 
     // Export, then import the bundle into a new namespace in one revision.
-    let export = admin.export_namespace(pb::ExportNamespaceRequest { namespace: "prod".into() }).await.unwrap().into_inner();
+    let export = admin
+        .export_namespace(pb::ExportNamespaceRequest {
+            namespace: "prod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(export.revision, 8);
     let bundle = export.bundle.unwrap();
     assert_eq!((bundle.flags.len(), bundle.segments.len()), (3, 1));
@@ -134,11 +243,27 @@ async fn every_rpc_succeeds() {
         .unwrap()
         .into_inner();
     assert_eq!(imported.revision, 9);
-    let staged = admin.list_flags(pb::ListFlagsRequest { namespace: "staging".into(), ..Default::default() }).await.unwrap().into_inner();
+    let staged = admin
+        .list_flags(pb::ListFlagsRequest {
+            namespace: "staging".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(keys(&staged.flags), ["banner", "checkout", "zeta"]);
-    assert!(staged.flags.iter().all(|f| f.namespace == "staging" && f.stamp.as_ref().unwrap().updated_revision == 9));
+    assert!(
+        staged
+            .flags
+            .iter()
+            .all(|f| f.namespace == "staging" && f.stamp.as_ref().unwrap().updated_revision == 9)
+    );
     // Re-importing a smaller bundle removes what it lacks.
-    let smaller = pb::NamespaceBundle { namespace: None, flags: vec![flag("x", "only")], segments: vec![] };
+    let smaller = pb::NamespaceBundle {
+        namespace: None,
+        flags: vec![flag("x", "only")],
+        segments: vec![],
+    };
     let again = admin
         .import_namespace(pb::ImportNamespaceRequest {
             namespace: "staging".into(),
@@ -149,21 +274,68 @@ async fn every_rpc_succeeds() {
         .unwrap()
         .into_inner();
     assert_eq!(again.revision, 10);
-    let staged = admin.list_flags(pb::ListFlagsRequest { namespace: "staging".into(), ..Default::default() }).await.unwrap().into_inner();
+    let staged = admin
+        .list_flags(pb::ListFlagsRequest {
+            namespace: "staging".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(keys(&staged.flags), ["only"]);
 
     // Deletions: the flag, the segment once unused, then the namespace.
-    let del = |key: &str| pb::DeleteFlagRequest { namespace: "staging".into(), key: key.into(), expected_revision: 0, options: None };
-    assert_eq!(admin.delete_flag(del("only")).await.unwrap().into_inner().revision, 11);
+    let del = |key: &str| pb::DeleteFlagRequest {
+        namespace: "staging".into(),
+        key: key.into(),
+        expected_revision: 0,
+        options: None,
+    };
     assert_eq!(
-        admin.delete_namespace(pb::DeleteNamespaceRequest { namespace: "staging".into(), options: None }).await.unwrap().into_inner().revision,
+        admin
+            .delete_flag(del("only"))
+            .await
+            .unwrap()
+            .into_inner()
+            .revision,
+        11
+    );
+    assert_eq!(
+        admin
+            .delete_namespace(pb::DeleteNamespaceRequest {
+                namespace: "staging".into(),
+                options: None
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .revision,
         12
     );
-    let mut checkout = admin.get_flag(pb::GetFlagRequest { namespace: "prod".into(), key: "checkout".into() }).await.unwrap().into_inner();
+    let mut checkout = admin
+        .get_flag(pb::GetFlagRequest {
+            namespace: "prod".into(),
+            key: "checkout".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     checkout.rules.clear();
-    admin.update_flag(pb::UpdateFlagRequest { flag: Some(checkout), expected_revision: 0, options: None }).await.unwrap();
+    admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(checkout),
+            expected_revision: 0,
+            options: None,
+        })
+        .await
+        .unwrap();
     let removed = admin
-        .delete_segment(pb::DeleteSegmentRequest { namespace: "prod".into(), key: "pro".into(), expected_revision: 0, options: None })
+        .delete_segment(pb::DeleteSegmentRequest {
+            namespace: "prod".into(),
+            key: "pro".into(),
+            expected_revision: 0,
+            options: None,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -177,11 +349,31 @@ fn keys(flags: &[pb::Flag]) -> Vec<&str> {
 
 /// One refused write: the code and a fragment the message must contain.
 async fn check_refused(admin: &mut Admin, flag: pb::Flag, code: Code, message: &str) {
-    let before = admin.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap().into_inner().revision;
-    let status = admin.create_flag(pb::CreateFlagRequest { flag: Some(flag), options: None }).await.unwrap_err();
+    let before = admin
+        .list_namespaces(pb::ListNamespacesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let status = admin
+        .create_flag(pb::CreateFlagRequest {
+            flag: Some(flag),
+            options: None,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), code, "{status:?}");
-    assert!(status.message().contains(message), "{:?} should contain {message:?}", status.message());
-    let after = admin.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap().into_inner().revision;
+    assert!(
+        status.message().contains(message),
+        "{:?} should contain {message:?}",
+        status.message()
+    );
+    let after = admin
+        .list_namespaces(pb::ListNamespacesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
     assert_eq!(before, after, "a refused write took a revision");
 }
 
@@ -198,14 +390,27 @@ async fn invalid_writes_name_the_field_and_change_nothing() {
         flag
     };
     let constraint = |op: pb::Operator, value: &str| pb::Rule {
-        constraints: vec![pb::Constraint { attribute: "version".into(), operator: op as i32, values: vec![value.into()], ..Default::default() }],
-        serve: Some(pb::Serve { kind: Some(pb::serve::Kind::Variant("on".into())) }),
+        constraints: vec![pb::Constraint {
+            attribute: "version".into(),
+            operator: op as i32,
+            values: vec![value.into()],
+            ..Default::default()
+        }],
+        serve: Some(pb::Serve {
+            kind: Some(pb::serve::Kind::Variant("on".into())),
+        }),
         ..Default::default()
     };
     let cases: Vec<(pb::Flag, &str)> = vec![
         (with(|f| f.key = "has space".into()), "key"),
-        (with(|f| f.default_variant = "missing".into()), "default_variant"),
-        (with(|f| f.rules.push(segment_rule("nope"))), "rules[0].segments[0]"),
+        (
+            with(|f| f.default_variant = "missing".into()),
+            "default_variant",
+        ),
+        (
+            with(|f| f.rules.push(segment_rule("nope"))),
+            "rules[0].segments[0]",
+        ),
         (
             {
                 let mut f = flag("prod", "child");
@@ -233,7 +438,9 @@ async fn invalid_writes_name_the_field_and_change_nothing() {
         (
             {
                 let mut f = flag("prod", "child");
-                f.variants[0].value = Some(pb::TypedValue { kind: Some(pb::typed_value::Kind::StringValue("yes".into())) });
+                f.variants[0].value = Some(pb::TypedValue {
+                    kind: Some(pb::typed_value::Kind::StringValue("yes".into())),
+                });
                 f
             },
             "variants[0].value",
@@ -241,7 +448,10 @@ async fn invalid_writes_name_the_field_and_change_nothing() {
         (
             {
                 let mut f = flag("prod", "child");
-                f.prerequisites.push(pb::Prerequisite { flag: "ghost".into(), ..Default::default() });
+                f.prerequisites.push(pb::Prerequisite {
+                    flag: "ghost".into(),
+                    ..Default::default()
+                });
                 f
             },
             "prerequisites[0].flag",
@@ -256,17 +466,40 @@ async fn invalid_writes_name_the_field_and_change_nothing() {
         ),
     ];
     for (flag, path) in cases {
-        check_refused(&mut admin, flag, Code::InvalidArgument, &format!("flag.{path}")).await;
+        check_refused(
+            &mut admin,
+            flag,
+            Code::InvalidArgument,
+            &format!("flag.{path}"),
+        )
+        .await;
     }
     // A cycle through a prerequisite: parent -> child -> parent.
     let mut child = flag("prod", "child");
-    child.prerequisites.push(pb::Prerequisite { flag: "parent".into(), ..Default::default() });
+    child.prerequisites.push(pb::Prerequisite {
+        flag: "parent".into(),
+        ..Default::default()
+    });
     create_flag(&mut admin, child).await;
     let mut parent = flag("prod", "parent");
-    parent.prerequisites.push(pb::Prerequisite { flag: "child".into(), ..Default::default() });
-    let status = admin.update_flag(pb::UpdateFlagRequest { flag: Some(parent), expected_revision: 0, options: None }).await.unwrap_err();
+    parent.prerequisites.push(pb::Prerequisite {
+        flag: "child".into(),
+        ..Default::default()
+    });
+    let status = admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(parent),
+            expected_revision: 0,
+            options: None,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().starts_with("flag.prerequisites[0]"), "{}", status.message());
+    assert!(
+        status.message().starts_with("flag.prerequisites[0]"),
+        "{}",
+        status.message()
+    );
     server.stop().await;
 }
 
@@ -275,55 +508,128 @@ async fn conflicts_and_preconditions() {
     let server = Server::start().await;
     let mut admin = server.admin(Some(ADMIN)).await;
     create_namespace(&mut admin, "prod").await;
-    admin.create_segment(pb::CreateSegmentRequest { segment: Some(segment("prod", "pro")), options: None }).await.unwrap();
+    admin
+        .create_segment(pb::CreateSegmentRequest {
+            segment: Some(segment("prod", "pro")),
+            options: None,
+        })
+        .await
+        .unwrap();
     let mut user = flag("prod", "user");
     user.rules.push(segment_rule("pro"));
     let rev = create_flag(&mut admin, user.clone()).await;
     let mut child = flag("prod", "child");
-    child.prerequisites.push(pb::Prerequisite { flag: "user".into(), ..Default::default() });
+    child.prerequisites.push(pb::Prerequisite {
+        flag: "user".into(),
+        ..Default::default()
+    });
     create_flag(&mut admin, child).await;
 
     let cases: Vec<(tonic::Status, Code, String)> = vec![
         (
-            admin.update_flag(pb::UpdateFlagRequest { flag: Some(user.clone()), expected_revision: rev + 100, options: None }).await.unwrap_err(),
-            Code::Aborted,
-            format!("is at revision {rev}"),
-        ),
-        (
             admin
-                .set_flag_enabled(pb::SetFlagEnabledRequest { namespace: "prod".into(), key: "user".into(), enabled: false, expected_revision: 1, options: None })
+                .update_flag(pb::UpdateFlagRequest {
+                    flag: Some(user.clone()),
+                    expected_revision: rev + 100,
+                    options: None,
+                })
                 .await
                 .unwrap_err(),
             Code::Aborted,
             format!("is at revision {rev}"),
         ),
-        (admin.create_flag(pb::CreateFlagRequest { flag: Some(user.clone()), options: None }).await.unwrap_err(), Code::AlreadyExists, "already exists".into()),
         (
-            admin.create_namespace(pb::CreateNamespaceRequest { namespace: Some(namespace("prod")), options: None }).await.unwrap_err(),
+            admin
+                .set_flag_enabled(pb::SetFlagEnabledRequest {
+                    namespace: "prod".into(),
+                    key: "user".into(),
+                    enabled: false,
+                    expected_revision: 1,
+                    options: None,
+                })
+                .await
+                .unwrap_err(),
+            Code::Aborted,
+            format!("is at revision {rev}"),
+        ),
+        (
+            admin
+                .create_flag(pb::CreateFlagRequest {
+                    flag: Some(user.clone()),
+                    options: None,
+                })
+                .await
+                .unwrap_err(),
             Code::AlreadyExists,
             "already exists".into(),
         ),
         (
             admin
-                .delete_segment(pb::DeleteSegmentRequest { namespace: "prod".into(), key: "pro".into(), expected_revision: 0, options: None })
+                .create_namespace(pb::CreateNamespaceRequest {
+                    namespace: Some(namespace("prod")),
+                    options: None,
+                })
+                .await
+                .unwrap_err(),
+            Code::AlreadyExists,
+            "already exists".into(),
+        ),
+        (
+            admin
+                .delete_segment(pb::DeleteSegmentRequest {
+                    namespace: "prod".into(),
+                    key: "pro".into(),
+                    expected_revision: 0,
+                    options: None,
+                })
                 .await
                 .unwrap_err(),
             Code::FailedPrecondition,
             "used by flags [\"user\"]".into(),
         ),
         (
-            admin.delete_flag(pb::DeleteFlagRequest { namespace: "prod".into(), key: "user".into(), expected_revision: 0, options: None }).await.unwrap_err(),
+            admin
+                .delete_flag(pb::DeleteFlagRequest {
+                    namespace: "prod".into(),
+                    key: "user".into(),
+                    expected_revision: 0,
+                    options: None,
+                })
+                .await
+                .unwrap_err(),
             Code::FailedPrecondition,
             "prerequisite of flags [\"child\"]".into(),
         ),
         (
-            admin.delete_namespace(pb::DeleteNamespaceRequest { namespace: "prod".into(), options: None }).await.unwrap_err(),
+            admin
+                .delete_namespace(pb::DeleteNamespaceRequest {
+                    namespace: "prod".into(),
+                    options: None,
+                })
+                .await
+                .unwrap_err(),
             Code::FailedPrecondition,
             "flags [\"child\", \"user\"] and segments [\"pro\"]".into(),
         ),
-        (admin.get_flag(pb::GetFlagRequest { namespace: "prod".into(), key: "nope".into() }).await.unwrap_err(), Code::NotFound, "\"nope\"".into()),
         (
-            admin.create_flag(pb::CreateFlagRequest { flag: Some(flag("nowhere", "x")), options: None }).await.unwrap_err(),
+            admin
+                .get_flag(pb::GetFlagRequest {
+                    namespace: "prod".into(),
+                    key: "nope".into(),
+                })
+                .await
+                .unwrap_err(),
+            Code::NotFound,
+            "\"nope\"".into(),
+        ),
+        (
+            admin
+                .create_flag(pb::CreateFlagRequest {
+                    flag: Some(flag("nowhere", "x")),
+                    options: None,
+                })
+                .await
+                .unwrap_err(),
             Code::NotFound,
             "namespace \"nowhere\"".into(),
         ),
@@ -333,13 +639,22 @@ async fn conflicts_and_preconditions() {
                 f.r#type = pb::FlagType::String as i32;
                 f.variants = vec![pb::Variant {
                     name: "on".into(),
-                    value: Some(pb::TypedValue { kind: Some(pb::typed_value::Kind::StringValue("a".into())) }),
+                    value: Some(pb::TypedValue {
+                        kind: Some(pb::typed_value::Kind::StringValue("a".into())),
+                    }),
                     description: String::new(),
                 }];
                 f.disabled_variant = "on".into();
                 f.default_variant = "on".into();
                 f.rules.clear();
-                admin.update_flag(pb::UpdateFlagRequest { flag: Some(f), expected_revision: 0, options: None }).await.unwrap_err()
+                admin
+                    .update_flag(pb::UpdateFlagRequest {
+                        flag: Some(f),
+                        expected_revision: 0,
+                        options: None,
+                    })
+                    .await
+                    .unwrap_err()
             },
             Code::InvalidArgument,
             "flag.type".into(),
@@ -347,7 +662,11 @@ async fn conflicts_and_preconditions() {
     ];
     for (status, code, message) in cases {
         assert_eq!(status.code(), code, "{status:?}");
-        assert!(status.message().contains(&message), "{:?} should contain {message:?}", status.message());
+        assert!(
+            status.message().contains(&message),
+            "{:?} should contain {message:?}",
+            status.message()
+        );
     }
     server.stop().await;
 }
@@ -357,15 +676,37 @@ async fn validate_only_stores_nothing() {
     let server = Server::start().await;
     let mut admin = server.admin(Some(ADMIN)).await;
     create_namespace(&mut admin, "prod").await;
-    let dry = Some(pb::WriteOptions { validate_only: true, comment: String::new() });
-    let response = admin.create_flag(pb::CreateFlagRequest { flag: Some(flag("prod", "dry")), options: dry.clone() }).await.unwrap().into_inner();
+    let dry = Some(pb::WriteOptions {
+        validate_only: true,
+        comment: String::new(),
+    });
+    let response = admin
+        .create_flag(pb::CreateFlagRequest {
+            flag: Some(flag("prod", "dry")),
+            options: dry.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(response.revision, 0);
     assert_eq!(response.flag.unwrap().key, "dry");
-    let status = admin.get_flag(pb::GetFlagRequest { namespace: "prod".into(), key: "dry".into() }).await.unwrap_err();
+    let status = admin
+        .get_flag(pb::GetFlagRequest {
+            namespace: "prod".into(),
+            key: "dry".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let mut bad = flag("prod", "dry");
     bad.default_variant = "nope".into();
-    let status = admin.create_flag(pb::CreateFlagRequest { flag: Some(bad), options: dry }).await.unwrap_err();
+    let status = admin
+        .create_flag(pb::CreateFlagRequest {
+            flag: Some(bad),
+            options: dry,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     // The next real write takes revision 2: dry runs took none.
     assert_eq!(create_flag(&mut admin, flag("prod", "real")).await, 2);
@@ -377,22 +718,56 @@ async fn check(server: &Server, token: Option<&'static str>, rpc: &str, expected
     let mut admin = server.admin(token).await;
     let mut sync = server.sync(token).await;
     let code = match rpc {
-        "ListNamespaces" => admin.list_namespaces(pb::ListNamespacesRequest {}).await.map(|_| ()),
-        "GetFlag" => admin.get_flag(pb::GetFlagRequest { namespace: "prod".into(), key: "f".into() }).await.map(|_| ()),
-        "ListHistory" => admin.list_history(pb::ListHistoryRequest { namespace: "prod".into(), ..Default::default() }).await.map(|_| ()),
-        "ExportNamespace" => admin.export_namespace(pb::ExportNamespaceRequest { namespace: "prod".into() }).await.map(|_| ()),
+        "ListNamespaces" => admin
+            .list_namespaces(pb::ListNamespacesRequest {})
+            .await
+            .map(|_| ()),
+        "GetFlag" => admin
+            .get_flag(pb::GetFlagRequest {
+                namespace: "prod".into(),
+                key: "f".into(),
+            })
+            .await
+            .map(|_| ()),
+        "ListHistory" => admin
+            .list_history(pb::ListHistoryRequest {
+                namespace: "prod".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "ExportNamespace" => admin
+            .export_namespace(pb::ExportNamespaceRequest {
+                namespace: "prod".into(),
+            })
+            .await
+            .map(|_| ()),
         "SetFlagEnabled" => admin
-            .set_flag_enabled(pb::SetFlagEnabledRequest { namespace: "prod".into(), key: "f".into(), enabled: true, ..Default::default() })
+            .set_flag_enabled(pb::SetFlagEnabledRequest {
+                namespace: "prod".into(),
+                key: "f".into(),
+                enabled: true,
+                ..Default::default()
+            })
             .await
             .map(|_| ()),
         "CreateNamespace" => admin
             .create_namespace(pb::CreateNamespaceRequest {
                 namespace: Some(namespace("x")),
-                options: Some(pb::WriteOptions { validate_only: true, comment: String::new() }),
+                options: Some(pb::WriteOptions {
+                    validate_only: true,
+                    comment: String::new(),
+                }),
             })
             .await
             .map(|_| ()),
-        "Subscribe" => match sync.subscribe(pb::SubscribeRequest { from_revision: 1, namespaces: vec![] }).await {
+        "Subscribe" => match sync
+            .subscribe(pb::SubscribeRequest {
+                from_revision: 1,
+                namespaces: vec![],
+            })
+            .await
+        {
             Ok(mut stream) => stream.get_mut().message().await.map(|_| ()),
             Err(e) => Err(e),
         },
@@ -410,19 +785,43 @@ async fn auth_matrix() {
     create_namespace(&mut admin, "prod").await;
     create_flag(&mut admin, flag("prod", "f")).await;
     use Code::{Ok as Allowed, PermissionDenied as Denied, Unauthenticated as Unknown};
-    let reads = ["ListNamespaces", "GetFlag", "ListHistory", "ExportNamespace"];
+    let reads = [
+        "ListNamespaces",
+        "GetFlag",
+        "ListHistory",
+        "ExportNamespace",
+    ];
     let writes = ["SetFlagEnabled", "CreateNamespace"];
     for rpc in reads {
-        for (token, code) in [(Some(ADMIN), Allowed), (Some(READER), Allowed), (Some(SYNC), Denied), (Some(EVAL), Denied), (None, Unknown), (Some("wrong-secret-0123456789"), Unknown)] {
+        for (token, code) in [
+            (Some(ADMIN), Allowed),
+            (Some(READER), Allowed),
+            (Some(SYNC), Denied),
+            (Some(EVAL), Denied),
+            (None, Unknown),
+            (Some("wrong-secret-0123456789"), Unknown),
+        ] {
             check(&server, token, rpc, code).await;
         }
     }
     for rpc in writes {
-        for (token, code) in [(Some(ADMIN), Allowed), (Some(READER), Denied), (Some(SYNC), Denied), (Some(EVAL), Denied), (None, Unknown)] {
+        for (token, code) in [
+            (Some(ADMIN), Allowed),
+            (Some(READER), Denied),
+            (Some(SYNC), Denied),
+            (Some(EVAL), Denied),
+            (None, Unknown),
+        ] {
             check(&server, token, rpc, code).await;
         }
     }
-    for (token, code) in [(Some(SYNC), Allowed), (Some(ADMIN), Denied), (Some(READER), Denied), (Some(EVAL), Denied), (None, Unknown)] {
+    for (token, code) in [
+        (Some(SYNC), Allowed),
+        (Some(ADMIN), Denied),
+        (Some(READER), Denied),
+        (Some(EVAL), Denied),
+        (None, Unknown),
+    ] {
         check(&server, token, "Subscribe", code).await;
     }
     server.stop().await;
@@ -434,7 +833,9 @@ async fn unleash_import_is_atomic_and_names_the_bad_field() {
     let mut admin = server.admin(Some(ADMIN)).await;
     let import = |json: &str| pb::ImportNamespaceRequest {
         namespace: "legacy".into(),
-        source: Some(pb::import_namespace_request::Source::UnleashJson(json.into())),
+        source: Some(pb::import_namespace_request::Source::UnleashJson(
+            json.into(),
+        )),
         options: options("migrate from Unleash"),
     };
     let good = r#"{"version": 2, "features": [
@@ -443,9 +844,21 @@ async fn unleash_import_is_atomic_and_names_the_bad_field() {
             "parameters": {"rollout": "50", "stickiness": "default", "groupId": "rollout"},
             "constraints": [{"contextName": "appName", "operator": "IN", "values": ["web"]}]}]}
     ]}"#;
-    let revision = admin.import_namespace(import(good)).await.unwrap().into_inner().revision;
+    let revision = admin
+        .import_namespace(import(good))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
     assert_eq!(revision, 1);
-    let flags = admin.list_flags(pb::ListFlagsRequest { namespace: "legacy".into(), ..Default::default() }).await.unwrap().into_inner();
+    let flags = admin
+        .list_flags(pb::ListFlagsRequest {
+            namespace: "legacy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(keys(&flags.flags), ["rollout", "simple"]);
 
     // Unleash would silently never match an unknown operator; we refuse it,
@@ -457,11 +870,31 @@ async fn unleash_import_is_atomic_and_names_the_bad_field() {
     ]}"#;
     let status = admin.import_namespace(import(bad)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().starts_with("unleash_json.flags[\"broken\"]"), "{}", status.message());
-    assert!(status.message().contains("SOUNDS_LIKE"), "{}", status.message());
-    let status = admin.import_namespace(import("{not json")).await.unwrap_err();
+    assert!(
+        status
+            .message()
+            .starts_with("unleash_json.flags[\"broken\"]"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("SOUNDS_LIKE"),
+        "{}",
+        status.message()
+    );
+    let status = admin
+        .import_namespace(import("{not json"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let flags = admin.list_flags(pb::ListFlagsRequest { namespace: "legacy".into(), ..Default::default() }).await.unwrap().into_inner();
+    let flags = admin
+        .list_flags(pb::ListFlagsRequest {
+            namespace: "legacy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(keys(&flags.flags), ["rollout", "simple"]);
     server.stop().await;
 }
@@ -479,7 +912,13 @@ async fn shutdown_drains_in_flight_writes() {
         writers.push(tokio::spawn(async move {
             for i in 0.. {
                 let key = format!("w{w}-{i}");
-                match admin.create_flag(pb::CreateFlagRequest { flag: Some(flag("prod", &key)), options: None }).await {
+                match admin
+                    .create_flag(pb::CreateFlagRequest {
+                        flag: Some(flag("prod", &key)),
+                        options: None,
+                    })
+                    .await
+                {
                     Ok(r) => acked.lock().unwrap().push((key, r.into_inner().revision)),
                     // Once shutdown starts, new calls are refused; that is fine.
                     Err(_) => return,
@@ -498,7 +937,14 @@ async fn shutdown_drains_in_flight_writes() {
     let mut admin = server.admin(Some(ADMIN)).await;
     let acked = acked.lock().unwrap().clone();
     for (key, revision) in &acked {
-        let flag = admin.get_flag(pb::GetFlagRequest { namespace: "prod".into(), key: key.clone() }).await.unwrap().into_inner();
+        let flag = admin
+            .get_flag(pb::GetFlagRequest {
+                namespace: "prod".into(),
+                key: key.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(flag.stamp.unwrap().created_revision, *revision);
     }
     server.stop().await;

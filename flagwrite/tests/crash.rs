@@ -22,7 +22,13 @@ async fn acknowledged_writes_survive_kill_9() {
     let data = dir.0.join("data");
     let mut process = Process::start(&data, &["--dev-no-auth"]);
     let mut admin = client(&process).await;
-    admin.create_namespace(pb::CreateNamespaceRequest { namespace: Some(namespace("prod")), options: None }).await.unwrap();
+    admin
+        .create_namespace(pb::CreateNamespaceRequest {
+            namespace: Some(namespace("prod")),
+            options: None,
+        })
+        .await
+        .unwrap();
 
     let acked: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
     let mut writers = Vec::new();
@@ -32,8 +38,17 @@ async fn acknowledged_writes_survive_kill_9() {
         writers.push(tokio::spawn(async move {
             for i in 0.. {
                 let key = format!("w{w}-{i}");
-                match admin.create_flag(pb::CreateFlagRequest { flag: Some(flag("prod", &key)), options: None }).await {
-                    Ok(response) => acked.lock().unwrap().push((key, response.into_inner().revision)),
+                match admin
+                    .create_flag(pb::CreateFlagRequest {
+                        flag: Some(flag("prod", &key)),
+                        options: None,
+                    })
+                    .await
+                {
+                    Ok(response) => acked
+                        .lock()
+                        .unwrap()
+                        .push((key, response.into_inner().revision)),
                     Err(_) => return,
                 }
             }
@@ -55,20 +70,33 @@ async fn acknowledged_writes_survive_kill_9() {
     let mut admin = client(&process).await;
     for (key, revision) in &acked {
         let flag = admin
-            .get_flag(pb::GetFlagRequest { namespace: "prod".into(), key: key.clone() })
+            .get_flag(pb::GetFlagRequest {
+                namespace: "prod".into(),
+                key: key.clone(),
+            })
             .await
             .unwrap_or_else(|e| panic!("acknowledged flag {key} (revision {revision}) lost: {e}"))
             .into_inner();
         assert_eq!(flag.stamp.unwrap().created_revision, *revision);
     }
     // Every revision from 1 to the head is in the history, exactly once.
-    let head = admin.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap().into_inner().revision;
+    let head = admin
+        .list_namespaces(pb::ListNamespacesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
     assert!(head >= acked.iter().map(|a| a.1).max().unwrap());
     let mut revisions = Vec::new();
     let mut token = String::new();
     loop {
         let page = admin
-            .list_history(pb::ListHistoryRequest { namespace: "prod".into(), page_size: 1000, page_token: token, ..Default::default() })
+            .list_history(pb::ListHistoryRequest {
+                namespace: "prod".into(),
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -81,7 +109,14 @@ async fn acknowledged_writes_survive_kill_9() {
     revisions.reverse();
     assert_eq!(revisions, (1..=head).collect::<Vec<_>>());
     // Writing continues at head + 1.
-    let next = admin.create_flag(pb::CreateFlagRequest { flag: Some(flag("prod", "after-crash")), options: None }).await.unwrap().into_inner();
+    let next = admin
+        .create_flag(pb::CreateFlagRequest {
+            flag: Some(flag("prod", "after-crash")),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(next.revision, head + 1);
     assert!(process.terminate().success());
 }
@@ -103,14 +138,32 @@ fn sigterm_stops_cleanly_and_bad_config_fails_fast() {
         assert!(!output.status.success(), "{args:?} should fail");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.contains(message), "{stderr:?} should contain {message:?}");
+        assert!(
+            stderr.contains(message),
+            "{stderr:?} should contain {message:?}"
+        );
     };
     check(&[], "no --tokens-file");
-    check(&["--dev-no-auth", "--log-format", "yaml"], "unknown log format \"yaml\"");
-    check(&["--dev-no-auth", "--changelog-retention", "lots"], "invalid value 'lots' for '--changelog-retention");
-    check(&["--tokens-file", "/nonexistent/tokens"], "cannot read tokens file /nonexistent/tokens");
-    check(&["--dev-no-auth", "--tls-cert", "/x.pem"], "--tls-cert and --tls-key");
+    check(
+        &["--dev-no-auth", "--log-format", "yaml"],
+        "unknown log format \"yaml\"",
+    );
+    check(
+        &["--dev-no-auth", "--changelog-retention", "lots"],
+        "invalid value 'lots' for '--changelog-retention",
+    );
+    check(
+        &["--tokens-file", "/nonexistent/tokens"],
+        "cannot read tokens file /nonexistent/tokens",
+    );
+    check(
+        &["--dev-no-auth", "--tls-cert", "/x.pem"],
+        "--tls-cert and --tls-key",
+    );
     let bad = dir.0.join("bad-tokens");
     std::fs::write(&bad, "ops superuser 0123456789abcdef\n").unwrap();
-    check(&["--tokens-file", bad.to_str().unwrap()], "line 1: unknown scope");
+    check(
+        &["--tokens-file", bad.to_str().unwrap()],
+        "line 1: unknown scope",
+    );
 }

@@ -18,9 +18,13 @@ fn grpcurl() -> Option<String> {
     let candidate = std::env::var("FLAGSTREAM_GRPCURL").unwrap_or_else(|_| "grpcurl".to_string());
     match Command::new(&candidate).arg("-version").output() {
         Ok(output) if output.status.success() => Some(candidate),
-        _ if std::env::var_os("CI").is_some() => panic!("grpcurl not found ({candidate}); run scripts/test.sh"),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("grpcurl not found ({candidate}); run scripts/test.sh")
+        }
         _ => {
-            eprintln!("NOTICE: grpcurl not found ({candidate}); skipping the grpcurl end-to-end test (scripts/test.sh installs it)");
+            eprintln!(
+                "NOTICE: grpcurl not found ({candidate}); skipping the grpcurl end-to-end test (scripts/test.sh installs it)"
+            );
             None
         }
     }
@@ -37,9 +41,16 @@ fn check(grpcurl: &str, addr: &str, command: &str, expected: &[&str]) -> String 
         .collect();
     let output = Command::new(grpcurl).args(&args).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(output.status.success(), "{command}\nfailed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{command}\nfailed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for fragment in expected {
-        assert!(stdout.contains(fragment), "{command}\noutput lacks {fragment:?}:\n{stdout}");
+        assert!(
+            stdout.contains(fragment),
+            "{command}\noutput lacks {fragment:?}:\n{stdout}"
+        );
     }
     stdout
 }
@@ -82,13 +93,38 @@ fn admin_through_reflection_with_grpcurl() {
     let dir = TempDir::new("grpcurl");
     let tokens = dir.0.join("tokens");
     std::fs::write(&tokens, format!("ops admin {TOKEN}\n")).unwrap();
-    let process = Process::start(&dir.0.join("data"), &["--tokens-file", tokens.to_str().unwrap()]);
+    let process = Process::start(
+        &dir.0.join("data"),
+        &["--tokens-file", tokens.to_str().unwrap()],
+    );
     let addr = process.addr.to_string();
 
-    let services = check(&grpcurl, &addr, "grpcurl -plaintext localhost:50051 list", &["flagstream.v1.FlagAdmin", "flagstream.v1.Replication", "grpc.health.v1.Health"]);
-    assert!(!services.contains("FlagEval"), "flagwrite does not serve FlagEval:\n{services}");
-    check(&grpcurl, &addr, "grpcurl -plaintext localhost:50051 describe flagstream.v1.FlagAdmin", &["rpc CreateFlag", "rpc ListHistory"]);
-    check(&grpcurl, &addr, "grpcurl -plaintext localhost:50051 describe flagstream.v1.Flag", &["disabled_variant"]);
+    let services = check(
+        &grpcurl,
+        &addr,
+        "grpcurl -plaintext localhost:50051 list",
+        &[
+            "flagstream.v1.FlagAdmin",
+            "flagstream.v1.Replication",
+            "grpc.health.v1.Health",
+        ],
+    );
+    assert!(
+        !services.contains("FlagEval"),
+        "flagwrite does not serve FlagEval:\n{services}"
+    );
+    check(
+        &grpcurl,
+        &addr,
+        "grpcurl -plaintext localhost:50051 describe flagstream.v1.FlagAdmin",
+        &["rpc CreateFlag", "rpc ListHistory"],
+    );
+    check(
+        &grpcurl,
+        &addr,
+        "grpcurl -plaintext localhost:50051 describe flagstream.v1.Flag",
+        &["disabled_variant"],
+    );
     check(
         &grpcurl,
         &addr,
@@ -105,7 +141,11 @@ fn admin_through_reflection_with_grpcurl() {
         &grpcurl,
         &addr,
         r#"grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{"namespace": "production", "key": "new-checkout"}' localhost:50051 flagstream.v1.FlagAdmin/GetFlag"#,
-        &[r#""defaultVariant": "off""#, r#""updatedBy": "ops""#, "OPERATOR_IN"],
+        &[
+            r#""defaultVariant": "off""#,
+            r#""updatedBy": "ops""#,
+            "OPERATOR_IN",
+        ],
     );
     check(
         &grpcurl,
@@ -117,9 +157,19 @@ fn admin_through_reflection_with_grpcurl() {
         &grpcurl,
         &addr,
         r#"grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{"namespace": "production", "kind": "OBJECT_KIND_FLAG", "key": "new-checkout"}' localhost:50051 flagstream.v1.FlagAdmin/ListHistory"#,
-        &[r#""operation": "SetFlagEnabled""#, r#""operation": "CreateFlag""#, r#""comment": "launch to beta""#, r#""actor": "ops""#],
+        &[
+            r#""operation": "SetFlagEnabled""#,
+            r#""operation": "CreateFlag""#,
+            r#""comment": "launch to beta""#,
+            r#""actor": "ops""#,
+        ],
     );
-    check(&grpcurl, &addr, "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check", &["SERVING"]);
+    check(
+        &grpcurl,
+        &addr,
+        "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check",
+        &["SERVING"],
+    );
     assert!(process.terminate().success());
 }
 
@@ -131,8 +181,23 @@ fn serves_tls_with_a_certificate_from_pem_files() {
     // openssl only makes the test certificate; without it there is nothing
     // to serve, so the test says so and returns.
     let made = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -144,13 +209,35 @@ fn serves_tls_with_a_certificate_from_pem_files() {
     }
     let process = Process::start(
         &dir.0.join("data"),
-        &["--dev-no-auth", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+        &[
+            "--dev-no-auth",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
     );
     let addr = process.addr.to_string();
-    let listed = Command::new(&grpcurl).arg("-cacert").arg(&cert).arg(&addr).arg("list").output().unwrap();
-    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed = Command::new(&grpcurl)
+        .arg("-cacert")
+        .arg(&cert)
+        .arg(&addr)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
     assert!(String::from_utf8_lossy(&listed.stdout).contains("flagstream.v1.FlagAdmin"));
-    let plain = Command::new(&grpcurl).args(["-plaintext", "-max-time", "3", &addr, "list"]).output().unwrap();
-    assert!(!plain.status.success(), "plaintext must be refused on a TLS port");
+    let plain = Command::new(&grpcurl)
+        .args(["-plaintext", "-max-time", "3", &addr, "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "plaintext must be refused on a TLS port"
+    );
     assert!(process.terminate().success());
 }

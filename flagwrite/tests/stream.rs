@@ -28,11 +28,18 @@ async fn next(stream: &mut Streaming<pb::SyncMessage>) -> Kind {
 
 /// Reads a whole snapshot; returns its revision and flag keys.
 async fn snapshot(stream: &mut Streaming<pb::SyncMessage>) -> (u64, Vec<String>) {
-    let Kind::SnapshotBegin(begin) = next(stream).await else { panic!("expected SnapshotBegin") };
+    let Kind::SnapshotBegin(begin) = next(stream).await else {
+        panic!("expected SnapshotBegin")
+    };
     let mut flags = Vec::new();
     loop {
         match next(stream).await {
-            Kind::SnapshotChunk(chunk) => flags.extend(chunk.flags.into_iter().map(|f| format!("{}/{}", f.namespace, f.key))),
+            Kind::SnapshotChunk(chunk) => flags.extend(
+                chunk
+                    .flags
+                    .into_iter()
+                    .map(|f| format!("{}/{}", f.namespace, f.key)),
+            ),
             Kind::SnapshotEnd(end) => {
                 assert_eq!(end.revision, begin.revision);
                 return (end.revision, flags);
@@ -56,10 +63,13 @@ async fn changes(stream: &mut Streaming<pb::SyncMessage>, count: usize) -> Vec<(
 
 async fn subscribe(server: &Server, from: u64, namespaces: &[&str]) -> Streaming<pb::SyncMessage> {
     let mut sync = server.sync(Some(SYNC)).await;
-    sync.subscribe(pb::SubscribeRequest { from_revision: from, namespaces: namespaces.iter().map(|s| s.to_string()).collect() })
-        .await
-        .unwrap()
-        .into_inner()
+    sync.subscribe(pb::SubscribeRequest {
+        from_revision: from,
+        namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
 }
 
 /// Creates namespace `prod` (revision 1) and `n` flags (revisions 2..=n+1).
@@ -92,12 +102,21 @@ async fn from_the_middle_gets_the_rest_of_the_log() {
     let mut stream = subscribe(&server, 3, &[]).await;
     assert_eq!(changes(&mut stream, 3).await, [(4, 1), (5, 1), (6, 1)]);
     admin
-        .set_flag_enabled(pb::SetFlagEnabledRequest { namespace: "prod".into(), key: "f000".into(), enabled: false, ..Default::default() })
+        .set_flag_enabled(pb::SetFlagEnabledRequest {
+            namespace: "prod".into(),
+            key: "f000".into(),
+            enabled: false,
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let Kind::Change(change) = next(&mut stream).await else { panic!("expected a change") };
+    let Kind::Change(change) = next(&mut stream).await else {
+        panic!("expected a change")
+    };
     assert_eq!(change.revision, 7);
-    let Some(pb::delta::Kind::PutFlag(flag)) = &change.deltas[0].kind else { panic!("expected a put") };
+    let Some(pb::delta::Kind::PutFlag(flag)) = &change.deltas[0].kind else {
+        panic!("expected a put")
+    };
     assert!(!flag.enabled);
     server.stop().await;
 }
@@ -112,8 +131,20 @@ async fn from_a_compacted_revision_gets_a_snapshot() {
     let (revision, flags) = snapshot(&mut stream).await;
     assert_eq!((revision, flags.len()), (22, 21));
     // History only lists what the log retains.
-    let history = admin.list_history(pb::ListHistoryRequest { namespace: "prod".into(), page_size: 1000, ..Default::default() }).await.unwrap().into_inner();
-    assert!(history.entries.len() < 10, "{} entries retained", history.entries.len());
+    let history = admin
+        .list_history(pb::ListHistoryRequest {
+            namespace: "prod".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        history.entries.len() < 10,
+        "{} entries retained",
+        history.entries.len()
+    );
     // A replica right at the retained window still gets changes only.
     let oldest = history.entries.last().unwrap().revision;
     let mut stream = subscribe(&server, oldest, &[]).await;
@@ -142,8 +173,14 @@ async fn heartbeats_carry_the_head() {
     let server = Server::start().await;
     let _admin = populate(&server, 2).await;
     let mut stream = subscribe(&server, 3, &[]).await;
-    let message = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
-    let Some(Kind::Heartbeat(beat)) = message.kind else { panic!("expected a heartbeat, got {message:?}") };
+    let message = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(Kind::Heartbeat(beat)) = message.kind else {
+        panic!("expected a heartbeat, got {message:?}")
+    };
     assert_eq!(beat.head_revision, 3);
     server.stop().await;
 }
@@ -157,8 +194,17 @@ async fn a_stalled_subscriber_does_not_delay_writes() {
     // Every change carries the whole flag: 64 KiB, so the stalled
     // subscriber's channel and HTTP/2 windows fill after a few dozen.
     let mut big = flag("prod", "f000");
-    big.metadata = (0..64).map(|i| (format!("k{i}"), "x".repeat(1000))).collect();
-    admin.update_flag(pb::UpdateFlagRequest { flag: Some(big), expected_revision: 0, options: None }).await.unwrap();
+    big.metadata = (0..64)
+        .map(|i| (format!("k{i}"), "x".repeat(1000)))
+        .collect();
+    admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(big),
+            expected_revision: 0,
+            options: None,
+        })
+        .await
+        .unwrap();
     // This subscriber does not read until the writes are done.
     let mut stalled = subscribe(&server, 0, &[]).await;
     let mut live = subscribe(&server, 3, &[]).await;
@@ -170,7 +216,12 @@ async fn a_stalled_subscriber_does_not_delay_writes() {
         writers.push(tokio::spawn(async move {
             for i in 0..n / 8 {
                 admin
-                    .set_flag_enabled(pb::SetFlagEnabledRequest { namespace: "prod".into(), key: "f000".into(), enabled: (w + i) % 2 == 0, ..Default::default() })
+                    .set_flag_enabled(pb::SetFlagEnabledRequest {
+                        namespace: "prod".into(),
+                        key: "f000".into(),
+                        enabled: (w + i) % 2 == 0,
+                        ..Default::default()
+                    })
                     .await
                     .unwrap();
             }
@@ -178,18 +229,29 @@ async fn a_stalled_subscriber_does_not_delay_writes() {
     }
     // The live subscriber keeps up while the stalled one is stuck.
     let got = changes(&mut live, n as usize).await;
-    assert!(got.windows(2).all(|w| w[1].0 == w[0].0 + 1), "gap in the live stream");
+    assert!(
+        got.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "gap in the live stream"
+    );
     for writer in writers {
         writer.await.unwrap();
     }
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_secs(20), "{n} writes took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "{n} writes took {elapsed:?}"
+    );
     // The stalled subscriber then catches up, gap-free, from the log.
     let (revision, _) = snapshot(&mut stalled).await;
     let rest = changes(&mut stalled, (n + 3 - revision) as usize).await;
     let revisions: Vec<u64> = rest.iter().map(|c| c.0).collect();
     assert_eq!(revisions, ((revision + 1)..=n + 3).collect::<Vec<_>>());
-    let head = admin.list_namespaces(pb::ListNamespacesRequest {}).await.unwrap().into_inner().revision;
+    let head = admin
+        .list_namespaces(pb::ListNamespacesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
     assert_eq!(head, n + 3);
     server.stop().await;
 }
@@ -206,7 +268,9 @@ async fn large_snapshots_come_in_chunks_of_about_one_mib() {
         create_flag(&mut admin, f).await;
     }
     let mut stream = subscribe(&server, 0, &[]).await;
-    let Kind::SnapshotBegin(begin) = next(&mut stream).await else { panic!("expected SnapshotBegin") };
+    let Kind::SnapshotBegin(begin) = next(&mut stream).await else {
+        panic!("expected SnapshotBegin")
+    };
     assert_eq!(begin.revision, 601);
     let mut sizes = Vec::new();
     let mut flags = 0;
@@ -225,22 +289,39 @@ async fn large_snapshots_come_in_chunks_of_about_one_mib() {
     }
     assert_eq!(flags, 600);
     assert!(sizes.len() >= 3, "chunk sizes {sizes:?}");
-    assert!(sizes.iter().all(|s| *s <= 1024 * 1024 + 8 * 1024), "chunk sizes {sizes:?}");
+    assert!(
+        sizes.iter().all(|s| *s <= 1024 * 1024 + 8 * 1024),
+        "chunk sizes {sizes:?}"
+    );
     server.stop().await;
 }
 
 #[tokio::test]
 async fn metrics_endpoint_reports_writes_head_and_subscribers() {
     let port = common::process::free_port();
-    let server = Server::start_with(|c| c.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap())).await;
+    let server = Server::start_with(|c| {
+        c.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap())
+    })
+    .await;
     let mut admin = populate(&server, 2).await;
-    let _ = admin.create_flag(pb::CreateFlagRequest { flag: Some(flag("prod", "f000")), options: None }).await.unwrap_err();
+    let _ = admin
+        .create_flag(pb::CreateFlagRequest {
+            flag: Some(flag("prod", "f000")),
+            options: None,
+        })
+        .await
+        .unwrap_err();
     let mut stream = subscribe(&server, 3, &[]).await;
     let _ = stream.message().await;
     let scrape = async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        socket
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut body = String::new();
         socket.read_to_string(&mut body).await.unwrap();
         body
@@ -254,7 +335,10 @@ async fn metrics_endpoint_reports_writes_head_and_subscribers() {
         "flagwrite_subscribers 1",
         "flagwrite_write_duration_seconds_count 4",
     ] {
-        assert!(body.lines().any(|l| l.trim_end() == line), "missing {line:?} in\n{body}");
+        assert!(
+            body.lines().any(|l| l.trim_end() == line),
+            "missing {line:?} in\n{body}"
+        );
     }
     server.stop().await;
 }
@@ -274,12 +358,21 @@ async fn a_subscriber_behind_the_retained_window_gets_a_fresh_snapshot() {
     let (first, _) = snapshot(&mut stream).await;
     assert_eq!(first, 2);
     let mut f = flag("prod", "f000");
-    f.metadata = (0..64).map(|i| (format!("k{i}"), "x".repeat(1000))).collect();
+    f.metadata = (0..64)
+        .map(|i| (format!("k{i}"), "x".repeat(1000)))
+        .collect();
     for i in 0..200 {
-        tokio::time::timeout(Duration::from_secs(10), admin.update_flag(pb::UpdateFlagRequest { flag: Some(f.clone()), expected_revision: 0, options: None }))
-            .await
-            .unwrap_or_else(|_| panic!("write {i} hung"))
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            admin.update_flag(pb::UpdateFlagRequest {
+                flag: Some(f.clone()),
+                expected_revision: 0,
+                options: None,
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("write {i} hung"))
+        .unwrap();
     }
     // Drain what was queued before the stall, then expect a fresh snapshot.
     let mut last = first;
@@ -287,7 +380,10 @@ async fn a_subscriber_behind_the_retained_window_gets_a_fresh_snapshot() {
         match next(&mut stream).await {
             Kind::Change(change) => {
                 assert_eq!(change.revision, last + 1, "gap before the fresh snapshot");
-                assert!(change.revision < 202, "the subscriber never fell behind the window");
+                assert!(
+                    change.revision < 202,
+                    "the subscriber never fell behind the window"
+                );
                 last = change.revision;
             }
             Kind::SnapshotBegin(begin) => {
@@ -310,7 +406,12 @@ async fn a_subscriber_behind_the_retained_window_gets_a_fresh_snapshot() {
         assert_eq!(got.first().unwrap().0, revision + 1);
     }
     admin
-        .set_flag_enabled(pb::SetFlagEnabledRequest { namespace: "prod".into(), key: "f000".into(), enabled: false, ..Default::default() })
+        .set_flag_enabled(pb::SetFlagEnabledRequest {
+            namespace: "prod".into(),
+            key: "f000".into(),
+            enabled: false,
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(changes(&mut stream, 1).await[0].0, 203);

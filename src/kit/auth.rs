@@ -150,7 +150,9 @@ impl Tokens {
             };
             if name.is_empty()
                 || name.len() > 64
-                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             {
                 return Err(syntax(format!(
                     "token name {name:?} must be 1 to 64 of ASCII letters, digits, '.', '_', '-'"
@@ -164,8 +166,13 @@ impl Tokens {
                     "the secret of {name:?} must be at least 16 printable ASCII characters"
                 )));
             }
-            if entries.iter().any(|(s, _)| s.as_slice() == secret.as_bytes()) {
-                return Err(syntax(format!("the secret of {name:?} is used by another token")));
+            if entries
+                .iter()
+                .any(|(s, _)| s.as_slice() == secret.as_bytes())
+            {
+                return Err(syntax(format!(
+                    "the secret of {name:?} is used by another token"
+                )));
             }
             let scopes = scopes
                 .split(',')
@@ -174,7 +181,10 @@ impl Tokens {
                 .map_err(syntax)?;
             entries.push((
                 secret.as_bytes().to_vec(),
-                Arc::new(Identity { name: name.to_string(), scopes }),
+                Arc::new(Identity {
+                    name: name.to_string(),
+                    scopes,
+                }),
             ));
         }
         if entries.is_empty() {
@@ -211,16 +221,23 @@ impl Tokens {
 pub fn dev_identity() -> Identity {
     Identity {
         name: "dev".to_string(),
-        scopes: [Scope::Admin, Scope::AdminRead, Scope::Sync, Scope::Eval(None)]
-            .into_iter()
-            .collect(),
+        scopes: [
+            Scope::Admin,
+            Scope::AdminRead,
+            Scope::Sync,
+            Scope::Eval(None),
+        ]
+        .into_iter()
+        .collect(),
     }
 }
 
 impl Authenticator {
     /// Checks calls against `tokens`.
     pub fn new(tokens: Tokens) -> Authenticator {
-        Authenticator { tokens: Some(Arc::new(tokens)) }
+        Authenticator {
+            tokens: Some(Arc::new(tokens)),
+        }
     }
 
     /// Lets every call through as [`dev_identity`]; only for `--dev-no-auth`.
@@ -238,11 +255,12 @@ impl Interceptor for Authenticator {
                     .metadata()
                     .get("authorization")
                     .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
-                let secret = header
-                    .as_bytes()
-                    .strip_prefix(b"Bearer ")
-                    .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-                tokens.identify(secret).ok_or_else(|| Status::unauthenticated("unknown token"))?
+                let secret = header.as_bytes().strip_prefix(b"Bearer ").ok_or_else(|| {
+                    Status::unauthenticated("authorization must be `Bearer <token>`")
+                })?;
+                tokens
+                    .identify(secret)
+                    .ok_or_else(|| Status::unauthenticated("unknown token"))?
             }
         };
         request.extensions_mut().insert(identity);
@@ -317,16 +335,29 @@ mod tests {
         check(good, "", Ok(None));
         check("", "x", Err("no token"));
         check("ops admin", "x", Err("line 1: expected"));
-        check("ops root 0123456789abcdef", "x", Err("unknown scope \"root\""));
+        check(
+            "ops root 0123456789abcdef",
+            "x",
+            Err("unknown scope \"root\""),
+        );
         check("ops admin short", "x", Err("at least 16"));
         check("o/ps admin 0123456789abcdef", "x", Err("token name"));
-        check("a admin 0123456789abcdef\na sync 0123456789abcdeX", "x", Err("line 2: token name \"a\" is used twice"));
-        check("a admin 0123456789abcdef\nb sync 0123456789abcdef", "x", Err("used by another"));
+        check(
+            "a admin 0123456789abcdef\na sync 0123456789abcdeX",
+            "x",
+            Err("line 2: token name \"a\" is used twice"),
+        );
+        check(
+            "a admin 0123456789abcdef\nb sync 0123456789abcdef",
+            "x",
+            Err("used by another"),
+        );
     }
 
     #[test]
     fn eval_scopes() {
-        let tokens = Tokens::parse("web eval:prod 0123456789abcdef\nall eval 0123456789abcdeg").unwrap();
+        let tokens =
+            Tokens::parse("web eval:prod 0123456789abcdef\nall eval 0123456789abcdeg").unwrap();
         let web = tokens.identify(b"0123456789abcdef").unwrap();
         assert!(web.can_eval("prod") && !web.can_eval("dev") && !web.can_admin_read());
         let all = tokens.identify(b"0123456789abcdeg").unwrap();

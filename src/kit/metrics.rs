@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -48,7 +48,8 @@ pub struct Text {
 
 /// Bucket bounds suited to durable writes: 100 µs to 10 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
 ];
 
 impl CounterVec {
@@ -98,9 +99,14 @@ impl Histogram {
     /// Records one observation.
     pub fn observe(&self, duration: std::time::Duration) {
         let secs = duration.as_secs_f64();
-        let index = self.bounds.iter().position(|b| secs <= *b).unwrap_or(self.bounds.len());
+        let index = self
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.bounds.len());
         self.buckets[index].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -153,7 +159,11 @@ impl Text {
         let _ = writeln!(self.out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
         let sum = histogram.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(self.out, "{name}_sum {sum}");
-        let _ = writeln!(self.out, "{name}_count {}", histogram.count.load(Ordering::Relaxed));
+        let _ = writeln!(
+            self.out,
+            "{name}_count {}",
+            histogram.count.load(Ordering::Relaxed)
+        );
     }
 
     /// The finished text.
@@ -172,7 +182,10 @@ fn label_set(names: &[&str], values: &[String]) -> String {
         .iter()
         .zip(values)
         .map(|(n, v)| {
-            let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
             format!("{n}=\"{v}\"")
         })
         .collect();
@@ -219,11 +232,12 @@ pub async fn serve(
                 let line = String::from_utf8_lossy(line);
                 let mut parts = line.split_whitespace();
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let (status, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-                    ("200 OK", render())
-                } else {
-                    ("404 Not Found", "not found; try /metrics\n".to_string())
-                };
+                let (status, body) =
+                    if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                        ("200 OK", render())
+                    } else {
+                        ("404 Not Found", "not found; try /metrics\n".to_string())
+                    };
                 let head = format!(
                     "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()

@@ -14,18 +14,31 @@ pub const NAMESPACE: &str = "bench";
 pub const CONSTRAINED_FLAG: &str = "checkout-color";
 
 fn string_value(text: &str) -> pb::TypedValue {
-    pb::TypedValue { kind: Some(ValueKind::StringValue(text.to_string())) }
+    pb::TypedValue {
+        kind: Some(ValueKind::StringValue(text.to_string())),
+    }
 }
 
 fn bool_value(value: bool) -> pb::TypedValue {
-    pb::TypedValue { kind: Some(ValueKind::BoolValue(value)) }
+    pb::TypedValue {
+        kind: Some(ValueKind::BoolValue(value)),
+    }
 }
 
 fn variant(name: &str, value: pb::TypedValue) -> pb::Variant {
-    pb::Variant { name: name.to_string(), value: Some(value), description: String::new() }
+    pb::Variant {
+        name: name.to_string(),
+        value: Some(value),
+        description: String::new(),
+    }
 }
 
-fn constraint(attribute: &str, operator: pb::Operator, values: &[&str], case_insensitive: bool) -> pb::Constraint {
+fn constraint(
+    attribute: &str,
+    operator: pb::Operator,
+    values: &[&str],
+    case_insensitive: bool,
+) -> pb::Constraint {
     pb::Constraint {
         attribute: attribute.to_string(),
         operator: operator as i32,
@@ -62,18 +75,41 @@ pub fn constrained_flag(namespace: &str, key: &str) -> pb::Flag {
         rules: vec![pb::Rule {
             name: "adults-in-prod".to_string(),
             constraints: vec![
-                constraint("environment", pb::Operator::In, &["production", "staging"], false),
-                constraint("email", pb::Operator::StrStartsWith, &["admin", "ops"], true),
+                constraint(
+                    "environment",
+                    pb::Operator::In,
+                    &["production", "staging"],
+                    false,
+                ),
+                constraint(
+                    "email",
+                    pb::Operator::StrStartsWith,
+                    &["admin", "ops"],
+                    true,
+                ),
                 constraint("age", pb::Operator::NumGte, &["18"], false),
             ],
             segments: Vec::new(),
-            rollout: Some(pb::Rollout { percentage: 50, stickiness: "default".to_string(), group_id: String::new() }),
+            rollout: Some(pb::Rollout {
+                percentage: 50,
+                stickiness: "default".to_string(),
+                group_id: String::new(),
+            }),
             serve: Some(pb::Serve {
                 kind: Some(ServeKind::Split(pb::Split {
                     variants: vec![
-                        pb::WeightedVariant { variant: "red".to_string(), weight: 333 },
-                        pb::WeightedVariant { variant: "green".to_string(), weight: 333 },
-                        pb::WeightedVariant { variant: "blue".to_string(), weight: 334 },
+                        pb::WeightedVariant {
+                            variant: "red".to_string(),
+                            weight: 333,
+                        },
+                        pb::WeightedVariant {
+                            variant: "green".to_string(),
+                            weight: 333,
+                        },
+                        pb::WeightedVariant {
+                            variant: "blue".to_string(),
+                            weight: 334,
+                        },
                     ],
                     stickiness: "default".to_string(),
                     group_id: String::new(),
@@ -95,7 +131,10 @@ pub fn on_off_flag(namespace: &str, key: &str, enabled: bool) -> pb::Flag {
         key: key.to_string(),
         description: String::new(),
         r#type: pb::FlagType::Boolean as i32,
-        variants: vec![variant("on", bool_value(true)), variant("off", bool_value(false))],
+        variants: vec![
+            variant("on", bool_value(true)),
+            variant("off", bool_value(false)),
+        ],
         enabled,
         disabled_variant: "off".to_string(),
         default_variant: "on".to_string(),
@@ -112,10 +151,21 @@ pub fn rollout_flag(namespace: &str, key: &str) -> pb::Flag {
     pb::Flag {
         rules: vec![pb::Rule {
             name: "eu-rollout".to_string(),
-            constraints: vec![constraint("country", pb::Operator::In, &["de", "fr"], false)],
+            constraints: vec![constraint(
+                "country",
+                pb::Operator::In,
+                &["de", "fr"],
+                false,
+            )],
             segments: Vec::new(),
-            rollout: Some(pb::Rollout { percentage: 25, stickiness: "default".to_string(), group_id: String::new() }),
-            serve: Some(pb::Serve { kind: Some(ServeKind::Variant("on".to_string())) }),
+            rollout: Some(pb::Rollout {
+                percentage: 25,
+                stickiness: "default".to_string(),
+                group_id: String::new(),
+            }),
+            serve: Some(pb::Serve {
+                kind: Some(ServeKind::Variant("on".to_string())),
+            }),
         }],
         default_variant: "off".to_string(),
         ..on_off_flag(namespace, key, true)
@@ -160,7 +210,11 @@ pub fn context() -> pb::Context {
 /// fastest way to load many flags: one request, one transaction, one fsync).
 pub async fn import(admin: &mut super::AdminClient, namespace: &str, flags: Vec<pb::Flag>) -> u64 {
     let bundle = pb::NamespaceBundle {
-        namespace: Some(pb::Namespace { key: namespace.to_string(), description: String::new(), stamp: None }),
+        namespace: Some(pb::Namespace {
+            key: namespace.to_string(),
+            description: String::new(),
+            stamp: None,
+        }),
         flags,
         segments: Vec::new(),
     };

@@ -35,7 +35,9 @@ impl<T, U> Default for ProstCodec<T, U> {
 pub struct ProstEncoder<T>(PhantomData<T>);
 pub struct ProstDecoder<U>(PhantomData<U>);
 
-impl<T: Message + Send + 'static, U: Message + Default + Send + 'static> Codec for ProstCodec<T, U> {
+impl<T: Message + Send + 'static, U: Message + Default + Send + 'static> Codec
+    for ProstCodec<T, U>
+{
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
@@ -55,7 +57,8 @@ impl<T: Message> Encoder for ProstEncoder<T> {
     type Error = Status;
 
     fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(buf).map_err(|error| Status::internal(error.to_string()))
+        item.encode(buf)
+            .map_err(|error| Status::internal(error.to_string()))
     }
 }
 
@@ -64,7 +67,9 @@ impl<U: Message + Default> Decoder for ProstDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf).map(Some).map_err(|error| Status::internal(error.to_string()))
+        U::decode(buf)
+            .map(Some)
+            .map_err(|error| Status::internal(error.to_string()))
     }
 }
 
@@ -147,10 +152,13 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if request.uri().path() != ECHO_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("only Echo is served").into_http()) });
+            return Box::pin(async {
+                Ok(Status::unimplemented("only Echo is served").into_http())
+            });
         }
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(ProstCodec::<EchoMessage, EchoMessage>::default());
+            let mut grpc =
+                tonic::server::Grpc::new(ProstCodec::<EchoMessage, EchoMessage>::default());
             Ok(grpc.unary(EchoMethod, request).await)
         })
     }
@@ -172,17 +180,27 @@ pub fn serve_echo(addr: SocketAddr) {
 /// Sends one request whose body is `body` (already protobuf-encoded) to
 /// `path`, with `authorization: Bearer <secret>` when given, and returns the
 /// response body; an error for any grpc-status other than 0.
-pub async fn call_raw(channel: Channel, path: &str, body: Vec<u8>, secret: Option<&str>) -> Result<Vec<u8>, Status> {
+pub async fn call_raw(
+    channel: Channel,
+    path: &str,
+    body: Vec<u8>,
+    secret: Option<&str>,
+) -> Result<Vec<u8>, Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.map_err(|error| Status::unavailable(error.to_string()))?;
+    grpc.ready()
+        .await
+        .map_err(|error| Status::unavailable(error.to_string()))?;
     let mut request = tonic::Request::new(body);
     if let Some(secret) = secret {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {secret}").parse().expect("ASCII token"));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {secret}").parse().expect("ASCII token"),
+        );
     }
     let path = http::uri::PathAndQuery::try_from(path).expect("a gRPC path is a valid URI path");
-    grpc.unary(request, path, BytesCodec).await.map(|response| response.into_inner())
+    grpc.unary(request, path, BytesCodec)
+        .await
+        .map(|response| response.into_inner())
 }
 
 /// A gRPC frame: the 5-byte prefix (not compressed, big-endian length) and the body.

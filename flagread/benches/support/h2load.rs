@@ -87,12 +87,17 @@ impl Load<'_> {
 
 /// `h2load` from PATH, or `FLAGSTREAM_H2LOAD`.
 pub fn h2load_path() -> PathBuf {
-    std::env::var_os("FLAGSTREAM_H2LOAD").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("h2load"))
+    std::env::var_os("FLAGSTREAM_H2LOAD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("h2load"))
 }
 
 /// Checks that h2load is installed, with the fix in the message.
 pub fn require() {
-    let found = Command::new(h2load_path()).arg("--version").output().map(|out| out.status.success());
+    let found = Command::new(h2load_path())
+        .arg("--version")
+        .output()
+        .map(|out| out.status.success());
     assert!(
         matches!(found, Ok(true)),
         "h2load is missing: `apt-get install -y nghttp2-client` (scripts/bench-read.sh does it), or set FLAGSTREAM_H2LOAD"
@@ -168,7 +173,8 @@ impl Outcome {
 
 /// Latencies (ms) from h2load's `--log-file`: `start_us<TAB>status<TAB>duration_us`.
 pub fn latencies_ms(log: &Path) -> Vec<f64> {
-    let text = std::fs::read_to_string(log).unwrap_or_else(|error| panic!("cannot read {}: {error}", log.display()));
+    let text = std::fs::read_to_string(log)
+        .unwrap_or_else(|error| panic!("cannot read {}: {error}", log.display()));
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split('\t');

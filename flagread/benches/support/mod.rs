@@ -40,13 +40,22 @@ pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
 
 impl Bearer {
     pub fn new(secret: &str) -> Bearer {
-        Bearer(format!("Bearer {secret}").parse().expect("a token is valid ASCII metadata"))
+        Bearer(
+            format!("Bearer {secret}")
+                .parse()
+                .expect("a token is valid ASCII metadata"),
+        )
     }
 }
 
 impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -87,15 +96,17 @@ pub fn eval_client(channel: Channel) -> EvalClient {
 /// Polls the standard health service until it reports SERVING for the whole
 /// server (service ""), returning when it did; panics after `within`.
 pub async fn wait_serving(addr: &str, within: Duration, poll: Duration) -> Instant {
+    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
     let start = Instant::now();
     let channel = connect(addr, within).await;
     let mut health = HealthClient::new(channel);
     loop {
         let status = health
-            .check(HealthCheckRequest { service: String::new() })
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .map(|response| response.into_inner().status);
         if matches!(status, Ok(serving) if serving == ServingStatus::Serving as i32) {
@@ -111,7 +122,8 @@ pub async fn wait_serving(addr: &str, within: Duration, poll: Duration) -> Insta
 
 /// Reads `VmRSS` (resident memory now) and `VmHWM` (its peak) of a process, in KiB.
 pub fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process is alive");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process is alive");
     let field = |name: &str| -> u64 {
         status
             .lines()
@@ -135,12 +147,16 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// `nproc` and the CPU model, printed at the head of every report because the
 /// numbers mean nothing without them.
 pub fn machine_line() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("model name").map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string()))
+            text.lines().find_map(|line| {
+                line.strip_prefix("model name")
+                    .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+            })
         })
         .unwrap_or_else(|| "unknown CPU".to_string());
     format!("{cpus} CPUs ({model})")
@@ -216,7 +232,7 @@ pub fn spawn_replica(dir: &Path, tokens: &Path, writer: &str, name: &str) -> Rep
         .arg(SYNC_SECRET)
         .arg("--tokens-file")
         .arg(tokens)
-        .arg("--metrics-addr")
+        .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
         .env("RUST_LOG", "warn");
     let mut proc = proc::Proc::spawn(name, command, dir);
@@ -230,9 +246,13 @@ pub fn spawn_replica(dir: &Path, tokens: &Path, writer: &str, name: &str) -> Rep
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process is alive");
     // The command name (field 2) may contain spaces; count fields after its ')'.
-    let after = &stat[stat.rfind(')').expect("a /proc stat line names the command") + 2..];
+    let after = &stat[stat
+        .rfind(')')
+        .expect("a /proc stat line names the command")
+        + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+    let ticks: u64 =
+        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
     ticks as f64 / clock_ticks_per_second()
 }
 
@@ -256,6 +276,8 @@ pub fn started_by_cargo_bench(name: &str) -> bool {
     if std::env::args().any(|arg| arg == "--bench") {
         return true;
     }
-    println!("{name}: a system benchmark; run it with `cargo bench -p flagread --bench {name}` or scripts/bench-*.sh");
+    println!(
+        "{name}: a system benchmark; run it with `cargo bench -p flagread --bench {name}` or scripts/bench-*.sh"
+    );
     false
 }

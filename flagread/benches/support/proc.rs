@@ -37,13 +37,21 @@ impl Proc {
         command
             .process_group(0)
             .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("a log file handle can be duplicated"))
+            .stdout(
+                file.try_clone()
+                    .expect("a log file handle can be duplicated"),
+            )
             .stderr(file);
         let child = command
             .spawn()
             .unwrap_or_else(|error| panic!("could not start {name} ({command:?}): {error}"));
         CHILDREN.lock().unwrap().push(child.id());
-        Proc { name: name.to_string(), child, log, graceful: false }
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+            graceful: false,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -94,7 +102,10 @@ impl Drop for Proc {
         signal_group("-KILL", self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
-        CHILDREN.lock().unwrap().retain(|pid| *pid != self.child.id());
+        CHILDREN
+            .lock()
+            .unwrap()
+            .retain(|pid| *pid != self.child.id());
     }
 }
 
@@ -132,13 +143,15 @@ pub fn watchdog(budget: Duration) {
         std::process::exit(2);
     });
     std::thread::spawn(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-        if let Ok(runtime) = runtime {
-            if runtime.block_on(tokio::signal::ctrl_c()).is_ok() {
-                eprintln!("interrupted; killing the benchmark's processes");
-                kill_all();
-                std::process::exit(130);
-            }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        if let Ok(runtime) = runtime
+            && runtime.block_on(tokio::signal::ctrl_c()).is_ok()
+        {
+            eprintln!("interrupted; killing the benchmark's processes");
+            kill_all();
+            std::process::exit(130);
         }
     });
     // A panic anywhere must not leave servers behind either.
@@ -156,7 +169,8 @@ pub struct RunDir(pub PathBuf);
 
 impl RunDir {
     pub fn new(bench: &str) -> RunDir {
-        let path = std::env::temp_dir().join(format!("flagstream-bench-{bench}-{}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("flagstream-bench-{bench}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("the temporary directory is writable");
         RUN_DIRS.lock().unwrap().push(path.clone());
@@ -192,7 +206,10 @@ pub fn free_port() -> u16 {
 /// where cargo put `flagread` for this benchmark.
 pub fn bin_dir() -> PathBuf {
     let flagread = PathBuf::from(env!("CARGO_BIN_EXE_flagread"));
-    flagread.parent().expect("a binary lives in a directory").to_path_buf()
+    flagread
+        .parent()
+        .expect("a binary lives in a directory")
+        .to_path_buf()
 }
 
 /// Path of one of the workspace's binaries, checking it was built.

@@ -24,5 +24,9 @@ pub fn median(values: &[f64]) -> f64 {
 
 /// `a/b/c` for the individual runs behind a median.
 pub fn runs(values: &[f64], decimals: usize) -> String {
-    values.iter().map(|v| format!("{v:.decimals$}")).collect::<Vec<_>>().join(" / ")
+    values
+        .iter()
+        .map(|v| format!("{v:.decimals$}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }

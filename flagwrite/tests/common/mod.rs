@@ -49,9 +49,14 @@ pub type Admin = FlagAdminClient<InterceptedService<Channel, Bearer>>;
 pub type Sync = ReplicationClient<InterceptedService<Channel, Bearer>>;
 
 impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = self.0 {
-            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
         }
         Ok(request)
     }
@@ -120,7 +125,12 @@ impl Server {
         let task = tokio::spawn(flagwrite::run(listener, config, async {
             let _ = stopped.await;
         }));
-        Server { addr, dir, stop: Some(stop), task: Some(task) }
+        Server {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub async fn channel(&self) -> Channel {
@@ -168,11 +178,17 @@ impl Drop for Server {
 }
 
 pub fn namespace(key: &str) -> pb::Namespace {
-    pb::Namespace { key: key.into(), description: format!("the {key} namespace"), stamp: None }
+    pb::Namespace {
+        key: key.into(),
+        description: format!("the {key} namespace"),
+        stamp: None,
+    }
 }
 
 pub fn bool_value(b: bool) -> Option<pb::TypedValue> {
-    Some(pb::TypedValue { kind: Some(pb::typed_value::Kind::BoolValue(b)) })
+    Some(pb::TypedValue {
+        kind: Some(pb::typed_value::Kind::BoolValue(b)),
+    })
 }
 
 /// A valid boolean flag with variants `on` and `off`.
@@ -183,8 +199,16 @@ pub fn flag(namespace: &str, key: &str) -> pb::Flag {
         description: "a test flag".into(),
         r#type: pb::FlagType::Boolean as i32,
         variants: vec![
-            pb::Variant { name: "on".into(), value: bool_value(true), description: String::new() },
-            pb::Variant { name: "off".into(), value: bool_value(false), description: String::new() },
+            pb::Variant {
+                name: "on".into(),
+                value: bool_value(true),
+                description: String::new(),
+            },
+            pb::Variant {
+                name: "off".into(),
+                value: bool_value(false),
+                description: String::new(),
+            },
         ],
         enabled: true,
         disabled_variant: "off".into(),
@@ -199,7 +223,9 @@ pub fn segment_rule(segment: &str) -> pb::Rule {
     pb::Rule {
         name: format!("in {segment}"),
         segments: vec![segment.into()],
-        serve: Some(pb::Serve { kind: Some(pb::serve::Kind::Variant("on".into())) }),
+        serve: Some(pb::Serve {
+            kind: Some(pb::serve::Kind::Variant("on".into())),
+        }),
         ..Default::default()
     }
 }
@@ -222,13 +248,19 @@ pub fn segment(namespace: &str, key: &str) -> pb::Segment {
 }
 
 pub fn options(comment: &str) -> Option<pb::WriteOptions> {
-    Some(pb::WriteOptions { validate_only: false, comment: comment.into() })
+    Some(pb::WriteOptions {
+        validate_only: false,
+        comment: comment.into(),
+    })
 }
 
 /// Creates a namespace and returns its revision.
 pub async fn create_namespace(admin: &mut Admin, key: &str) -> u64 {
     admin
-        .create_namespace(pb::CreateNamespaceRequest { namespace: Some(namespace(key)), options: options("test") })
+        .create_namespace(pb::CreateNamespaceRequest {
+            namespace: Some(namespace(key)),
+            options: options("test"),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -237,5 +269,13 @@ pub async fn create_namespace(admin: &mut Admin, key: &str) -> u64 {
 
 /// Creates a flag and returns its revision.
 pub async fn create_flag(admin: &mut Admin, flag: pb::Flag) -> u64 {
-    admin.create_flag(pb::CreateFlagRequest { flag: Some(flag), options: options("test") }).await.unwrap().into_inner().revision
+    admin
+        .create_flag(pb::CreateFlagRequest {
+            flag: Some(flag),
+            options: options("test"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
 }
