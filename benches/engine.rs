@@ -14,7 +14,6 @@
 //!
 //! Run with `cargo bench --bench engine` (add `-- --quick` for a short run).
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -60,7 +59,7 @@ fn base(key: &str) -> Flag {
         rules: Vec::new(),
         prerequisites: Vec::new(),
         tags: Vec::new(),
-        metadata: BTreeMap::new(),
+        metadata: flagstream::model::Metadata::new(),
         stamp: Stamp::default(),
     }
 }

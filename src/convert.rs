@@ -209,7 +209,7 @@ impl TryFrom<pb::Flag> for model::Flag {
                 .into_iter()
                 .map(model::Prerequisite::from)
                 .collect(),
-            tags: flag.tags,
+            tags: shrunk(flag.tags),
             metadata: flag.metadata.into_iter().collect(),
             stamp: flag.stamp.map(model::Stamp::from).unwrap_or_default(),
         })
@@ -320,7 +320,7 @@ impl TryFrom<pb::Rule> for model::Rule {
         Ok(model::Rule {
             name: rule.name,
             constraints: list("constraints", rule.constraints)?,
-            segments: rule.segments,
+            segments: shrunk(rule.segments),
             rollout: rule.rollout.map(model::Rollout::from),
             serve: model::Serve::try_from(pb::Serve { kind: Some(serve) })
                 .map_err(|e| e.at("serve"))?,
@@ -390,7 +390,7 @@ impl TryFrom<pb::Override> for model::Override {
         }
         Ok(model::Override {
             attribute: model::Attribute::from_name(&o.attribute),
-            values: o.values,
+            values: shrunk(o.values),
             variant: o.variant,
         })
     }
@@ -448,7 +448,7 @@ impl TryFrom<pb::Constraint> for model::Constraint {
         Ok(model::Constraint {
             attribute,
             operator,
-            values: c.values,
+            values: shrunk(c.values),
             inverted: c.inverted,
             case_insensitive: c.case_insensitive,
         })
@@ -490,7 +490,17 @@ where
         .into_iter()
         .enumerate()
         .map(|(i, item)| M::try_from(item).map_err(|e| e.at_index(field, i)))
-        .collect()
+        .collect::<Result<Vec<M>, FieldError>>()
+        .map(shrunk)
+}
+
+/// `items` without spare capacity. Decoded prost lists grow by doubling, and
+/// converting in place keeps their buffers, so without this a replica holding
+/// 100,000 flags carries tens of megabytes of unused capacity for as long as
+/// the flags live.
+fn shrunk<T>(mut items: Vec<T>) -> Vec<T> {
+    items.shrink_to_fit();
+    items
 }
 
 fn stickiness_from_pb(name: &str) -> model::Stickiness {

@@ -184,10 +184,7 @@ pub fn variant(evaluation: &Evaluation<'_>) -> UnleashVariant {
     }
 }
 
-fn original_name<'a>(
-    metadata: &'a std::collections::BTreeMap<String, String>,
-    name: &'a str,
-) -> &'a str {
+fn original_name<'a>(metadata: &'a crate::model::Metadata, name: &'a str) -> &'a str {
     metadata
         .get(&format!("{RENAMED_PREFIX}{name}"))
         .map_or(name, String::as_str)
@@ -685,7 +682,7 @@ fn convert_feature(f: &Feature, namespace: &str) -> Flag {
         || strategies
             .iter()
             .any(|s| s.variants.as_ref().is_some_and(|v| !v.is_empty()));
-    let mut metadata = std::collections::BTreeMap::new();
+    let mut metadata = crate::model::Metadata::new();
     if let Some(project) = &f.project {
         metadata.insert("unleash.project".to_string(), project.clone());
     }

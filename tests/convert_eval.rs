@@ -3,7 +3,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use flagstream::convert;
 use flagstream::engine::{self, ErrorCode, Evaluation, FlagSet, Reason};
@@ -141,7 +141,7 @@ fn flag() -> Flag {
         }],
         prerequisites: vec![],
         tags: vec![],
-        metadata: BTreeMap::from([("owner".into(), "ana".into())]),
+        metadata: flagstream::model::Metadata::from([("owner".into(), "ana".into())]),
         stamp: Stamp {
             created_revision: 4,
             updated_revision: 7,

@@ -2,8 +2,6 @@
 //! survives a round trip through `pb`, and structural errors in wire messages
 //! are refused with the exact field path.
 
-use std::collections::BTreeMap;
-
 use flagstream::convert::FieldError;
 use flagstream::model::{
     Attribute, Constraint, Flag, FlagType, Namespace, Operator, Override, Prerequisite, Rollout,
@@ -164,7 +162,7 @@ fn rich_flag() -> Flag {
             },
         ],
         tags: vec!["team-a".into(), "q3".into()],
-        metadata: BTreeMap::from([
+        metadata: flagstream::model::Metadata::from([
             ("owner".into(), "ana".into()),
             ("ticket".into(), "FS-1".into()),
         ]),
@@ -201,7 +199,7 @@ fn simple_flag(flag_type: FlagType, on: Value, off: Value) -> Flag {
         rules: vec![],
         prerequisites: vec![],
         tags: vec![],
-        metadata: BTreeMap::new(),
+        metadata: flagstream::model::Metadata::new(),
         stamp: Stamp::default(),
     }
 }

@@ -5,7 +5,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use flagstream::engine::{Context, FlagSet};
 use flagstream::model::{
@@ -97,7 +97,7 @@ fn flag(key: &str, rules: Vec<Rule>, prerequisites: Vec<Prerequisite>) -> Flag {
         rules,
         prerequisites,
         tags: Vec::new(),
-        metadata: BTreeMap::new(),
+        metadata: flagstream::model::Metadata::new(),
         stamp: Stamp::default(),
     }
 }

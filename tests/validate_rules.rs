@@ -2,7 +2,7 @@
 //! a valid base (namespace, segment, flag, context) plus a mutation, with the
 //! exact message an admin would read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use flagstream::model::{
     Attribute, Constraint, Flag, FlagType, Namespace, Operator, Override, Prerequisite, Rollout,
@@ -64,7 +64,7 @@ fn simple_flag(key: &str, prerequisites: &[&str]) -> Flag {
             })
             .collect(),
         tags: vec![],
-        metadata: BTreeMap::new(),
+        metadata: flagstream::model::Metadata::new(),
         stamp: Stamp::default(),
     }
 }
@@ -149,7 +149,7 @@ fn base() -> Fixture {
             variants: vec!["a".into()],
         }],
         tags: vec!["checkout".into(), "team-a".into()],
-        metadata: BTreeMap::from([("owner".into(), "ana".into())]),
+        metadata: flagstream::model::Metadata::from([("owner".into(), "ana".into())]),
         stamp: Stamp::default(),
     };
     let mut view = MemoryView::default();

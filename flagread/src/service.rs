@@ -67,6 +67,9 @@ pub enum EvalError {
         detail: String,
         limit: usize,
     },
+    /// The context exceeds a documented limit; the message names the field and the limit.
+    #[error("{0}")]
+    Context(validate::FieldError),
     /// `min_revision` was not reached before the deadline.
     #[error("revision {wanted} not applied yet: this replica has applied revision {applied}")]
     RevisionNotReached { wanted: u64, applied: u64 },
@@ -87,7 +90,8 @@ impl From<EvalError> for Status {
             }
             EvalError::TypeMismatch { .. }
             | EvalError::UnknownType(_)
-            | EvalError::Limit { .. } => Status::invalid_argument(message),
+            | EvalError::Limit { .. }
+            | EvalError::Context(_) => Status::invalid_argument(message),
             EvalError::RevisionNotReached { .. } | EvalError::NotReady(_) => {
                 Status::unavailable(message)
             }
@@ -175,8 +179,8 @@ impl EvalService {
             Some(flag) => ns.flags.evaluate_flag(flag, ctx),
             None => Evaluation::not_found(),
         };
-        if let Some(counters) = ns.counters(key) {
-            counters.record(evaluation.variant, evaluation.reason);
+        if let (Some(flag), Some(counters)) = (flag, ns.counters(key)) {
+            counters.record(flag.source(), evaluation.variant, evaluation.reason);
         }
         convert::evaluation(key, &evaluation, revision)
     }
@@ -448,56 +452,10 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// Checks the context's documented limits (properties, key and value sizes).
+/// Checks the context's documented limits (properties, key and value sizes) with the same rules
+/// and messages as every other boundary.
 fn check_context(context: &pb::Context) -> Result<(), EvalError> {
-    let limit = |field: String, detail: String, limit: usize| {
-        Err(EvalError::Limit {
-            field,
-            detail,
-            limit,
-        })
-    };
-    if context.properties.len() > validate::MAX_CONTEXT_PROPERTIES {
-        return limit(
-            "context.properties".into(),
-            format!("{} properties", context.properties.len()),
-            validate::MAX_CONTEXT_PROPERTIES,
-        );
-    }
-    for (key, value) in &context.properties {
-        if key.len() > validate::MAX_CONTEXT_KEY_BYTES {
-            return limit(
-                "context.properties".into(),
-                format!("a key of {} bytes", key.len()),
-                validate::MAX_CONTEXT_KEY_BYTES,
-            );
-        }
-        if value.len() > validate::MAX_CONTEXT_VALUE_BYTES {
-            return limit(
-                format!("context.properties[{key:?}]"),
-                format!("{} bytes", value.len()),
-                validate::MAX_CONTEXT_VALUE_BYTES,
-            );
-        }
-    }
-    let fields = [
-        ("context.targeting_key", &context.targeting_key),
-        ("context.user_id", &context.user_id),
-        ("context.session_id", &context.session_id),
-        ("context.remote_address", &context.remote_address),
-        ("context.environment", &context.environment),
-        ("context.app_name", &context.app_name),
-    ];
-    for (field, value) in fields {
-        if value.len() > validate::MAX_CONTEXT_VALUE_BYTES {
-            return limit(
-                field.into(),
-                format!("{} bytes", value.len()),
-                validate::MAX_CONTEXT_VALUE_BYTES,
-            );
-        }
-    }
-    Ok(())
+    validate::context(context).map_err(|e| EvalError::Context(e.at("context")))
 }
 
 /// The flag type asked for, `None` when unspecified.

@@ -8,8 +8,9 @@
 //! and the changed flag keys on a `broadcast` channel (for `Watch` subscribers).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use flagstream::engine::{FlagSet, Reason};
@@ -69,8 +70,19 @@ pub struct NamespaceState {
 /// Lock-free evaluation counters of one flag: one per (variant, reason), plus one row for
 /// evaluations that served no variant.
 pub struct FlagCounters {
+    /// A hash of the variant names in declaration order, to tell without the names whether an
+    /// edited flag can keep these counters.
+    variants_hash: u64,
+    /// The counters, allocated on the flag's first evaluation: a replica holding 100,000 flags
+    /// evaluates few of them, and allocating every flag's counters up front cost about 30 MB.
+    /// After the first evaluation, reading it is one atomic load, so the hot path takes no lock.
+    counts: OnceLock<Counts>,
+}
+
+/// The counters of a flag that was evaluated at least once.
+struct Counts {
     /// Variant names in declaration order; row `i` counts variant `i`, the last row "no variant".
-    variants: Vec<String>,
+    variants: Box<[String]>,
     /// `(variants.len() + 1) * REASONS.len()` counters.
     counts: Box<[AtomicU64]>,
 }
@@ -541,12 +553,12 @@ impl NamespaceState {
 }
 
 impl FlagCounters {
+    /// Counters for `flag`, allocated on its first evaluation.
     fn new(flag: &model::Flag) -> FlagCounters {
-        let variants: Vec<String> = flag.variants.iter().map(|v| v.name.clone()).collect();
-        let counts = (0..(variants.len() + 1) * REASONS.len())
-            .map(|_| AtomicU64::new(0))
-            .collect();
-        FlagCounters { variants, counts }
+        FlagCounters {
+            variants_hash: variants_hash(flag),
+            counts: OnceLock::new(),
+        }
     }
 
     /// The previous counters when the variants are the same (so counts keep growing across
@@ -554,8 +566,8 @@ impl FlagCounters {
     fn reuse_or_new(previous: Option<&Arc<FlagCounters>>, flag: &model::Flag) -> Arc<FlagCounters> {
         match previous {
             Some(previous) if previous.matches(flag) => previous.clone(),
-            Some(previous) => {
-                let fresh = FlagCounters::new(flag);
+            Some(previous) if previous.counts.get().is_some() => {
+                let fresh = Counts::new(flag);
                 for (variant, reason, count) in previous.iter() {
                     let row = match variant {
                         None => Some(fresh.variants.len()),
@@ -566,41 +578,68 @@ impl FlagCounters {
                             .store(count, Ordering::Relaxed);
                     }
                 }
-                Arc::new(fresh)
+                Arc::new(FlagCounters {
+                    variants_hash: variants_hash(flag),
+                    counts: OnceLock::from(fresh),
+                })
             }
-            None => Arc::new(FlagCounters::new(flag)),
+            _ => Arc::new(FlagCounters::new(flag)),
         }
     }
 
     fn matches(&self, flag: &model::Flag) -> bool {
-        self.variants.len() == flag.variants.len()
-            && self
-                .variants
-                .iter()
-                .zip(&flag.variants)
-                .all(|(a, b)| *a == b.name)
+        self.variants_hash == variants_hash(flag)
     }
 
-    /// Counts one evaluation: one relaxed atomic add, no lock, no allocation.
-    pub fn record(&self, variant: Option<&str>, reason: Reason) {
+    /// Counts one evaluation of `flag` (the flag these counters belong to): one relaxed atomic
+    /// add, no lock; allocates only on the flag's first evaluation.
+    pub fn record(&self, flag: &model::Flag, variant: Option<&str>, reason: Reason) {
+        let counts = self.counts.get_or_init(|| Counts::new(flag));
         let row = variant
-            .and_then(|v| self.variants.iter().position(|n| n == v))
-            .unwrap_or(self.variants.len());
-        self.counts[row * REASONS.len() + reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+            .and_then(|v| counts.variants.iter().position(|n| n == v))
+            .unwrap_or(counts.variants.len());
+        counts.counts[row * REASONS.len() + reason_index(reason)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Every non-zero counter as (variant, reason, count); variant `None` means none was served.
     pub fn iter(&self) -> impl Iterator<Item = (Option<&str>, Reason, u64)> + '_ {
-        self.counts.iter().enumerate().filter_map(|(i, count)| {
-            let count = count.load(Ordering::Relaxed);
-            if count == 0 {
-                return None;
-            }
-            let row = i / REASONS.len();
-            let variant = self.variants.get(row).map(String::as_str);
-            Some((variant, REASONS[i % REASONS.len()], count))
-        })
+        let counts = self.counts.get();
+        counts
+            .into_iter()
+            .flat_map(|c| c.counts.iter().enumerate().map(move |(i, n)| (c, i, n)))
+            .filter_map(|(c, i, count)| {
+                let count = count.load(Ordering::Relaxed);
+                if count == 0 {
+                    return None;
+                }
+                let row = i / REASONS.len();
+                let variant = c.variants.get(row).map(String::as_str);
+                Some((variant, REASONS[i % REASONS.len()], count))
+            })
     }
+}
+
+impl Counts {
+    /// Zeroed counters for the variants of `flag`.
+    fn new(flag: &model::Flag) -> Counts {
+        let variants: Box<[String]> = flag.variants.iter().map(|v| v.name.clone()).collect();
+        let counts = (0..(variants.len() + 1) * REASONS.len())
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        Counts { variants, counts }
+    }
+}
+
+/// A hash of `flag`'s variant names in declaration order. Two states share a flag's counters
+/// only when the hashes are equal, so counters lazily allocated from either state's flag get
+/// the same rows.
+fn variants_hash(flag: &model::Flag) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    for variant in &flag.variants {
+        variant.name.hash(&mut hasher);
+    }
+    flag.variants.len().hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The position of `reason` in [`REASONS`].
@@ -654,7 +693,7 @@ mod tests {
             rules: vec![],
             prerequisites: vec![],
             tags: vec![],
-            metadata: BTreeMap::new(),
+            metadata: model::Metadata::new(),
             stamp: model::Stamp::default(),
         }
     }
@@ -882,14 +921,19 @@ mod tests {
                 .map(|(v, _, n)| (v.map(str::to_string), n))
                 .collect()
         };
-        state.load().namespaces["prod"]
-            .counters("d")
-            .unwrap()
-            .record(Some("on"), Reason::Static);
-        state.load().namespaces["prod"]
-            .counters("d")
-            .unwrap()
-            .record(None, Reason::Error);
+        let record = |variant: Option<&str>, reason: Reason| {
+            let replica = state.load();
+            let ns = &replica.namespaces["prod"];
+            let flag = ns.flags.get("d").unwrap().source();
+            ns.counters("d").unwrap().record(flag, variant, reason);
+        };
+        assert_eq!(
+            count(&state, "d"),
+            vec![],
+            "nothing is counted before an evaluation"
+        );
+        record(Some("on"), Reason::Static);
+        record(None, Reason::Error);
         state
             .apply_change(Change {
                 revision: 2,

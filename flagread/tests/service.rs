@@ -188,7 +188,7 @@ async fn evaluate_answers_and_refuses_as_documented() {
         }),
         Err((
             Code::InvalidArgument,
-            "context.properties: 65 properties (limit 64)",
+            "context.properties: 65 properties, at most 64 allowed",
         )),
     )
     .await;

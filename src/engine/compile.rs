@@ -45,7 +45,7 @@ impl CompiledFlag {
     }
 
     /// The flag's free metadata.
-    pub fn metadata(&self) -> &BTreeMap<String, String> {
+    pub fn metadata(&self) -> &model::Metadata {
         &self.source.metadata
     }
 

@@ -2,7 +2,7 @@
 //! data-driven `check`, then evaluation order, reasons, rollouts, splits,
 //! prerequisites, segments and the `FlagSet` structure.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use super::*;
 use crate::model::{
@@ -35,7 +35,7 @@ fn flag(key: &str, rules: Vec<Rule>) -> Flag {
         rules,
         prerequisites: Vec::new(),
         tags: Vec::new(),
-        metadata: BTreeMap::new(),
+        metadata: crate::model::Metadata::new(),
         stamp: Stamp::default(),
     }
 }
