@@ -214,6 +214,7 @@ fn evaluations_become_responses() {
             *eval = Evaluation {
                 value: None,
                 variant: None,
+                variant_index: None,
                 reason: Reason::Error,
                 rule_index: None,
                 error: Some(ErrorCode::TypeMismatch),
@@ -229,4 +230,160 @@ fn evaluations_become_responses() {
             ..found("", "", pb::Reason::Error, -1)
         },
     );
+}
+
+/// Decodes what `append_result` wrote for `key` (one `results` entry) and
+/// compares it with what `convert::evaluation` builds for the same result.
+fn assert_encoded_like_built(set: &FlagSet, key: &str, wire: &pb::Context, revision: u64) {
+    use prost::Message;
+    let ctx = convert::context(wire);
+    let flag = set.get(key);
+    let eval = match flag {
+        Some(flag) => set.evaluate_flag(flag, &ctx),
+        None => Evaluation::not_found(),
+    };
+    let encoded = flag.map(convert::EncodedFlag::new);
+    let response = pb::EvaluateBatchResponse {
+        encoded_results: {
+            let mut buf = Vec::new();
+            convert::append_result(&mut buf, 1, key, &eval, encoded.as_ref(), revision);
+            buf
+        },
+        ..Default::default()
+    };
+    let decoded = pb::EvaluateBatchResponse::decode(&response.encode_to_vec()[..]).unwrap();
+    assert_eq!(
+        decoded.results,
+        vec![convert::evaluation(key, &eval, revision)],
+        "{key} at revision {revision} for {wire:?}"
+    );
+}
+
+fn variant(name: &str, value: Value) -> Variant {
+    Variant {
+        name: name.into(),
+        value,
+        description: String::new(),
+    }
+}
+
+#[test]
+fn encoded_results_decode_to_the_built_response() {
+    use flagstream::model::{Metadata, Split, Stickiness, WeightedVariant};
+    let mut set = FlagSet::new();
+    set.upsert_flag(flag());
+    // Every value type, with and without metadata, one with no rules, one
+    // disabled, one with a split, one naming a variant it lacks (an error).
+    let json = serde_json::json!({"color": "blue", "sizes": [1, 2.5], "nested": {"on": true}});
+    let typed = [
+        (
+            "bool",
+            FlagType::Boolean,
+            Value::Bool(true),
+            Value::Bool(false),
+        ),
+        (
+            "number",
+            FlagType::Number,
+            Value::Number(-2.5),
+            Value::Number(0.0),
+        ),
+        (
+            "json",
+            FlagType::Json,
+            Value::Json(json),
+            Value::Json(serde_json::json!({})),
+        ),
+        (
+            "empty-string",
+            FlagType::String,
+            Value::String(String::new()),
+            Value::String("x".into()),
+        ),
+    ];
+    for (key, flag_type, on, off) in typed {
+        set.upsert_flag(Flag {
+            key: key.into(),
+            flag_type,
+            variants: vec![variant("on", on), variant("off", off)],
+            rules: vec![],
+            default_variant: "on".into(),
+            metadata: Metadata::default(),
+            ..flag()
+        });
+    }
+    set.upsert_flag(Flag {
+        key: "disabled".into(),
+        enabled: false,
+        stamp: Stamp::default(),
+        ..flag()
+    });
+    set.upsert_flag(Flag {
+        key: "split".into(),
+        metadata: Metadata::from([
+            ("owner".into(), "ana".into()),
+            ("ticket".into(), "FS-1".into()),
+            ("".into(), "empty key".into()),
+            ("empty value".into(), "".into()),
+        ]),
+        rules: vec![
+            Rule {
+                name: "nobody".into(),
+                constraints: vec![],
+                segments: vec!["missing-segment".into()],
+                rollout: None,
+                serve: Serve::Variant("off".into()),
+            },
+            Rule {
+                name: "split".into(),
+                constraints: vec![],
+                segments: vec![],
+                rollout: None,
+                serve: Serve::Split(Split {
+                    variants: vec![
+                        WeightedVariant {
+                            variant: "on".into(),
+                            weight: 1,
+                        },
+                        WeightedVariant {
+                            variant: "off".into(),
+                            weight: 1,
+                        },
+                    ],
+                    stickiness: Stickiness::Default,
+                    group_id: None,
+                    overrides: vec![],
+                }),
+            },
+        ],
+        ..flag()
+    });
+    set.upsert_flag(Flag {
+        key: "misconfigured".into(),
+        default_variant: "gone".into(),
+        rules: vec![],
+        ..flag()
+    });
+    let keys = [
+        "banner",
+        "bool",
+        "number",
+        "json",
+        "empty-string",
+        "disabled",
+        "split",
+        "misconfigured",
+        "missing",
+    ];
+    for user in 0..50 {
+        let wire = pb::Context {
+            user_id: format!("user-{user}"),
+            ..wire_context()
+        };
+        for key in keys {
+            for revision in [0, 1, u64::MAX] {
+                assert_encoded_like_built(&set, key, &wire, revision);
+            }
+        }
+    }
 }

@@ -2,7 +2,9 @@
 //! resolved, operands parsed, regexes built and lists turned into sets once,
 //! so that evaluating is lookups and comparisons only.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -13,7 +15,6 @@ use super::parse;
 use crate::model::{self, Attribute, Operator, Serve, Stickiness};
 
 /// A flag ready to evaluate, together with the model it was compiled from.
-#[derive(Debug)]
 pub struct CompiledFlag {
     /// The model this was compiled from, kept for listing and recompiling.
     pub(super) source: model::Flag,
@@ -26,6 +27,21 @@ pub struct CompiledFlag {
     pub(super) rules: Box<[CompiledRule]>,
     /// The prerequisites, in order.
     pub(super) prerequisites: Box<[CompiledPrerequisite]>,
+    /// What a user of the engine derived from this compiled flag (see
+    /// [`CompiledFlag::attachment`]); built on first use, dropped with it.
+    attachment: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl fmt::Debug for CompiledFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompiledFlag")
+            .field("source", &self.source)
+            .field("disabled", &self.disabled)
+            .field("default", &self.default)
+            .field("rules", &self.rules)
+            .field("prerequisites", &self.prerequisites)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CompiledFlag {
@@ -52,6 +68,21 @@ impl CompiledFlag {
     /// The model the flag was compiled from.
     pub fn source(&self) -> &model::Flag {
         &self.source
+    }
+
+    /// Data a user of the engine derives from this flag, built by `init` on
+    /// the first call and kept with this compiled form: an edit compiles a new
+    /// form, so the data can never describe an older version of the flag.
+    /// flagread keeps a flag's pre-encoded results and its counters here.
+    ///
+    /// One type per flag: `None` when data of another type was attached first.
+    pub fn attachment<T: Any + Send + Sync>(
+        &self,
+        init: impl FnOnce(&CompiledFlag) -> T,
+    ) -> Option<&T> {
+        self.attachment
+            .get_or_init(|| Box::new(init(self)))
+            .downcast_ref()
     }
 
     /// Keys of the segments the flag's rules reference.
@@ -369,6 +400,7 @@ pub(super) fn compile_flag(
         default,
         rules,
         prerequisites,
+        attachment: OnceLock::new(),
     }
 }
 

@@ -84,11 +84,12 @@ fn serve<'s>(
     reason: Reason,
     rule_index: Option<usize>,
 ) -> Evaluation<'s> {
-    match variant.and_then(|i| flag.source.variants.get(i)) {
-        Some(v) => Evaluation {
+    match variant.and_then(|i| Some((i, flag.source.variants.get(i)?))) {
+        Some((i, v)) => Evaluation {
             flag: Some(flag),
             value: Some(&v.value),
             variant: Some(&v.name),
+            variant_index: Some(i),
             reason,
             rule_index,
             error: None,
@@ -104,6 +105,7 @@ fn error(flag: &CompiledFlag, rule_index: Option<usize>) -> Evaluation<'_> {
         flag: Some(flag),
         value: None,
         variant: None,
+        variant_index: None,
         reason: Reason::Error,
         rule_index,
         error: Some(ErrorCode::General),

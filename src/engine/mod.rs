@@ -125,6 +125,8 @@ pub struct Evaluation<'a> {
     pub value: Option<&'a model::Value>,
     /// The name of the variant served; `None` on error.
     pub variant: Option<&'a str>,
+    /// The position of that variant in the flag's `variants`.
+    pub variant_index: Option<usize>,
     pub reason: Reason,
     /// Index into the flag's rules of the rule that decided.
     pub rule_index: Option<usize>,
@@ -139,6 +141,7 @@ impl Evaluation<'_> {
             flag: None,
             value: None,
             variant: None,
+            variant_index: None,
             reason: Reason::Error,
             rule_index: None,
             error: Some(ErrorCode::FlagNotFound),
