@@ -25,6 +25,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Written by hand so a replica can put results it encoded itself into
+        // it: src/pb/evaluate_batch.rs.
+        .extern_path(
+            ".flagstream.v1.EvaluateBatchResponse",
+            "crate::pb::EvaluateBatchResponse",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

@@ -5,7 +5,8 @@
 //!
 //! The evaluation side is here too: [`context`] lends a wire context to the
 //! engine without copying, and [`evaluation`] turns an engine result into an
-//! `EvaluateResponse`.
+//! `EvaluateResponse`; [`append_result`] encodes the same result straight to
+//! bytes from pieces prepared per flag ([`EncodedFlag`]), for batches.
 //!
 //! Rules that need more than one message (references, limits, key syntax,
 //! parsable operands) live in `validate`, which runs on the model.
@@ -21,6 +22,9 @@
 //!   `validate`) is written as `OPERATOR_UNSPECIFIED`.
 
 use std::fmt;
+
+mod encoded;
+pub use encoded::{EncodedFlag, append_result};
 
 use crate::engine;
 use crate::model;

@@ -20,15 +20,6 @@ pub mod engine;
 pub mod hash;
 pub mod kit;
 pub mod model;
+pub mod pb;
 pub mod unleash;
 pub mod validate;
-
-/// Generated protobuf types and gRPC services of `flagstream.v1`.
-pub mod pb {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("flagstream.v1");
-
-    /// The encoded `FileDescriptorSet` of every proto, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/flagstream_descriptor.bin"));
-}
