@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
-use flagstream::engine::{FlagSet, Reason};
+use flagstream::convert::EncodedFlag;
+use flagstream::engine::{CompiledFlag, FlagSet, Reason};
 use flagstream::model;
 use tokio::sync::{broadcast, watch};
 
@@ -65,6 +66,16 @@ pub struct NamespaceState {
     /// For each flag key, the flags that list it as a prerequisite, so that a change can name
     /// the flags whose results it may change without scanning the namespace.
     dependents: Arc<HashMap<String, BTreeSet<String>>>,
+}
+
+/// What the replica keeps with each compiled flag (in [`CompiledFlag::attachment`]), built on
+/// the flag's first evaluation so that a call finds it without a lookup by key. An edit compiles a
+/// new flag, so these always describe the version evaluated.
+pub struct FlagExtras {
+    /// The flag's counters (shared with its other versions that have the same variants).
+    pub counters: Option<Arc<FlagCounters>>,
+    /// The parts of its results that do not depend on the evaluation, encoded (for batches).
+    pub encoded: EncodedFlag,
 }
 
 /// Lock-free evaluation counters of one flag: one per (variant, reason), plus one row for
@@ -471,6 +482,15 @@ impl NamespaceState {
         self.counters.get(key).map(|c| &**c)
     }
 
+    /// The extras of `flag`, one of this namespace's flags; built on the first call for this
+    /// version of the flag. `None` only if something else was attached to it first.
+    pub fn extras<'f>(&self, flag: &'f CompiledFlag) -> Option<&'f FlagExtras> {
+        flag.attachment(|flag| FlagExtras {
+            counters: self.counters.get(flag.key()).cloned(),
+            encoded: EncodedFlag::new(flag),
+        })
+    }
+
     /// Every flag's counters, for rendering metrics.
     pub fn all_counters(&self) -> impl Iterator<Item = (&str, &FlagCounters)> {
         self.counters.iter().map(|(k, c)| (k.as_str(), &**c))
@@ -591,12 +611,14 @@ impl FlagCounters {
         self.variants_hash == variants_hash(flag)
     }
 
-    /// Counts one evaluation of `flag` (the flag these counters belong to): one relaxed atomic
-    /// add, no lock; allocates only on the flag's first evaluation.
-    pub fn record(&self, flag: &model::Flag, variant: Option<&str>, reason: Reason) {
+    /// Counts one evaluation of `flag` (the flag these counters belong to) that served its
+    /// variant number `variant`: one relaxed atomic add, no lock; allocates only on the flag's
+    /// first evaluation.
+    pub fn record(&self, flag: &model::Flag, variant: Option<usize>, reason: Reason) {
         let counts = self.counts.get_or_init(|| Counts::new(flag));
+        // Every flag sharing these counters has the same variant names in the same order.
         let row = variant
-            .and_then(|v| counts.variants.iter().position(|n| n == v))
+            .filter(|&i| i < counts.variants.len())
             .unwrap_or(counts.variants.len());
         counts.counts[row * REASONS.len() + reason_index(reason)].fetch_add(1, Ordering::Relaxed);
     }
@@ -925,7 +947,8 @@ mod tests {
             let replica = state.load();
             let ns = &replica.namespaces["prod"];
             let flag = ns.flags.get("d").unwrap().source();
-            ns.counters("d").unwrap().record(flag, variant, reason);
+            let index = variant.map(|v| flag.variants.iter().position(|w| w.name == v).unwrap());
+            ns.counters("d").unwrap().record(flag, index, reason);
         };
         assert_eq!(
             count(&state, "d"),
