@@ -12,7 +12,9 @@
 //! default 16), `BENCH_STREAMS` (streams in flight per connection, default 16),
 //! `BENCH_FLAGS` (flags in the EvaluateAll namespace, default 350),
 //! `BENCH_LATENCY_ROUNDS` (paced runs per target, default 2),
-//! `BENCH_ONLY` (one of `echo`, `Evaluate`, `EvaluateAll`: measure only it).
+//! `BENCH_ONLY` (one of `echo`, `Evaluate`, `EvaluateAll`: measure only it),
+//! The latency runs use h2load's `--rps`, which releases requests in 10 ms
+//! ticks: see `support::h2load::Pacing` for what that does to p99.
 
 mod support;
 
@@ -22,7 +24,7 @@ use flagstream::pb;
 use prost::Message;
 use support::fixtures::{self, CONSTRAINED_FLAG, NAMESPACE};
 use support::grpc_raw::{self, ECHO_PATH, EchoMessage};
-use support::h2load::{self, Load};
+use support::h2load::{self, Load, Pacing};
 use support::proc::{self, Proc, RunDir};
 use support::stats::{median, percentile, runs};
 
@@ -162,11 +164,11 @@ async fn run() {
     for round in 0..rounds {
         for target in &mut targets {
             let frame = write_frame(dir.path(), target);
-            load(target, &frame, clients, streams, 1, None, None)
+            load(target, &frame, clients, streams, 1, Pacing::Max, None)
                 .run(dir.path(), "h2load")
                 .check(target.name, target.response_len);
             let cpu_before = support::cpu_seconds(target.pid);
-            let outcome = load(target, &frame, clients, streams, seconds, None, None)
+            let outcome = load(target, &frame, clients, streams, seconds, Pacing::Max, None)
                 .run(dir.path(), "h2load");
             let cpu = support::cpu_seconds(target.pid) - cpu_before;
             outcome.check(target.name, target.response_len);
@@ -183,38 +185,40 @@ async fn run() {
         }
         replica.proc.assert_alive();
     }
+    println!(
+        "latency: {latency_rounds} runs per target at 70% of its median maximum, h2load --rps (each connection releases its due requests every 10 ms)"
+    );
     for round in 0..latency_rounds {
         for target in &mut targets {
-            let frame = write_frame(dir.path(), target);
-            let rate = 0.7 * median(&target.max_rps);
-            let per_client = ((rate / f64::from(clients)).round() as u32).max(1);
-            let log = dir.path().join("latency.log");
-            let _ = std::fs::remove_file(&log);
-            let outcome = load(
-                target,
-                &frame,
-                clients,
-                streams,
-                seconds,
-                Some(per_client),
-                Some(log.clone()),
-            )
-            .run(dir.path(), "h2load");
-            outcome.check(target.name, target.response_len);
-            let mut latencies = h2load::latencies_ms(&log);
+            let per_client =
+                ((0.7 * median(&target.max_rps) / f64::from(clients)).round() as u32).max(1);
+            let rate = f64::from(per_client * clients);
+            let (achieved, mut latencies) = {
+                let frame = write_frame(dir.path(), target);
+                let log = dir.path().join("latency.log");
+                let _ = std::fs::remove_file(&log);
+                let outcome = load(
+                    target,
+                    &frame,
+                    clients,
+                    streams,
+                    seconds,
+                    Pacing::Rps(per_client),
+                    Some(log.clone()),
+                )
+                .run(dir.path(), "h2load");
+                outcome.check(target.name, target.response_len);
+                (outcome.req_per_s, h2load::latencies_ms(&log))
+            };
             let p50 = percentile(&mut latencies, 50.0);
             let p99 = percentile(&mut latencies, 99.0);
             println!(
-                "round {}: {:<12} at {:>7} req/s offered ({:.0} achieved): p50 {p50:.3} ms, p99 {p99:.3} ms over {} requests",
+                "round {}: {:<12} at {rate:>7.0} req/s offered ({achieved:.0} answered): p50 {p50:.3} ms, p99 {p99:.3} ms over {} requests",
                 round + 1,
                 target.name,
-                per_client * clients,
-                outcome.req_per_s,
                 latencies.len()
             );
-            target
-                .paced
-                .push((f64::from(per_client * clients), outcome.req_per_s, p50, p99));
+            target.paced.push((rate, achieved, p50, p99));
         }
         replica.proc.assert_alive();
     }
@@ -250,7 +254,7 @@ fn load<'a>(
     clients: u32,
     streams: u32,
     seconds: u32,
-    rps_per_client: Option<u32>,
+    pacing: Pacing,
     log_file: Option<std::path::PathBuf>,
 ) -> Load<'a> {
     let mut headers = Vec::new();
@@ -264,7 +268,7 @@ fn load<'a>(
         clients,
         streams,
         seconds,
-        rps_per_client,
+        pacing,
         log_file,
     }
 }

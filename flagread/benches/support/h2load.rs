@@ -30,10 +30,27 @@ pub struct Load<'a> {
     pub streams: u32,
     /// Measured seconds.
     pub seconds: u32,
-    /// Requests per second per connection; `None` for as fast as possible.
-    pub rps_per_client: Option<u32>,
+    /// How requests are paced.
+    pub pacing: Pacing,
     /// Where to write the per-request log (for latency percentiles).
     pub log_file: Option<PathBuf>,
+}
+
+/// How h2load paces its requests.
+#[derive(Debug, Clone, Copy)]
+pub enum Pacing {
+    /// As fast as the streams allow.
+    Max,
+    /// h2load's `--rps`: this many requests per second on each connection.
+    /// h2load releases a connection's due requests on a timer that ticks every
+    /// `1/rps` seconds but at least every 10 ms. Above 100 requests/s per
+    /// connection, every connection therefore sends 10 ms worth of requests at
+    /// once, all connections in step: at 70% load each burst is 7 ms of work,
+    /// and the last request of a burst waits for the others whatever the
+    /// server; once the rate per connection is above 16 streams per tick,
+    /// the streams limit the burst instead, and a request waits about
+    /// `connections × streams / maximum rate`.
+    Rps(u32),
 }
 
 /// What one run measured.
@@ -63,14 +80,14 @@ impl Load<'_> {
             .arg(format!("--clients={}", self.clients))
             .arg(format!("--max-concurrent-streams={}", self.streams))
             .arg("--threads=1")
-            .arg(format!("--duration={}", self.seconds))
             .arg(format!("--data={}", self.frame.display()))
             .arg("--header=content-type: application/grpc")
             .arg("--header=te: trailers");
         for header in &self.headers {
             command.arg(format!("--header={header}"));
         }
-        if let Some(rps) = self.rps_per_client {
+        command.arg(format!("--duration={}", self.seconds));
+        if let Pacing::Rps(rps) = self.pacing {
             command.arg(format!("--rps={rps}"));
         }
         if let Some(log) = &self.log_file {
