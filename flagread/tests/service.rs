@@ -287,6 +287,42 @@ async fn batches_carry_per_flag_errors_and_all_is_ordered_by_key() {
         .into_inner();
     let keys: Vec<&str> = all.results.iter().map(|r| r.flag_key.as_str()).collect();
     assert_eq!(keys, ["a", "b", "s"]);
+    // The batch paths encode results themselves: each must be what Evaluate answers.
+    let context = pb::Context {
+        user_id: "user-7".into(),
+        ..Default::default()
+    };
+    let all = client
+        .evaluate_all(pb::EvaluateAllRequest {
+            namespace: "prod".into(),
+            context: Some(context.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for result in &all.results {
+        let single = client
+            .evaluate(pb::EvaluateRequest {
+                namespace: "prod".into(),
+                flag_key: result.flag_key.clone(),
+                context: Some(context.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(*result, single);
+    }
+    // Batch evaluations are counted like single ones: `b` was evaluated by the batch, both
+    // EvaluateAll calls and the Evaluate just above.
+    let metrics = scrape(replica.handles.metrics_listen).await;
+    let b_count: u64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("flagread_evaluations_total{namespace=\"prod\",flag=\"b\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(b_count, 4, "{metrics}");
     let status = client
         .evaluate_all(pb::EvaluateAllRequest {
             namespace: "nope".into(),
