@@ -165,7 +165,8 @@ impl EvalService {
         }
     }
 
-    /// Evaluates flag `key` (already looked up as `flag`, `None` when missing) and counts it.
+    /// Evaluates `flag` (`None`: the key named no flag) and counts it; also returns the flag's
+    /// extras, for encoding.
     fn evaluate_counted<'s>(
         ns: &'s NamespaceState,
         flag: Option<&'s CompiledFlag>,
@@ -195,15 +196,15 @@ impl EvalService {
         convert::evaluation(key, &evaluation, revision)
     }
 
-    /// Evaluates and counts the flags `keys` names (`None` when missing) and answers them in
-    /// order, encoded straight from each flag's prepared pieces.
+    /// Evaluates and counts `flags` (key, and the flag or `None` when the key names none) and
+    /// answers them in order, encoded straight from each flag's prepared pieces.
     fn evaluate_many<'s>(
         ns: &'s NamespaceState,
         flags: impl Iterator<Item = (&'s str, Option<&'s CompiledFlag>)>,
         ctx: &engine::Context<'_>,
         revision: u64,
     ) -> pb::EvaluateBatchResponse {
-        // About 100 bytes per result; growing past the guess costs a copy or two.
+        // A result is typically 60–110 bytes; growing past the guess costs a copy or two.
         let mut encoded = Vec::with_capacity(flags.size_hint().0 * 112);
         for (key, flag) in flags {
             let (evaluation, extras) = Self::evaluate_counted(ns, flag, ctx);
