@@ -197,13 +197,16 @@ impl EvalService {
     }
 
     /// Evaluates and counts `flags` (key, and the flag or `None` when the key names none) and
-    /// answers them in order, encoded straight from each flag's prepared pieces.
-    fn evaluate_many<'s>(
+    /// answers them in order, encoded straight from each flag's prepared pieces; observes the
+    /// evaluation latency.
+    fn answer_many<'s>(
+        &self,
         ns: &'s NamespaceState,
         flags: impl Iterator<Item = (&'s str, Option<&'s CompiledFlag>)>,
         ctx: &engine::Context<'_>,
         revision: u64,
-    ) -> pb::EvaluateBatchResponse {
+    ) -> Response<pb::EvaluateBatchResponse> {
+        let started = Instant::now();
         // A result is typically 60–110 bytes; growing past the guess costs a copy or two.
         let mut encoded = Vec::with_capacity(flags.size_hint().0 * 112);
         for (key, flag) in flags {
@@ -217,11 +220,12 @@ impl EvalService {
                 revision,
             );
         }
-        pb::EvaluateBatchResponse {
+        self.metrics.eval_latency.observe(started.elapsed());
+        Response::new(pb::EvaluateBatchResponse {
             results: Vec::new(),
             revision,
             encoded_results: encoded,
-        }
+        })
     }
 }
 
@@ -240,9 +244,7 @@ impl FlagEval for EvalService {
             .replica_at(&request, request.get_ref().min_revision)
             .await?;
         let request = request.into_inner();
-        let empty = pb::Context::default();
-        let context = request.context.as_ref().unwrap_or(&empty);
-        check_context(context)?;
+        let ctx = context_of(request.context.as_ref())?;
         let expected = expected_type(request.expected_type)?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
         let Some(flag) = ns.flags.get(&request.flag_key) else {
@@ -262,7 +264,6 @@ impl FlagEval for EvalService {
             }
             .into());
         }
-        let ctx = convert::context(context);
         let started = Instant::now();
         let response =
             Self::evaluate_one(ns, &request.flag_key, Some(flag), &ctx, replica.revision);
@@ -289,19 +290,13 @@ impl FlagEval for EvalService {
             .replica_at(&request, request.get_ref().min_revision)
             .await?;
         let request = request.into_inner();
-        let empty = pb::Context::default();
-        let context = request.context.as_ref().unwrap_or(&empty);
-        check_context(context)?;
+        let ctx = context_of(request.context.as_ref())?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
-        let ctx = convert::context(context);
-        let started = Instant::now();
         let flags = request
             .flag_keys
             .iter()
             .map(|key| (key.as_str(), ns.flags.get(key)));
-        let response = Self::evaluate_many(ns, flags, &ctx, replica.revision);
-        self.metrics.eval_latency.observe(started.elapsed());
-        Ok(Response::new(response))
+        Ok(self.answer_many(ns, flags, &ctx, replica.revision))
     }
 
     async fn evaluate_all(
@@ -314,16 +309,10 @@ impl FlagEval for EvalService {
             .replica_at(&request, request.get_ref().min_revision)
             .await?;
         let request = request.into_inner();
-        let empty = pb::Context::default();
-        let context = request.context.as_ref().unwrap_or(&empty);
-        check_context(context)?;
+        let ctx = context_of(request.context.as_ref())?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
-        let ctx = convert::context(context);
-        let started = Instant::now();
         let flags = ns.flags.flags().map(|flag| (flag.key(), Some(flag)));
-        let response = Self::evaluate_many(ns, flags, &ctx, replica.revision);
-        self.metrics.eval_latency.observe(started.elapsed());
-        Ok(Response::new(response))
+        Ok(self.answer_many(ns, flags, &ctx, replica.revision))
     }
 
     type WatchStream = WatchStream;
@@ -490,6 +479,18 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// and messages as every other boundary.
 fn check_context(context: &pb::Context) -> Result<(), EvalError> {
     validate::context(context).map_err(|e| EvalError::Context(e.at("context")))
+}
+
+/// The request's context, checked against the limits and lent to the engine; an absent context
+/// is an empty one.
+fn context_of(context: Option<&pb::Context>) -> Result<engine::Context<'_>, EvalError> {
+    match context {
+        Some(context) => {
+            check_context(context)?;
+            Ok(convert::context(context))
+        }
+        None => Ok(engine::Context::default()),
+    }
 }
 
 /// The flag type asked for, `None` when unspecified.
