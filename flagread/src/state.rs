@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -146,8 +146,12 @@ pub struct FlagCounters {
 struct Counts {
     /// Variant names in declaration order; row `i` counts variant `i`, the last row "no variant".
     variants: Box<[String]>,
-    /// `(variants.len() + 1) * REASONS.len()` counters.
-    counts: Box<[AtomicU64]>,
+    /// One copy of the `(variants.len() + 1) * REASONS.len()` counters per stripe (see
+    /// [`thread_stripe`]), each allocated when a thread of its stripe first counts this flag. A
+    /// count is the sum over the copies. Threads evaluating the same flags at once (every
+    /// `EvaluateAll` of a namespace, every `Evaluate` of a hot flag) then add to counters of
+    /// their own instead of moving one cache line between cores on every evaluation.
+    stripes: Box<[OnceLock<Box<[AtomicU64]>>]>,
 }
 
 /// What one applied change did, as announced to `Watch` subscribers.
@@ -646,7 +650,7 @@ impl FlagCounters {
                         Some(v) => fresh.variants.iter().position(|n| n == v),
                     };
                     if let Some(row) = row {
-                        fresh.counts[row * REASONS.len() + reason_index(reason)]
+                        fresh.stripe(0)[row * REASONS.len() + reason_index(reason)]
                             .store(count, Ordering::Relaxed);
                     }
                 }
@@ -664,15 +668,16 @@ impl FlagCounters {
     }
 
     /// Counts one evaluation of `flag` (the flag these counters belong to) that served its
-    /// variant number `variant`: one relaxed atomic add, no lock; allocates only on the flag's
-    /// first evaluation.
+    /// variant number `variant`: one relaxed atomic add to this thread's copy, no lock; allocates
+    /// only on the first evaluation of the flag by a thread of each stripe.
     pub fn record(&self, flag: &model::Flag, variant: Option<usize>, reason: Reason) {
         let counts = self.counts.get_or_init(|| Counts::new(flag));
         // Every flag sharing these counters has the same variant names in the same order.
         let row = variant
             .filter(|&i| i < counts.variants.len())
             .unwrap_or(counts.variants.len());
-        counts.counts[row * REASONS.len() + reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+        counts.stripe(thread_stripe())[row * REASONS.len() + reason_index(reason)]
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Every non-zero counter as (variant, reason, count); variant `None` means none was served.
@@ -680,9 +685,9 @@ impl FlagCounters {
         let counts = self.counts.get();
         counts
             .into_iter()
-            .flat_map(|c| c.counts.iter().enumerate().map(move |(i, n)| (c, i, n)))
-            .filter_map(|(c, i, count)| {
-                let count = count.load(Ordering::Relaxed);
+            .flat_map(|c| (0..c.cells()).map(move |i| (c, i)))
+            .filter_map(|(c, i)| {
+                let count = c.total(i);
                 if count == 0 {
                     return None;
                 }
@@ -694,14 +699,53 @@ impl FlagCounters {
 }
 
 impl Counts {
-    /// Zeroed counters for the variants of `flag`.
+    /// Counters for the variants of `flag`, no stripe allocated yet.
     fn new(flag: &model::Flag) -> Counts {
-        let variants: Box<[String]> = flag.variants.iter().map(|v| v.name.clone()).collect();
-        let counts = (0..(variants.len() + 1) * REASONS.len())
-            .map(|_| AtomicU64::new(0))
-            .collect();
-        Counts { variants, counts }
+        Counts {
+            variants: flag.variants.iter().map(|v| v.name.clone()).collect(),
+            stripes: (0..stripes()).map(|_| OnceLock::new()).collect(),
+        }
     }
+
+    /// Counters per stripe.
+    fn cells(&self) -> usize {
+        (self.variants.len() + 1) * REASONS.len()
+    }
+
+    /// The copy of stripe `stripe`, allocated zeroed on first use.
+    fn stripe(&self, stripe: usize) -> &[AtomicU64] {
+        self.stripes[stripe % self.stripes.len()]
+            .get_or_init(|| (0..self.cells()).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Counter `cell` summed over the stripes.
+    fn total(&self, cell: usize) -> u64 {
+        self.stripes
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(|copy| copy[cell].load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// How many copies of a flag's counters threads spread over: one per core, at most 16.
+fn stripes() -> usize {
+    static STRIPES: OnceLock<usize> = OnceLock::new();
+    *STRIPES.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, 16)
+    })
+}
+
+/// This thread's stripe: threads are numbered as they first count, round robin over the
+/// stripes, so the runtime's worker threads (started together) get different ones.
+fn thread_stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % stripes();
+    }
+    STRIPE.with(|stripe| *stripe)
 }
 
 /// A hash of `flag`'s variant names in declaration order. Two states share a flag's counters
@@ -1055,6 +1099,43 @@ mod tests {
             vec![(Some("on".into()), 1), (None, 1)],
             "counts follow the variant, not its position"
         );
+    }
+
+    #[test]
+    fn counts_from_many_threads_add_up_and_carry_over() {
+        let state = base();
+        let threads = 2 * stripes() + 1;
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    let replica = state.load();
+                    let ns = &replica.namespaces["prod"];
+                    let flag = ns.flags.get("d").unwrap().source();
+                    for _ in 0..1000 {
+                        ns.counters("d").unwrap().record(flag, Some(0), Reason::Split);
+                    }
+                });
+            }
+        });
+        let count = |state: &State| -> Vec<(Option<String>, Reason, u64)> {
+            let replica = state.load();
+            replica.namespaces["prod"]
+                .counters("d")
+                .unwrap()
+                .iter()
+                .map(|(v, r, n)| (v.map(str::to_string), r, n))
+                .collect()
+        };
+        let all = 1000 * threads as u64;
+        assert_eq!(count(&state), vec![(Some("on".into()), Reason::Split, all)]);
+        // New variants: the counts move into fresh counters, summed over the stripes.
+        state
+            .apply_change(Change {
+                revision: 2,
+                deltas: vec![Delta::PutFlag(flag("prod", "d", &["off", "on"]))],
+            })
+            .unwrap();
+        assert_eq!(count(&state), vec![(Some("on".into()), Reason::Split, all)]);
     }
 
     #[tokio::test]
