@@ -598,8 +598,9 @@ struct Cost {
 /// Refuses prerequisites the engine could never evaluate: chains deeper than
 /// [`MAX_PREREQUISITE_CHAIN`] or more than [`MAX_PREREQUISITE_EVALUATIONS`]
 /// evaluations. Only what lies below `flag` is seen (the view does not list
-/// dependents), which is complete for `bundle` where every flag is checked.
-fn prerequisite_cost(flag: &model::Flag, ns: &dyn NamespaceView) -> Result<(), FieldError> {
+/// dependents), which is complete for `bundle` where every flag is checked; a
+/// store that updates one flag checks the flags depending on it with this too.
+pub fn prerequisite_cost(flag: &model::Flag, ns: &dyn NamespaceView) -> Result<(), FieldError> {
     let mut memo = HashMap::new();
     let cost = cost_of(&flag.prerequisites, ns, &mut memo, 0);
     if cost.chain > MAX_PREREQUISITE_CHAIN {

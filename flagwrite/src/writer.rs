@@ -388,6 +388,7 @@ impl Plan<'_> {
                 }
                 let view = self.view_for(&model)?;
                 checks::flag(&model, &view, "flag")?;
+                self.check_dependents(&model, &stored)?;
                 self.store_flag(model, Some(stored))?;
             }
             Op::SetFlagEnabled {
@@ -657,6 +658,89 @@ impl Plan<'_> {
         })
     }
 
+    /// Checks that updating `flag` (stored as `old`) leaves the flags that depend on it valid:
+    /// the variants their prerequisites name still exist, and their prerequisite chains stay
+    /// within what the engine evaluates. Only an update that drops a variant or changes the
+    /// flag's prerequisites can break a dependent, so only those read the namespace.
+    fn check_dependents(&self, flag: &model::Flag, old: &pb::Flag) -> Result<(), Error> {
+        let dropped: BTreeSet<&str> = old
+            .variants
+            .iter()
+            .map(|v| v.name.as_str())
+            .filter(|name| !flag.variants.iter().any(|v| v.name == *name))
+            .collect();
+        let old_parents: BTreeSet<&str> =
+            old.prerequisites.iter().map(|p| p.flag.as_str()).collect();
+        let parents: BTreeSet<&str> = flag.prerequisites.iter().map(|p| p.flag.as_str()).collect();
+        let deeper = parents != old_parents;
+        if dropped.is_empty() && !deeper {
+            return Ok(());
+        }
+        let mut view = View::default();
+        for stored in self.store.flags_after(&flag.namespace, "") {
+            let stored = stored?;
+            if stored.key != flag.key {
+                view.flags.insert(stored.key.clone(), stored_model(stored)?);
+            }
+        }
+        view.flags.insert(flag.key.clone(), flag.clone());
+
+        let mut named = Vec::new();
+        for dependent in view.flags.values() {
+            for p in dependent
+                .prerequisites
+                .iter()
+                .filter(|p| p.flag == flag.key)
+            {
+                for variant in p.variants.iter().filter(|v| dropped.contains(v.as_str())) {
+                    named.push(format!("{variant:?} by {:?}", dependent.key));
+                }
+            }
+        }
+        if !named.is_empty() {
+            named.sort();
+            let more = named.len().saturating_sub(5);
+            named.truncate(5);
+            if more > 0 {
+                named.push(format!("and {more} more"));
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "flag.variants: prerequisites name variants this update removes: {}",
+                named.join(", ")
+            )));
+        }
+        if deeper {
+            // Every flag with `flag` somewhere below it, nearest first.
+            let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+            for dependent in view.flags.values() {
+                for p in &dependent.prerequisites {
+                    children
+                        .entry(p.flag.as_str())
+                        .or_default()
+                        .push(dependent.key.as_str());
+                }
+            }
+            let mut seen = BTreeSet::from([flag.key.as_str()]);
+            let mut pending = vec![flag.key.as_str()];
+            while let Some(key) = pending.pop() {
+                for &dependent in children.get(key).into_iter().flatten() {
+                    if !seen.insert(dependent) {
+                        continue;
+                    }
+                    pending.push(dependent);
+                    flagstream::validate::prerequisite_cost(&view.flags[dependent], &view)
+                        .map_err(|e| {
+                            Error::Invalid(format!(
+                                "flag.prerequisites: flag {dependent:?} depends on this flag, and with these prerequisites {}",
+                                e.reason
+                            ))
+                        })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The view a flag is validated against: its transitive prerequisites
     /// (read from the store, with the new version of the flag itself) and the
     /// segments its rules name that exist.
@@ -670,9 +754,7 @@ impl Plan<'_> {
                 continue;
             }
             if let Some(stored) = self.store.flag(&flag.namespace, &key)? {
-                // Stored flags passed validation when written.
-                let model = model::Flag::try_from(stored)
-                    .map_err(|e| Error::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
+                let model = stored_model(stored)?;
                 pending.extend(model.prerequisites.iter().map(|p| p.flag.clone()));
                 view.flags.insert(key, model);
             }
@@ -686,6 +768,13 @@ impl Plan<'_> {
         }
         Ok(view)
     }
+}
+
+/// A stored flag in model types. Stored flags passed validation when written, so one that
+/// does not convert is corruption.
+fn stored_model(stored: pb::Flag) -> Result<model::Flag, Error> {
+    model::Flag::try_from(stored)
+        .map_err(|e| Error::Store(crate::store::StoreError::Corrupt(e.to_string())))
 }
 
 fn check_expected(what: &str, stamp: &Option<pb::Stamp>, expected: u64) -> Result<(), Error> {

@@ -503,6 +503,148 @@ async fn invalid_writes_name_the_field_and_change_nothing() {
     server.stop().await;
 }
 
+/// Updates a flag expecting a refusal with `code` and `message` in it, and checks that the
+/// namespace's revision did not move.
+async fn check_update_refused(admin: &mut Admin, flag: pb::Flag, code: Code, message: &str) {
+    let revision = |admin: &mut Admin| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list_namespaces(pb::ListNamespacesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .revision
+        }
+    };
+    let before = revision(admin).await;
+    let status = admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(flag),
+            expected_revision: 0,
+            options: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(message),
+        "{:?} should contain {message:?}",
+        status.message()
+    );
+    assert_eq!(
+        revision(admin).await,
+        before,
+        "a refused write took a revision"
+    );
+}
+
+/// A flag's dependents are checked when it changes, not only when they are written: an update
+/// may neither drop a variant a dependent's prerequisite names, nor lengthen a dependent's
+/// prerequisite chain past what the engine evaluates.
+#[tokio::test]
+async fn updates_keep_the_flags_that_depend_on_them_valid() {
+    let server = Server::start().await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    create_namespace(&mut admin, "prod").await;
+    let prerequisite = |parent: &str, variants: &[&str]| pb::Prerequisite {
+        flag: parent.into(),
+        variants: variants.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    };
+
+    // link-7 -> link-6 -> ... -> link-0: a chain of 7, the longest the engine evaluates.
+    create_flag(&mut admin, flag("prod", "link-0")).await;
+    for i in 1..=flagstream::validate::MAX_PREREQUISITE_CHAIN {
+        let mut link = flag("prod", &format!("link-{i}"));
+        link.prerequisites
+            .push(prerequisite(&format!("link-{}", i - 1), &[]));
+        create_flag(&mut admin, link).await;
+    }
+    create_flag(&mut admin, flag("prod", "root")).await;
+    // The bottom link taking a prerequisite would make link-7's chain 8 long.
+    let mut bottom = flag("prod", "link-0");
+    bottom.prerequisites.push(prerequisite("root", &[]));
+    check_update_refused(
+        &mut admin,
+        bottom.clone(),
+        Code::InvalidArgument,
+        "flag.prerequisites: flag \"link-7\" depends on this flag, and with these prerequisites a chain of more than 7 prerequisites cannot be evaluated",
+    )
+    .await;
+    // One link shorter is fine: the middle link may take the root instead of its parent...
+    let mut middle = flag("prod", "link-4");
+    middle.prerequisites.push(prerequisite("root", &[]));
+    admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(middle),
+            expected_revision: 0,
+            options: None,
+        })
+        .await
+        .unwrap();
+    // ...after which link-0 no longer lies below link-7, so it may take the root too.
+    admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(bottom),
+            expected_revision: 0,
+            options: None,
+        })
+        .await
+        .unwrap();
+
+    // child needs parent at variant "on"; parent renaming "on" to "yes" would leave it unmet forever.
+    create_flag(&mut admin, flag("prod", "parent")).await;
+    let mut child = flag("prod", "child");
+    child.prerequisites.push(prerequisite("parent", &["on"]));
+    create_flag(&mut admin, child).await;
+    let mut renamed = flag("prod", "parent");
+    renamed.variants[0].name = "yes".into();
+    check_update_refused(
+        &mut admin,
+        renamed,
+        Code::FailedPrecondition,
+        "flag.variants: prerequisites name variants this update removes: \"on\" by \"child\"",
+    )
+    .await;
+    let stored = admin
+        .get_flag(pb::GetFlagRequest {
+            namespace: "prod".into(),
+            key: "parent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stored.variants[0].name, "on",
+        "the refused update changed nothing"
+    );
+    // Adding a variant, or dropping one nobody names, is fine.
+    let mut grown = flag("prod", "parent");
+    grown.variants.push(pb::Variant {
+        name: "maybe".into(),
+        value: bool_value(true),
+        description: String::new(),
+    });
+    admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(grown),
+            expected_revision: 0,
+            options: None,
+        })
+        .await
+        .unwrap();
+    admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(flag("prod", "parent")),
+            expected_revision: 0,
+            options: None,
+        })
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn conflicts_and_preconditions() {
     let server = Server::start().await;
