@@ -12,9 +12,17 @@
 //! default 16), `BENCH_STREAMS` (streams in flight per connection, default 16),
 //! `BENCH_FLAGS` (flags in the EvaluateAll namespace, default 350),
 //! `BENCH_LATENCY_ROUNDS` (paced runs per target, default 2),
-//! `BENCH_ONLY` (one of `echo`, `Evaluate`, `EvaluateAll`: measure only it),
+//! `BENCH_LATENCY_PROCESSES` (h2load processes the paced connections are split
+//! over, started staggered, default 1), `BENCH_LATENCY_STREAMS` (streams per
+//! connection in the paced runs, default `BENCH_STREAMS`), `BENCH_ONLY` (one
+//! of `echo`, `Evaluate`, `EvaluateAll`: measure only it).
+//!
 //! The latency runs use h2load's `--rps`, which releases requests in 10 ms
-//! ticks: see `support::h2load::Pacing` for what that does to p99.
+//! ticks: see `support::h2load::Pacing` for what that does to p99. h2load
+//! times a request from when it gets a stream, so with few streams the wait
+//! for one is not counted; `BENCH_LATENCY_STREAMS=300` leaves every burst of
+//! these loads a stream, and `BENCH_LATENCY_PROCESSES=8` spreads the bursts
+//! over the tick (see the README's performance section for both).
 
 mod support;
 
@@ -75,6 +83,8 @@ async fn run() {
     let streams: u32 = support::env_or("BENCH_STREAMS", 16);
     let flag_count: usize = support::env_or("BENCH_FLAGS", 350);
     let latency_rounds: usize = support::env_or("BENCH_LATENCY_ROUNDS", 2);
+    let processes: u32 = support::env_or("BENCH_LATENCY_PROCESSES", 1);
+    let paced_streams: u32 = support::env_or("BENCH_LATENCY_STREAMS", streams);
     let dir = RunDir::new("read");
     let tokens = support::write_tokens(dir.path());
 
@@ -186,30 +196,37 @@ async fn run() {
         replica.proc.assert_alive();
     }
     println!(
-        "latency: {latency_rounds} runs per target at 70% of its median maximum, h2load --rps (each connection releases its due requests every 10 ms)"
+        "latency: {latency_rounds} runs per target at 70% of its median maximum, h2load --rps (each process releases its connections' due requests every 10 ms), {processes} process(es) started 10/{processes} ms apart, {paced_streams} streams per connection"
     );
     for round in 0..latency_rounds {
         for target in &mut targets {
             let per_client =
                 ((0.7 * median(&target.max_rps) / f64::from(clients)).round() as u32).max(1);
             let rate = f64::from(per_client * clients);
-            let (achieved, mut latencies) = {
-                let frame = write_frame(dir.path(), target);
-                let log = dir.path().join("latency.log");
-                let _ = std::fs::remove_file(&log);
-                let outcome = load(
-                    target,
-                    &frame,
-                    clients,
-                    streams,
-                    seconds,
-                    Pacing::Rps(per_client),
-                    Some(log.clone()),
-                )
-                .run(dir.path(), "h2load");
+            let frame = write_frame(dir.path(), target);
+            let paced = load(
+                target,
+                &frame,
+                clients,
+                paced_streams,
+                seconds,
+                Pacing::Rps(per_client),
+                Some(dir.path().join("latency.log")),
+            );
+            let mut achieved = 0.0;
+            let mut latencies = Vec::new();
+            let mut phases = Vec::new();
+            for (outcome, log) in paced.run_spread(dir.path(), "h2load", processes) {
                 outcome.check(target.name, target.response_len);
-                (outcome.req_per_s, h2load::latencies_ms(&log))
-            };
+                achieved += outcome.req_per_s;
+                latencies.extend(h2load::latencies_ms(&log));
+                phases.push(h2load::tick_phase_ms(&log));
+            }
+            if processes > 1 {
+                phases.sort_by(f64::total_cmp);
+                let phases: Vec<String> = phases.iter().map(|p| format!("{p:.1}")).collect();
+                println!("  h2load processes tick at {} ms", phases.join(" "));
+            }
             let p50 = percentile(&mut latencies, 50.0);
             let p99 = percentile(&mut latencies, 99.0);
             println!(

@@ -1112,7 +1112,9 @@ mod tests {
                     let ns = &replica.namespaces["prod"];
                     let flag = ns.flags.get("d").unwrap().source();
                     for _ in 0..1000 {
-                        ns.counters("d").unwrap().record(flag, Some(0), Reason::Split);
+                        ns.counters("d")
+                            .unwrap()
+                            .record(flag, Some(0), Reason::Split);
                     }
                 });
             }

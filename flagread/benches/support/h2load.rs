@@ -49,7 +49,9 @@ pub enum Pacing {
     /// and the last request of a burst waits for the others whatever the
     /// server; once the rate per connection is above 16 streams per tick,
     /// the streams limit the burst instead, and a request waits about
-    /// `connections × streams / maximum rate`.
+    /// `connections × streams / maximum rate`. h2load times a request from
+    /// when it gets a stream: the time a due request waits for one is not
+    /// counted, so too few streams flatter the latency.
     Rps(u32),
 }
 
@@ -75,9 +77,50 @@ impl Load<'_> {
     /// include the warm-up's responses and the per-request check below could
     /// not be exact. Warm up with a separate short run instead.
     pub fn run(&self, dir: &Path, name: &str) -> Outcome {
+        let command = self.command(self.clients, self.log_file.as_deref());
+        let mut process = Proc::spawn(name, command, dir);
+        self.finish(&mut process)
+    }
+
+    /// Runs the load as `processes` h2load processes of `clients / processes`
+    /// connections each, started one [`TICK`] / `processes` apart, and returns
+    /// each one's outcome and per-request log (`<log_file>.<i>`).
+    ///
+    /// Under [`Pacing::Rps`] a process releases its requests every tick from
+    /// the moment its connections are up, so one process sends all of them in
+    /// step; staggered processes tick at different moments, as independent
+    /// clients do. (Process start-up jitters, so the moments are only roughly
+    /// evenly spaced: [`tick_phase_ms`] tells where each one landed.)
+    pub fn run_spread(&self, dir: &Path, name: &str, processes: u32) -> Vec<(Outcome, PathBuf)> {
+        assert!(
+            processes >= 1 && self.clients % processes == 0,
+            "{} connections do not split evenly into {processes} processes",
+            self.clients
+        );
+        let log_base = self
+            .log_file
+            .clone()
+            .unwrap_or_else(|| dir.join(format!("{name}.requests")));
+        let mut running = Vec::new();
+        for i in 0..processes {
+            if i > 0 {
+                std::thread::sleep(TICK / processes);
+            }
+            let log = log_base.with_extension(i.to_string());
+            let _ = std::fs::remove_file(&log);
+            let command = self.command(self.clients / processes, Some(&log));
+            running.push((Proc::spawn(&format!("{name}-{i}"), command, dir), log));
+        }
+        running
+            .into_iter()
+            .map(|(mut process, log)| (self.finish(&mut process), log))
+            .collect()
+    }
+
+    fn command(&self, clients: u32, log_file: Option<&Path>) -> Command {
         let mut command = Command::new(h2load_path());
         command
-            .arg(format!("--clients={}", self.clients))
+            .arg(format!("--clients={clients}"))
             .arg(format!("--max-concurrent-streams={}", self.streams))
             .arg("--threads=1")
             .arg(format!("--data={}", self.frame.display()))
@@ -90,17 +133,26 @@ impl Load<'_> {
         if let Pacing::Rps(rps) = self.pacing {
             command.arg(format!("--rps={rps}"));
         }
-        if let Some(log) = &self.log_file {
+        if let Some(log) = log_file {
             command.arg(format!("--log-file={}", log.display()));
         }
         command.arg(&self.url);
-        let mut process = Proc::spawn(name, command, dir);
+        command
+    }
+
+    /// Waits for an h2load process (bounded by its duration plus a margin)
+    /// and reads its summary.
+    fn finish(&self, process: &mut Proc) -> Outcome {
         let status = process.wait(Duration::from_secs(u64::from(self.seconds) + 30));
         let summary = std::fs::read_to_string(&process.log).unwrap_or_default();
         assert!(status.success(), "h2load failed ({status}):\n{summary}");
         parse(&summary)
     }
 }
+
+/// How often h2load's `--rps` timer releases a connection's due requests (at
+/// most; less often only below 100 requests/s per connection).
+pub const TICK: Duration = Duration::from_millis(10);
 
 /// `h2load` from PATH, or `FLAGSTREAM_H2LOAD`.
 pub fn h2load_path() -> PathBuf {
@@ -188,17 +240,48 @@ impl Outcome {
     }
 }
 
-/// Latencies (ms) from h2load's `--log-file`: `start_us<TAB>status<TAB>duration_us`.
-pub fn latencies_ms(log: &Path) -> Vec<f64> {
+/// One request of h2load's `--log-file`: `start_us<TAB>status<TAB>duration_us`,
+/// the start in microseconds since the Unix epoch.
+struct Logged {
+    start_us: u64,
+    status: i32,
+    duration_us: u64,
+}
+
+fn read_log(log: &Path) -> Vec<Logged> {
     let text = std::fs::read_to_string(log)
         .unwrap_or_else(|error| panic!("cannot read {}: {error}", log.display()));
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split('\t');
-            let _start = fields.next()?;
-            let status: i32 = fields.next()?.trim().parse().ok()?;
-            let micros: f64 = fields.next()?.trim().parse().ok()?;
-            (status == 200).then_some(micros / 1000.0)
+            Some(Logged {
+                start_us: fields.next()?.trim().parse().ok()?,
+                status: fields.next()?.trim().parse().ok()?,
+                duration_us: fields.next()?.trim().parse().ok()?,
+            })
         })
         .collect()
+}
+
+/// Latencies (ms) of the successful requests in h2load's `--log-file`.
+pub fn latencies_ms(log: &Path) -> Vec<f64> {
+    read_log(log)
+        .into_iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.duration_us as f64 / 1000.0)
+        .collect()
+}
+
+/// Where in the [`TICK`] a process's requests start, in ms from 0 to 10: the
+/// circular mean of every request's start time modulo the tick.
+pub fn tick_phase_ms(log: &Path) -> f64 {
+    let tick_us = TICK.as_micros() as u64;
+    let (mut x, mut y) = (0.0f64, 0.0f64);
+    for request in read_log(log) {
+        let turn = (request.start_us % tick_us) as f64 / tick_us as f64;
+        x += (turn * std::f64::consts::TAU).cos();
+        y += (turn * std::f64::consts::TAU).sin();
+    }
+    let turn = y.atan2(x).rem_euclid(std::f64::consts::TAU) / std::f64::consts::TAU;
+    turn * TICK.as_secs_f64() * 1000.0
 }
