@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use flagstream::pb;
 use prost::Message;
@@ -68,6 +69,13 @@ impl Feed {
     /// The latest durable revision.
     pub fn head(&self) -> u64 {
         *self.head.borrow()
+    }
+
+    /// Waits until `revision` is durable, for at most `limit`; whether it is.
+    pub async fn wait_durable(&self, revision: u64, limit: Duration) -> bool {
+        let mut head = self.head.subscribe();
+        let reached = tokio::time::timeout(limit, head.wait_for(|h| *h >= revision)).await;
+        matches!(reached, Ok(Ok(_)))
     }
 
     /// A receiver notified whenever the head moves.
@@ -141,4 +149,31 @@ fn delta(entry: &pb::HistoryEntry) -> Option<pb::Delta> {
         (None, None) => return None,
     };
     Some(pb::Delta { kind: Some(kind) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_for_durability_until_its_limit() {
+        let feed = std::sync::Arc::new(Feed::new(3, 0, 8));
+        assert!(
+            feed.wait_durable(3, Duration::ZERO).await,
+            "already durable"
+        );
+        assert!(
+            !feed.wait_durable(4, Duration::from_millis(20)).await,
+            "revision 4 never became durable"
+        );
+        let waiting = tokio::spawn({
+            let feed = feed.clone();
+            async move { feed.wait_durable(5, Duration::from_secs(30)).await }
+        });
+        feed.head.send_replace(4);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "4 is not 5");
+        feed.head.send_replace(5);
+        assert!(waiting.await.unwrap());
+    }
 }

@@ -226,8 +226,13 @@ pub async fn run(
     ]);
 
     let admin = tonic::service::interceptor::InterceptedService::new(
-        FlagAdminServer::new(Admin::new(store.clone(), writer, metrics.clone()))
-            .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
+        FlagAdminServer::new(Admin::new(
+            store.clone(),
+            writer,
+            feed.clone(),
+            metrics.clone(),
+        ))
+        .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
         prepared.auth.clone(),
     );
     let stream_config = StreamConfig {

@@ -1,5 +1,6 @@
 //! The FlagAdmin service: authorization, request decoding and responses.
-//! Writes go to the single [`Writer`]; reads go straight to the [`Store`].
+//! Writes go to the single [`Writer`]; reads go straight to the [`Store`] and
+//! answer once what they read is durable.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::checks;
 use crate::error::Error;
+use crate::feed::Feed;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::writer::{Op, Outcome, WriteRequest, Writer};
@@ -19,19 +21,44 @@ use crate::writer::{Op, Outcome, WriteRequest, Writer};
 pub struct Admin {
     store: Store,
     writer: Writer,
+    /// For the durable head, which reads wait on (see [`Admin::settle`]).
+    feed: Arc<Feed>,
     metrics: Arc<Metrics>,
 }
+
+/// How long a read waits for what it saw to become durable before it answers UNAVAILABLE. A
+/// flush takes milliseconds; only a store that can no longer flush (which refuses all writes)
+/// gets near this.
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Page sizes: 0 means this, and at most `MAX_PAGE`.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
 impl Admin {
-    pub fn new(store: Store, writer: Writer, metrics: Arc<Metrics>) -> Admin {
+    pub fn new(store: Store, writer: Writer, feed: Arc<Feed>, metrics: Arc<Metrics>) -> Admin {
         Admin {
             store,
             writer,
+            feed,
             metrics,
+        }
+    }
+
+    /// Called after a read, before answering: waits until everything the read can have seen is
+    /// durable. The writer commits a group of writes, then flushes them once and only then
+    /// acknowledges them; a read in between sees writes nobody was told about, which a crash
+    /// would undo. Waiting until the durable head reaches the committed head as it is now (after
+    /// the read) covers every object and every absence the read saw. Returns at once unless
+    /// writes are in flight, then within one flush.
+    async fn settle(&self) -> Result<(), Status> {
+        let committed = self.store.head().map_err(Error::from)?;
+        if self.feed.wait_durable(committed, SETTLE_LIMIT).await {
+            Ok(())
+        } else {
+            Err(Status::unavailable(format!(
+                "revision {committed} is committed but not yet durable after {SETTLE_LIMIT:?}: the store is not flushing"
+            )))
         }
     }
 
@@ -62,10 +89,14 @@ impl Admin {
         result.map_err(Status::from)
     }
 
-    fn namespace_exists(&self, namespace: &str) -> Result<(), Status> {
+    /// NOT_FOUND unless the namespace exists (once the absence is durable, see [`Admin::settle`]).
+    async fn namespace_exists(&self, namespace: &str) -> Result<(), Status> {
         match self.store.namespace(namespace).map_err(Error::from)? {
             Some(_) => Ok(()),
-            None => Err(Error::NotFound(format!("namespace {namespace:?} not found")).into()),
+            None => {
+                self.settle().await?;
+                Err(Error::NotFound(format!("namespace {namespace:?} not found")).into())
+            }
         }
     }
 }
@@ -154,6 +185,7 @@ impl FlagAdmin for Admin {
         reader(&request)?;
         let revision = self.store.head().map_err(Error::from)?;
         let namespaces = self.store.namespaces().map_err(Error::from)?;
+        self.settle().await?;
         Ok(Response::new(pb::ListNamespacesResponse {
             namespaces,
             revision,
@@ -249,11 +281,12 @@ impl FlagAdmin for Admin {
     ) -> Result<Response<pb::Flag>, Status> {
         reader(&request)?;
         let req = request.into_inner();
-        match self
+        let found = self
             .store
             .flag(&req.namespace, &req.key)
-            .map_err(Error::from)?
-        {
+            .map_err(Error::from)?;
+        self.settle().await?;
+        match found {
             Some(flag) => Ok(Response::new(flag)),
             None => Err(Error::NotFound(format!(
                 "flag {:?} not found in namespace {:?}",
@@ -270,7 +303,7 @@ impl FlagAdmin for Admin {
         reader(&request)?;
         let req = request.into_inner();
         let size = page_size(req.page_size)?;
-        self.namespace_exists(&req.namespace)?;
+        self.namespace_exists(&req.namespace).await?;
         let mut flags = Vec::new();
         let mut next_page_token = String::new();
         for flag in self.store.flags_after(&req.namespace, &req.page_token) {
@@ -293,6 +326,7 @@ impl FlagAdmin for Admin {
             }
             flags.push(flag);
         }
+        self.settle().await?;
         Ok(Response::new(pb::ListFlagsResponse {
             flags,
             next_page_token,
@@ -359,11 +393,12 @@ impl FlagAdmin for Admin {
     ) -> Result<Response<pb::Segment>, Status> {
         reader(&request)?;
         let req = request.into_inner();
-        match self
+        let found = self
             .store
             .segment(&req.namespace, &req.key)
-            .map_err(Error::from)?
-        {
+            .map_err(Error::from)?;
+        self.settle().await?;
+        match found {
             Some(segment) => Ok(Response::new(segment)),
             None => Err(Error::NotFound(format!(
                 "segment {:?} not found in namespace {:?}",
@@ -380,7 +415,7 @@ impl FlagAdmin for Admin {
         reader(&request)?;
         let req = request.into_inner();
         let size = page_size(req.page_size)?;
-        self.namespace_exists(&req.namespace)?;
+        self.namespace_exists(&req.namespace).await?;
         let mut segments: Vec<pb::Segment> = Vec::new();
         let mut next_page_token = String::new();
         for segment in self.store.segments_after(&req.namespace, &req.page_token) {
@@ -391,6 +426,7 @@ impl FlagAdmin for Admin {
             }
             segments.push(segment);
         }
+        self.settle().await?;
         Ok(Response::new(pb::ListSegmentsResponse {
             segments,
             next_page_token,
@@ -457,6 +493,7 @@ impl FlagAdmin for Admin {
                 entries.push(entry);
             }
         }
+        self.settle().await?;
         Ok(Response::new(pb::ListHistoryResponse {
             entries,
             next_page_token,
@@ -475,6 +512,7 @@ impl FlagAdmin for Admin {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(Error::from)?;
+        self.settle().await?;
         let ns = snapshot.namespaces.into_iter().find(|n| n.key == namespace);
         let Some(ns) = ns else {
             return Err(Error::NotFound(format!("namespace {namespace:?} not found")).into());

@@ -1,5 +1,5 @@
-//! The real binary under kill -9: every acknowledged write survives, and the
-//! revisions have no gap. Also: SIGTERM stops it cleanly, and bad
+//! The real binary under kill -9: every acknowledged write survives, no read
+//! showed a write the crash took back, and the revisions have no gap. Also: SIGTERM stops it cleanly, and bad
 //! configuration exits non-zero with one line.
 
 mod common;
@@ -54,15 +54,47 @@ async fn acknowledged_writes_survive_kill_9() {
             }
         }));
     }
+    // Readers: the newest revision any read showed. Reads answer only once what they saw is
+    // durable, so no read may show a revision the crash takes back.
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for r in 0..2 {
+        let mut admin = admin.clone();
+        let seen = seen.clone();
+        readers.push(tokio::spawn(async move {
+            loop {
+                let revision = if r == 0 {
+                    match admin.list_namespaces(pb::ListNamespacesRequest {}).await {
+                        Ok(answer) => answer.into_inner().revision,
+                        Err(_) => return,
+                    }
+                } else {
+                    let newest = admin
+                        .list_history(pb::ListHistoryRequest {
+                            namespace: "prod".into(),
+                            page_size: 1,
+                            ..Default::default()
+                        })
+                        .await;
+                    match newest {
+                        Ok(page) => page.into_inner().entries.first().map_or(0, |e| e.revision),
+                        Err(_) => return,
+                    }
+                };
+                seen.fetch_max(revision, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
     // Kill in the middle of the stream of writes.
     while acked.lock().unwrap().len() < 1500 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     process.child.kill().unwrap();
     process.child.wait().unwrap();
-    for writer in writers {
-        writer.await.unwrap();
+    for task in writers.into_iter().chain(readers) {
+        task.await.unwrap();
     }
+    let seen = seen.load(std::sync::atomic::Ordering::Relaxed);
     let acked = acked.lock().unwrap().clone();
     drop(process);
 
@@ -87,6 +119,10 @@ async fn acknowledged_writes_survive_kill_9() {
         .into_inner()
         .revision;
     assert!(head >= acked.iter().map(|a| a.1).max().unwrap());
+    assert!(
+        head >= seen,
+        "a read showed revision {seen}, but only {head} survived the crash"
+    );
     let mut revisions = Vec::new();
     let mut token = String::new();
     loop {
