@@ -64,8 +64,9 @@ pub struct NamespaceState {
     /// is copied only when one of its flags is created or deleted or its variants change.
     counters: ShardedMap<Arc<FlagCounters>>,
     /// For each flag key, the flags that list it as a prerequisite, so that a change can name
-    /// the flags whose results it may change without scanning the namespace.
-    dependents: Arc<HashMap<String, BTreeSet<String>>>,
+    /// the flags whose results it may change without scanning the namespace. Sharded like the
+    /// counters, so a prerequisite edit copies 1/64 of the index.
+    dependents: ShardedMap<BTreeSet<String>>,
 }
 
 /// A map by flag key in copy-on-write shards: a state shares every shard with the state it was
@@ -103,6 +104,32 @@ impl<V: Clone> ShardedMap<V> {
     pub fn insert(&mut self, key: String, value: V) {
         let shard = Self::shard_of(&key);
         Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard]).insert(key, value);
+    }
+
+    /// The value of `key` to change in place, copying its shard if another state shares it.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut V> {
+        let shard = Self::shard_of(key);
+        if !self.shards[shard].contains_key(key) {
+            return None;
+        }
+        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard]).get_mut(key)
+    }
+
+    /// The value of `key` to change in place, inserted as `V::default()` when missing; copies
+    /// its shard if another state shares it.
+    pub fn get_or_default(&mut self, key: &str) -> &mut V
+    where
+        V: Default,
+    {
+        let shard = Self::shard_of(key);
+        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard])
+            .entry(key.to_string())
+            .or_default()
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.shards.iter().all(|shard| shard.is_empty())
     }
 
     /// Removes `key`, copying its shard if another state shares it.
@@ -529,7 +556,7 @@ impl NamespaceState {
             namespace,
             flags: FlagSet::default(),
             counters: ShardedMap::default(),
-            dependents: Arc::default(),
+            dependents: ShardedMap::default(),
         }
     }
 
@@ -593,7 +620,7 @@ impl NamespaceState {
     }
 
     /// Records that flag `key` now has `prerequisites` (none when deleted), replacing what the
-    /// stored flag had. Copies the index only when it changes.
+    /// stored flag had. Copies a shard of the index only when it changes.
     fn track_prerequisites(&mut self, key: &str, prerequisites: &[model::Prerequisite]) {
         let old: Vec<&str> = self
             .flags
@@ -610,19 +637,17 @@ impl NamespaceState {
         if old == new {
             return;
         }
-        let index = Arc::make_mut(&mut self.dependents);
         for parent in old {
-            if let Some(children) = index.get_mut(parent) {
+            if let Some(children) = self.dependents.get_mut(parent) {
                 children.remove(key);
                 if children.is_empty() {
-                    index.remove(parent);
+                    self.dependents.remove(parent);
                 }
             }
         }
         for parent in new {
-            index
-                .entry(parent.to_string())
-                .or_default()
+            self.dependents
+                .get_or_default(parent)
                 .insert(key.to_string());
         }
     }
@@ -1045,9 +1070,25 @@ mod tests {
         assert_eq!(before.get("flag-new"), None);
         assert_eq!(after.get("flag-new"), Some(&7));
         assert_eq!(after.iter().count(), 1000);
+        *after.get_mut("flag-5").unwrap() += 100;
+        assert_eq!(after.get_mut("missing"), None);
+        *after.get_or_default("flag-zero") += 1;
+        *after.get_or_default("flag-zero") += 1;
+        assert_eq!(
+            (after.get("flag-5"), after.get("flag-zero")),
+            (Some(&105), Some(&2))
+        );
+        assert_eq!(
+            (before.get("flag-5"), before.get("flag-zero")),
+            (Some(&5), None),
+            "changes in place leave the earlier state alone"
+        );
+        assert!(!after.is_empty() && ShardedMap::<u32>::default().is_empty());
         let changed = [
             ShardedMap::<u32>::shard_of("flag-new"),
             ShardedMap::<u32>::shard_of("flag-3"),
+            ShardedMap::<u32>::shard_of("flag-5"),
+            ShardedMap::<u32>::shard_of("flag-zero"),
         ];
         for shard in 0..SHARDS {
             let shared = Arc::ptr_eq(&before.shards[shard], &after.shards[shard]);
