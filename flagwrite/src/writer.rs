@@ -669,9 +669,10 @@ impl Plan<'_> {
             .map(|v| v.name.as_str())
             .filter(|name| !flag.variants.iter().any(|v| v.name == *name))
             .collect();
-        let old_parents: BTreeSet<&str> =
-            old.prerequisites.iter().map(|p| p.flag.as_str()).collect();
-        let parents: BTreeSet<&str> = flag.prerequisites.iter().map(|p| p.flag.as_str()).collect();
+        // Any change to the list of parents (even a repeat) may lengthen chains or add
+        // evaluations above this flag.
+        let old_parents: Vec<&str> = old.prerequisites.iter().map(|p| p.flag.as_str()).collect();
+        let parents: Vec<&str> = flag.prerequisites.iter().map(|p| p.flag.as_str()).collect();
         let deeper = parents != old_parents;
         if dropped.is_empty() && !deeper {
             return Ok(());
@@ -710,7 +711,7 @@ impl Plan<'_> {
             )));
         }
         if deeper {
-            // Every flag with `flag` somewhere below it, nearest first.
+            // Every flag with `flag` somewhere below it, each checked once.
             let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
             for dependent in view.flags.values() {
                 for p in &dependent.prerequisites {
