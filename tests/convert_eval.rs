@@ -252,10 +252,23 @@ fn assert_encoded_like_built(set: &FlagSet, key: &str, wire: &pb::Context, revis
         ..Default::default()
     };
     let decoded = pb::EvaluateBatchResponse::decode(&response.encode_to_vec()[..]).unwrap();
+    let built = convert::evaluation(key, &eval, revision);
     assert_eq!(
         decoded.results,
-        vec![convert::evaluation(key, &eval, revision)],
+        vec![built.clone()],
         "{key} at revision {revision} for {wire:?}"
+    );
+    // Decoders accept some non-canonical forms (a negative int32 in 5 bytes, say); the bytes
+    // must be what prost writes. Only the order of metadata entries may differ, not the length.
+    let canonical = pb::EvaluateBatchResponse {
+        results: vec![built],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    assert_eq!(
+        response.encoded_results.len(),
+        canonical.len(),
+        "{key} at revision {revision}: not the canonical encoding"
     );
 }
 
@@ -358,6 +371,18 @@ fn encoded_results_decode_to_the_built_response() {
         ],
         ..flag()
     });
+    // The first rule matching: rule index 0, which proto3 leaves out.
+    set.upsert_flag(Flag {
+        key: "first-rule".into(),
+        rules: vec![Rule {
+            name: "everyone".into(),
+            constraints: vec![],
+            segments: vec![],
+            rollout: None,
+            serve: Serve::Variant("on".into()),
+        }],
+        ..flag()
+    });
     set.upsert_flag(Flag {
         key: "misconfigured".into(),
         default_variant: "gone".into(),
@@ -372,6 +397,7 @@ fn encoded_results_decode_to_the_built_response() {
         "empty-string",
         "disabled",
         "split",
+        "first-rule",
         "misconfigured",
         "missing",
     ];
