@@ -347,14 +347,9 @@ fn keys(flags: &[pb::Flag]) -> Vec<&str> {
     flags.iter().map(|f| f.key.as_str()).collect()
 }
 
-/// One refused write: the code and a fragment the message must contain.
+/// One refused CreateFlag: the code and a fragment the message must contain.
 async fn check_refused(admin: &mut Admin, flag: pb::Flag, code: Code, message: &str) {
-    let before = admin
-        .list_namespaces(pb::ListNamespacesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
+    let before = head(admin).await;
     let status = admin
         .create_flag(pb::CreateFlagRequest {
             flag: Some(flag),
@@ -362,19 +357,42 @@ async fn check_refused(admin: &mut Admin, flag: pb::Flag, code: Code, message: &
         })
         .await
         .unwrap_err();
+    assert_refused(&status, code, message);
+    assert_eq!(head(admin).await, before, "a refused write took a revision");
+}
+
+/// One refused UpdateFlag, as [`check_refused`].
+async fn check_update_refused(admin: &mut Admin, flag: pb::Flag, code: Code, message: &str) {
+    let before = head(admin).await;
+    let status = admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(flag),
+            expected_revision: 0,
+            options: None,
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&status, code, message);
+    assert_eq!(head(admin).await, before, "a refused write took a revision");
+}
+
+fn assert_refused(status: &tonic::Status, code: Code, message: &str) {
     assert_eq!(status.code(), code, "{status:?}");
     assert!(
         status.message().contains(message),
         "{:?} should contain {message:?}",
         status.message()
     );
-    let after = admin
+}
+
+/// The store's head revision.
+async fn head(admin: &mut Admin) -> u64 {
+    admin
         .list_namespaces(pb::ListNamespacesRequest {})
         .await
         .unwrap()
         .into_inner()
-        .revision;
-    assert_eq!(before, after, "a refused write took a revision");
+        .revision
 }
 
 #[tokio::test]
@@ -503,42 +521,6 @@ async fn invalid_writes_name_the_field_and_change_nothing() {
     server.stop().await;
 }
 
-/// Updates a flag expecting a refusal with `code` and `message` in it, and checks that the
-/// namespace's revision did not move.
-async fn check_update_refused(admin: &mut Admin, flag: pb::Flag, code: Code, message: &str) {
-    let revision = |admin: &mut Admin| {
-        let mut admin = admin.clone();
-        async move {
-            admin
-                .list_namespaces(pb::ListNamespacesRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .revision
-        }
-    };
-    let before = revision(admin).await;
-    let status = admin
-        .update_flag(pb::UpdateFlagRequest {
-            flag: Some(flag),
-            expected_revision: 0,
-            options: None,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(message),
-        "{:?} should contain {message:?}",
-        status.message()
-    );
-    assert_eq!(
-        revision(admin).await,
-        before,
-        "a refused write took a revision"
-    );
-}
-
 /// A flag's dependents are checked when it changes, not only when they are written: an update
 /// may neither drop a variant a dependent's prerequisite names, nor lengthen a dependent's
 /// prerequisite chain past what the engine evaluates.
@@ -575,23 +557,9 @@ async fn updates_keep_the_flags_that_depend_on_them_valid() {
     // One link shorter is fine: the middle link may take the root instead of its parent...
     let mut middle = flag("prod", "link-4");
     middle.prerequisites.push(prerequisite("root", &[]));
-    admin
-        .update_flag(pb::UpdateFlagRequest {
-            flag: Some(middle),
-            expected_revision: 0,
-            options: None,
-        })
-        .await
-        .unwrap();
+    update_flag(&mut admin, middle).await;
     // ...after which link-0 no longer lies below link-7, so it may take the root too.
-    admin
-        .update_flag(pb::UpdateFlagRequest {
-            flag: Some(bottom),
-            expected_revision: 0,
-            options: None,
-        })
-        .await
-        .unwrap();
+    update_flag(&mut admin, bottom).await;
 
     // child needs parent at variant "on"; parent renaming "on" to "yes" would leave it unmet forever.
     create_flag(&mut admin, flag("prod", "parent")).await;
@@ -626,22 +594,8 @@ async fn updates_keep_the_flags_that_depend_on_them_valid() {
         value: bool_value(true),
         description: String::new(),
     });
-    admin
-        .update_flag(pb::UpdateFlagRequest {
-            flag: Some(grown),
-            expected_revision: 0,
-            options: None,
-        })
-        .await
-        .unwrap();
-    admin
-        .update_flag(pb::UpdateFlagRequest {
-            flag: Some(flag("prod", "parent")),
-            expected_revision: 0,
-            options: None,
-        })
-        .await
-        .unwrap();
+    update_flag(&mut admin, grown).await;
+    update_flag(&mut admin, flag("prod", "parent")).await;
     server.stop().await;
 }
 

@@ -279,3 +279,17 @@ pub async fn create_flag(admin: &mut Admin, flag: pb::Flag) -> u64 {
         .into_inner()
         .revision
 }
+
+/// Replaces a flag (any revision) and returns the write's revision.
+pub async fn update_flag(admin: &mut Admin, flag: pb::Flag) -> u64 {
+    admin
+        .update_flag(pb::UpdateFlagRequest {
+            flag: Some(flag),
+            expected_revision: 0,
+            options: options("test"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
