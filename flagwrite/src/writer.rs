@@ -187,7 +187,7 @@ async fn run(
             job = rx.recv(), if open => match job {
                 Some(job) => {
                     let started = Instant::now();
-                    let result = if healthy { apply(&store, &job.request) } else { Err(Error::ShuttingDown) };
+                    let result = if healthy { apply(&store, job.request) } else { Err(Error::ShuttingDown) };
                     let (result, record) = match result {
                         Ok((outcome, record)) => (Ok(outcome), record),
                         Err(e) => (Err(e), None),
@@ -254,26 +254,39 @@ fn compact(store: &Store, feed: &Feed, retention: u64, head: u64) {
 
 /// Plans one write against the current state and commits it (unless
 /// validate-only). Returns the outcome and the committed record.
-fn apply(store: &Store, request: &WriteRequest) -> Result<(Outcome, Option<LogRecord>), Error> {
-    checks::comment(&request.comment)?;
+fn apply(store: &Store, request: WriteRequest) -> Result<(Outcome, Option<LogRecord>), Error> {
+    let WriteRequest {
+        op,
+        actor,
+        comment,
+        validate_only,
+    } = request;
+    checks::comment(&comment)?;
+    let operation = op_name(&op);
     let revision = store.head()? + 1;
     let now = SystemTime::now();
     let stamp_time = prost_types::Timestamp::from(now);
     let mut plan = Plan {
         store,
         revision,
-        actor: &request.actor,
+        actor: &actor,
         time: stamp_time,
         entries: Vec::new(),
         object: None,
         namespace: String::new(),
     };
-    plan.build(&request.op)?;
-    if request.validate_only {
+    plan.build(op)?;
+    let Plan {
+        entries,
+        object,
+        namespace,
+        ..
+    } = plan;
+    if validate_only {
         return Ok((
             Outcome {
                 revision: 0,
-                object: plan.object,
+                object,
             },
             None,
         ));
@@ -281,20 +294,14 @@ fn apply(store: &Store, request: &WriteRequest) -> Result<(Outcome, Option<LogRe
     let record = LogRecord {
         revision,
         time: Some(stamp_time),
-        actor: request.actor.clone(),
-        comment: request.comment.clone(),
-        operation: op_name(&request.op).to_string(),
-        namespace: plan.namespace,
-        entries: plan.entries,
+        actor,
+        comment,
+        operation: operation.to_string(),
+        namespace,
+        entries,
     };
     store.commit(&record)?;
-    Ok((
-        Outcome {
-            revision,
-            object: plan.object,
-        },
-        Some(record),
-    ))
+    Ok((Outcome { revision, object }, Some(record)))
 }
 
 /// The RPC name of an operation, recorded in the history.
@@ -325,8 +332,8 @@ struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    fn build(&mut self, op: &Op) -> Result<(), Error> {
-        match op.clone() {
+    fn build(&mut self, op: Op) -> Result<(), Error> {
+        match op {
             Op::CreateNamespace(ns) => {
                 let mut ns = pb::Namespace::from(checks::namespace(ns, "namespace")?);
                 if self.store.namespace(&ns.key)?.is_some() {
