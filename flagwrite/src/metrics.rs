@@ -61,14 +61,6 @@ impl Metrics {
         }
     }
 
-    /// How many subscribers are connected.
-    pub fn subscriber_count(&self) -> usize {
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-    }
-
     /// The Prometheus text of every metric.
     pub fn render(&self) -> String {
         let head = self.head_revision.get();

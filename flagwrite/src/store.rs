@@ -323,11 +323,6 @@ impl Store {
             segments: raw.2.iter().map(|v| decode(v)).collect::<Result<_, _>>()?,
         })
     }
-
-    /// Bytes the database occupies on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
-    }
 }
 
 /// The key of a flag or segment: namespace keys never contain 0x00.

@@ -75,11 +75,6 @@ impl EncodedFlag {
         }
     }
 
-    /// Bytes held (for memory accounting).
-    pub fn size(&self) -> usize {
-        self.bytes.len() + 4 * self.ends.len()
-    }
-
     fn key(&self) -> &[u8] {
         &self.bytes[..self.ends[0] as usize]
     }

@@ -205,16 +205,6 @@ impl Tokens {
         }
         found
     }
-
-    /// How many tokens are loaded.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether no token is loaded (never true for a parsed file).
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// The identity every call gets with `--dev-no-auth`: all scopes.

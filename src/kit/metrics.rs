@@ -59,13 +59,6 @@ impl CounterVec {
         let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
         *values.entry(key).or_insert(0) += 1;
     }
-
-    /// The count of the series with these label values (for tests).
-    pub fn get(&self, labels: &[&str]) -> u64 {
-        let values = self.values.lock().unwrap_or_else(|e| e.into_inner());
-        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        values.get(&key).copied().unwrap_or(0)
-    }
 }
 
 impl Gauge {
