@@ -73,9 +73,16 @@ impl Feed {
 
     /// Waits until `revision` is durable, for at most `limit`; whether it is.
     pub async fn wait_durable(&self, revision: u64, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.until_durable(revision))
+            .await
+            .is_ok()
+    }
+
+    /// Returns once `revision` is durable.
+    pub async fn until_durable(&self, revision: u64) {
         let mut head = self.head.subscribe();
-        let reached = tokio::time::timeout(limit, head.wait_for(|h| *h >= revision)).await;
-        matches!(reached, Ok(Ok(_)))
+        // The sender lives in `self`, so the wait cannot end with an error.
+        let _ = head.wait_for(|h| *h >= revision).await;
     }
 
     /// A receiver notified whenever the head moves.

@@ -328,10 +328,9 @@ impl Follower {
 
     /// Waits until `revision` is durable (published to the feed's head).
     async fn durable(&self, revision: u64) -> Result<(), Stop> {
-        let mut head = self.service.feed.subscribe_head();
         let mut shutdown = self.service.shutdown.clone();
         tokio::select! {
-            reached = head.wait_for(|h| *h >= revision) => reached.map(|_| ()).map_err(|_| Stop::Done),
+            () = self.service.feed.until_durable(revision) => Ok(()),
             _ = stopped(&mut shutdown) => Err(Stop::Done),
         }
     }
