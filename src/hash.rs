@@ -56,8 +56,12 @@ pub fn murmur3_32(parts: &[&[u8]], seed: u32) -> u32 {
 
 /// Unleash's normalized hash: `murmur3("<group>:<value>", seed) % modulus + 1`,
 /// a number from 1 to `modulus`. `modulus` must not be zero.
-pub fn normalized(group: &str, value: &str, modulus: u32, seed: u32) -> u32 {
-    murmur3_32(&[group.as_bytes(), b":", value.as_bytes()], seed) % modulus + 1
+pub fn normalized(group: &str, value: &str, modulus: u64, seed: u32) -> u64 {
+    u64::from(murmur3_32(
+        &[group.as_bytes(), b":", value.as_bytes()],
+        seed,
+    )) % modulus
+        + 1
 }
 
 fn mix_block(h: u32, k: u32) -> u32 {

@@ -8,7 +8,7 @@ use super::compile::{
     CompiledRule, CompiledServe, CompiledSplit, Op, Sticky, StrOp, net_contains,
 };
 use super::{Context, ErrorCode, Evaluation, FlagSet, MAX_PREREQUISITE_DEPTH, Reason, parse};
-use crate::hash::{ROLLOUT_SEED, VARIANT_SEED, murmur3_32};
+use crate::hash::{ROLLOUT_SEED, VARIANT_SEED, normalized};
 
 /// ASCII values up to this many bytes are lowered in a stack buffer.
 const LOWER_BUF: usize = 256;
@@ -300,9 +300,7 @@ fn rollout_open(r: &CompiledRollout, ctx: &Context<'_>) -> bool {
             if r.percentage >= 100 {
                 return true;
             }
-            let bucket =
-                murmur3_32(&[r.group.as_bytes(), b":", v.as_bytes()], ROLLOUT_SEED) % 100 + 1;
-            bucket <= r.percentage
+            normalized(&r.group, v, 100, ROLLOUT_SEED) <= u64::from(r.percentage)
         }
     }
 }
@@ -319,13 +317,7 @@ fn choose(split: &CompiledSplit, ctx: &Context<'_>) -> Option<(Option<usize>, Re
         return None;
     }
     let target = match sticky_value(&split.stickiness, ctx) {
-        StickyValue::Value(v) => {
-            u64::from(murmur3_32(
-                &[split.group.as_bytes(), b":", v.as_bytes()],
-                VARIANT_SEED,
-            )) % split.total
-                + 1
-        }
+        StickyValue::Value(v) => normalized(&split.group, v, split.total, VARIANT_SEED),
         StickyValue::Random | StickyValue::Missing => fastrand::u64(1..=split.total),
     };
     split
