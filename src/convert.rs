@@ -338,7 +338,7 @@ impl From<pb::Rollout> for model::Rollout {
     fn from(rollout: pb::Rollout) -> Self {
         model::Rollout {
             percentage: rollout.percentage,
-            stickiness: stickiness_from_pb(&rollout.stickiness),
+            stickiness: model::Stickiness::from_name(&rollout.stickiness),
             group_id: non_empty(rollout.group_id),
         }
     }
@@ -369,7 +369,7 @@ impl TryFrom<pb::Split> for model::Split {
                 .into_iter()
                 .map(model::WeightedVariant::from)
                 .collect(),
-            stickiness: stickiness_from_pb(&split.stickiness),
+            stickiness: model::Stickiness::from_name(&split.stickiness),
             group_id: non_empty(split.group_id),
             overrides: list("overrides", split.overrides)?,
         })
@@ -505,14 +505,6 @@ where
 fn shrunk<T>(mut items: Vec<T>) -> Vec<T> {
     items.shrink_to_fit();
     items
-}
-
-fn stickiness_from_pb(name: &str) -> model::Stickiness {
-    match name {
-        "" | "default" => model::Stickiness::Default,
-        "random" => model::Stickiness::Random,
-        other => model::Stickiness::Attribute(model::Attribute::from_name(other)),
-    }
 }
 
 fn non_empty(s: String) -> Option<String> {

@@ -215,6 +215,17 @@ pub enum Attribute {
     Property(String),
 }
 
+impl Stickiness {
+    /// Resolves a stickiness name: empty or `default`, `random`, or an attribute name.
+    pub fn from_name(name: &str) -> Stickiness {
+        match name {
+            "" | "default" => Stickiness::Default,
+            "random" => Stickiness::Random,
+            other => Stickiness::Attribute(Attribute::from_name(other)),
+        }
+    }
+}
+
 impl Attribute {
     /// Resolves an attribute name as used in constraints and stickiness.
     pub fn from_name(name: &str) -> Attribute {

@@ -516,11 +516,7 @@ fn convert_segment(s: &USegment, namespace: &str) -> model::Segment {
 }
 
 fn stickiness(name: Option<&str>) -> Stickiness {
-    match name {
-        None | Some("") | Some("default") => Stickiness::Default,
-        Some("random") => Stickiness::Random,
-        Some(other) => Stickiness::Attribute(Attribute::from_name(other)),
-    }
+    Stickiness::from_name(name.unwrap_or(""))
 }
 
 /// A rollout that never lets anyone through: how strategies Unleash
