@@ -449,29 +449,11 @@ fn param(s: &Strategy, name: &str) -> Option<String> {
     s.parameters.as_ref()?.get(name).and_then(json_to_string)
 }
 
+/// An Unleash operator by name: the wire operator `OPERATOR_<name>`, or `Unknown`.
 fn operator(name: &str) -> Operator {
-    match name {
-        "IN" => Operator::In,
-        "NOT_IN" => Operator::NotIn,
-        "STR_CONTAINS" => Operator::StrContains,
-        "STR_STARTS_WITH" => Operator::StrStartsWith,
-        "STR_ENDS_WITH" => Operator::StrEndsWith,
-        "NUM_EQ" => Operator::NumEq,
-        "NUM_GT" => Operator::NumGt,
-        "NUM_GTE" => Operator::NumGte,
-        "NUM_LT" => Operator::NumLt,
-        "NUM_LTE" => Operator::NumLte,
-        "DATE_AFTER" => Operator::DateAfter,
-        "DATE_BEFORE" => Operator::DateBefore,
-        "SEMVER_EQ" => Operator::SemverEq,
-        "SEMVER_GT" => Operator::SemverGt,
-        "SEMVER_GTE" => Operator::SemverGte,
-        "SEMVER_LT" => Operator::SemverLt,
-        "SEMVER_LTE" => Operator::SemverLte,
-        "REGEX" => Operator::Regex,
-        "IN_CIDR" => Operator::InCidr,
-        other => Operator::Unknown(other.to_string()),
-    }
+    crate::pb::Operator::from_str_name(&format!("OPERATOR_{name}"))
+        .and_then(|op| Operator::try_from(op).ok())
+        .unwrap_or_else(|| Operator::Unknown(name.to_string()))
 }
 
 fn convert_constraint(c: &UConstraint) -> Constraint {

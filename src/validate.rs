@@ -305,28 +305,12 @@ pub fn comment(comment: &str) -> Result<(), FieldError> {
 
 /// The wire name of an operator, without its `OPERATOR_` prefix.
 pub fn operator_name(op: &model::Operator) -> &str {
-    use model::Operator as O;
     match op {
-        O::In => "IN",
-        O::NotIn => "NOT_IN",
-        O::StrContains => "STR_CONTAINS",
-        O::StrStartsWith => "STR_STARTS_WITH",
-        O::StrEndsWith => "STR_ENDS_WITH",
-        O::NumEq => "NUM_EQ",
-        O::NumGt => "NUM_GT",
-        O::NumGte => "NUM_GTE",
-        O::NumLt => "NUM_LT",
-        O::NumLte => "NUM_LTE",
-        O::DateAfter => "DATE_AFTER",
-        O::DateBefore => "DATE_BEFORE",
-        O::SemverEq => "SEMVER_EQ",
-        O::SemverGt => "SEMVER_GT",
-        O::SemverGte => "SEMVER_GTE",
-        O::SemverLt => "SEMVER_LT",
-        O::SemverLte => "SEMVER_LTE",
-        O::Regex => "REGEX",
-        O::InCidr => "IN_CIDR",
-        O::Unknown(name) => name,
+        model::Operator::Unknown(name) => name,
+        known => {
+            let wire = pb::Operator::from(known.clone()).as_str_name();
+            wire.strip_prefix("OPERATOR_").unwrap_or(wire)
+        }
     }
 }
 
