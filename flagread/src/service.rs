@@ -11,7 +11,7 @@ use flagstream::kit::auth;
 use flagstream::pb;
 use flagstream::pb::flag_eval_server::FlagEval;
 use flagstream::{convert, validate};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{Semaphore, SemaphorePermit, broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -120,8 +120,8 @@ impl EvalService {
     }
 
     /// A permit for one unary call, or RESOURCE_EXHAUSTED at once.
-    fn admit(&self) -> Result<OwnedSemaphorePermit, EvalError> {
-        self.inflight.clone().try_acquire_owned().map_err(|_| {
+    fn admit(&self) -> Result<SemaphorePermit<'_>, EvalError> {
+        self.inflight.try_acquire().map_err(|_| {
             self.metrics.shed.fetch_add(1, Ordering::Relaxed);
             EvalError::Overloaded(self.limit)
         })
@@ -133,14 +133,16 @@ impl EvalService {
         &self,
         request: &Request<T>,
         min_revision: u64,
-    ) -> Result<Arc<Replica>, EvalError> {
-        let replica = self.state.load();
-        if min_revision <= replica.revision {
-            return if replica.ready {
-                Ok(replica)
-            } else {
-                Err(EvalError::NotReady(replica.revision))
-            };
+    ) -> Result<arc_swap::Guard<Arc<Replica>>, EvalError> {
+        {
+            let replica = self.state.peek();
+            if min_revision <= replica.revision {
+                return if replica.ready {
+                    Ok(replica)
+                } else {
+                    Err(EvalError::NotReady(replica.revision))
+                };
+            }
         }
         let budget = wait_budget(
             request
@@ -156,7 +158,7 @@ impl EvalService {
             _ = shutdown.changed() => false,
         };
         if reached {
-            Ok(self.state.load())
+            Ok(self.state.peek())
         } else {
             Err(EvalError::RevisionNotReached {
                 wanted: min_revision,

@@ -264,6 +264,12 @@ impl State {
         self.current.load_full()
     }
 
+    /// The current state, for the length of one call: like [`State::load`], but without
+    /// touching the reference count that every core shares.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Replica>> {
+        self.current.load()
+    }
+
     /// The applied revision.
     pub fn revision(&self) -> u64 {
         *self.revision.borrow()
