@@ -523,13 +523,10 @@ fn namespace_of<'r>(
 /// PERMISSION_DENIED unless the caller's token may evaluate flags of `namespace`. Allocates only
 /// when refusing, since it runs on every call.
 fn authorize<T>(request: &Request<T>, namespace: &str) -> Result<(), Status> {
-    let identity = auth::identity(request)?;
-    if identity.can_eval(namespace) {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(format!(
-            "token {:?} may not evaluate flags of namespace {namespace:?}",
-            identity.name
-        )))
-    }
+    auth::check(
+        request,
+        format_args!("evaluate flags of namespace {namespace:?}"),
+        |identity| identity.can_eval(namespace),
+    )?;
+    Ok(())
 }

@@ -261,10 +261,13 @@ impl Interceptor for Authenticator {
 /// The caller's identity, as [`Authenticator`] stored it. UNAUTHENTICATED when
 /// the service was built without the interceptor.
 pub fn identity<T>(request: &Request<T>) -> Result<Arc<Identity>, Status> {
+    identity_ref(request).cloned()
+}
+
+fn identity_ref<T>(request: &Request<T>) -> Result<&Arc<Identity>, Status> {
     request
         .extensions()
         .get::<Arc<Identity>>()
-        .cloned()
         .ok_or_else(|| Status::unauthenticated("no identity"))
 }
 
@@ -272,11 +275,22 @@ pub fn identity<T>(request: &Request<T>) -> Result<Arc<Identity>, Status> {
 /// `what` otherwise.
 pub fn require<T>(
     request: &Request<T>,
-    what: &str,
+    what: impl std::fmt::Display,
     allowed: impl FnOnce(&Identity) -> bool,
 ) -> Result<Arc<Identity>, Status> {
-    let identity = identity(request)?;
-    if allowed(&identity) {
+    check(request, what, allowed).cloned()
+}
+
+/// [`require`] for callers that need only the verdict: neither the identity
+/// (shared by every call with the same token) nor `what` is copied unless the
+/// call is refused.
+pub fn check<T>(
+    request: &Request<T>,
+    what: impl std::fmt::Display,
+    allowed: impl FnOnce(&Identity) -> bool,
+) -> Result<&Arc<Identity>, Status> {
+    let identity = identity_ref(request)?;
+    if allowed(identity) {
         Ok(identity)
     } else {
         Err(Status::permission_denied(format!(
