@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use flagstream::convert::EncodedFlag;
-use flagstream::engine::{CompiledFlag, FlagSet, Reason};
+use flagstream::engine::{CompiledFlag, FlagSet, Reason, ShardedMap};
 use flagstream::model;
 use tokio::sync::{broadcast, watch};
 
@@ -62,89 +62,11 @@ pub struct NamespaceState {
     /// Evaluation counters per flag key, shared by every state that holds the same flag with the
     /// same variants, so the hot path counts with one atomic add and no lock. A shard of the map
     /// is copied only when one of its flags is created or deleted or its variants change.
-    counters: ShardedMap<Arc<FlagCounters>>,
+    counters: ShardedMap<String, Arc<FlagCounters>>,
     /// For each flag key, the flags that list it as a prerequisite, so that a change can name
     /// the flags whose results it may change without scanning the namespace. Sharded like the
     /// counters, so a prerequisite edit copies 1/64 of the index.
-    dependents: ShardedMap<BTreeSet<String>>,
-}
-
-/// A map by flag key in copy-on-write shards: a state shares every shard with the state it was
-/// derived from, and a change copies only the shard of each key it changes (a replica holding
-/// 100,000 flags copies ~1,600 entries to create a flag, not 100,000).
-#[derive(Clone)]
-pub struct ShardedMap<V> {
-    shards: Arc<[Arc<HashMap<String, V>>; SHARDS]>,
-}
-
-/// Shards of a [`ShardedMap`].
-const SHARDS: usize = 64;
-
-impl<V> Default for ShardedMap<V> {
-    fn default() -> Self {
-        ShardedMap {
-            shards: Arc::new(std::array::from_fn(|_| Arc::default())),
-        }
-    }
-}
-
-impl<V: Clone> ShardedMap<V> {
-    fn shard_of(key: &str) -> usize {
-        let mut hasher = std::hash::DefaultHasher::new();
-        key.hash(&mut hasher);
-        (hasher.finish() % SHARDS as u64) as usize
-    }
-
-    /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&V> {
-        self.shards[Self::shard_of(key)].get(key)
-    }
-
-    /// Sets `key`, copying its shard if another state shares it.
-    pub fn insert(&mut self, key: String, value: V) {
-        let shard = Self::shard_of(&key);
-        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard]).insert(key, value);
-    }
-
-    /// The value of `key` to change in place, copying its shard if another state shares it.
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut V> {
-        let shard = Self::shard_of(key);
-        if !self.shards[shard].contains_key(key) {
-            return None;
-        }
-        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard]).get_mut(key)
-    }
-
-    /// The value of `key` to change in place, inserted as `V::default()` when missing; copies
-    /// its shard if another state shares it.
-    pub fn get_or_default(&mut self, key: &str) -> &mut V
-    where
-        V: Default,
-    {
-        let shard = Self::shard_of(key);
-        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard])
-            .entry(key.to_string())
-            .or_default()
-    }
-
-    /// Whether the map is empty.
-    pub fn is_empty(&self) -> bool {
-        self.shards.iter().all(|shard| shard.is_empty())
-    }
-
-    /// Removes `key`, copying its shard if another state shares it.
-    pub fn remove(&mut self, key: &str) -> Option<V> {
-        let shard = Self::shard_of(key);
-        if !self.shards[shard].contains_key(key) {
-            return None;
-        }
-        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[shard]).remove(key)
-    }
-
-    /// Every entry, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
-        self.shards.iter().flat_map(|shard| shard.iter())
-    }
+    dependents: ShardedMap<String, BTreeSet<String>>,
 }
 
 /// What the replica keeps with each compiled flag (in [`CompiledFlag::attachment`]), built on
@@ -349,7 +271,7 @@ impl State {
                 ns.flags.upsert_segment(segment);
             }
         }
-        let mut counters: HashMap<String, ShardedMap<Arc<FlagCounters>>> = HashMap::new();
+        let mut counters: HashMap<String, ShardedMap<String, Arc<FlagCounters>>> = HashMap::new();
         for flag in snapshot.flags {
             let Some(ns) = self.namespace_for(&mut namespaces, &flag.namespace) else {
                 continue;
@@ -1061,50 +983,6 @@ mod tests {
             Arc::ptr_eq(&before.namespaces["dev"], &state.load().namespaces["dev"]),
             "untouched namespaces are shared"
         );
-    }
-
-    #[test]
-    fn a_sharded_map_copies_only_the_shard_it_changes() {
-        let mut before: ShardedMap<u32> = ShardedMap::default();
-        for i in 0..1000 {
-            before.insert(format!("flag-{i}"), i);
-        }
-        let mut after = before.clone();
-        after.insert("flag-new".into(), 7);
-        assert_eq!(after.remove("flag-3"), Some(3));
-        assert_eq!(after.remove("flag-3"), None);
-        assert_eq!(
-            before.get("flag-3"),
-            Some(&3),
-            "the earlier state keeps its entries"
-        );
-        assert_eq!(before.get("flag-new"), None);
-        assert_eq!(after.get("flag-new"), Some(&7));
-        assert_eq!(after.iter().count(), 1000);
-        *after.get_mut("flag-5").unwrap() += 100;
-        assert_eq!(after.get_mut("missing"), None);
-        *after.get_or_default("flag-zero") += 1;
-        *after.get_or_default("flag-zero") += 1;
-        assert_eq!(
-            (after.get("flag-5"), after.get("flag-zero")),
-            (Some(&105), Some(&2))
-        );
-        assert_eq!(
-            (before.get("flag-5"), before.get("flag-zero")),
-            (Some(&5), None),
-            "changes in place leave the earlier state alone"
-        );
-        assert!(!after.is_empty() && ShardedMap::<u32>::default().is_empty());
-        let changed = [
-            ShardedMap::<u32>::shard_of("flag-new"),
-            ShardedMap::<u32>::shard_of("flag-3"),
-            ShardedMap::<u32>::shard_of("flag-5"),
-            ShardedMap::<u32>::shard_of("flag-zero"),
-        ];
-        for shard in 0..SHARDS {
-            let shared = Arc::ptr_eq(&before.shards[shard], &after.shards[shard]);
-            assert_eq!(shared, !changed.contains(&shard), "shard {shard}");
-        }
     }
 
     #[test]

@@ -45,6 +45,7 @@
 mod compile;
 mod eval;
 pub mod parse;
+mod sharded;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -52,6 +53,7 @@ use std::sync::{Arc, OnceLock};
 
 pub use compile::CompiledFlag;
 use compile::{CompiledSegment, compile_flag};
+pub use sharded::ShardedMap;
 
 use crate::model;
 
@@ -166,8 +168,8 @@ impl Evaluation<'_> {
 /// it. A replica can therefore copy-on-write and publish with arc-swap.
 #[derive(Clone, Default)]
 pub struct FlagSet {
-    /// `SHARDS` maps, or none before the first flag.
-    shards: Arc<Vec<Arc<Shard>>>,
+    /// The flags by key.
+    flags: ShardedMap<Arc<str>, Arc<CompiledFlag>>,
     /// Number of flags.
     len: usize,
     /// Segments by key, compiled; few and rarely changed, so copied whole.
@@ -180,9 +182,7 @@ pub struct FlagSet {
     ordered: OnceLock<Arc<[Arc<CompiledFlag>]>>,
 }
 
-type Shard = HashMap<Arc<str>, Arc<CompiledFlag>, FastHash>;
-
-/// Number of flag shards; a write copies at most 1/SHARDS of the flags.
+/// Number of shards of a [`ShardedMap`]; a write copies at most 1/SHARDS of the entries.
 const SHARDS: usize = 64;
 
 impl FlagSet {
@@ -196,8 +196,7 @@ impl FlagSet {
     pub fn upsert_flag(&mut self, flag: model::Flag) {
         let compiled = Arc::new(compile_flag(flag, &self.segments));
         let key: Arc<str> = Arc::from(compiled.key());
-        let shard = self.shard_mut(&key);
-        if shard.insert(key, compiled).is_none() {
+        if self.flags.insert(key, compiled).is_none() {
             self.len += 1;
             self.order = OnceLock::new();
         }
@@ -206,10 +205,9 @@ impl FlagSet {
 
     /// Removes a flag; false when there was none.
     pub fn remove_flag(&mut self, key: &str) -> bool {
-        if self.get(key).is_none() {
+        if self.flags.remove(key).is_none() {
             return false;
         }
-        self.shard_mut(key).remove(key);
         self.len -= 1;
         self.order = OnceLock::new();
         self.ordered = OnceLock::new();
@@ -237,10 +235,7 @@ impl FlagSet {
     /// The compiled flag with this key.
     #[inline]
     pub fn get(&self, key: &str) -> Option<&CompiledFlag> {
-        if self.shards.is_empty() {
-            return None;
-        }
-        self.shards[shard_of(key)].get(key).map(|f| &**f)
+        self.flags.get(key).map(|f| &**f)
     }
 
     /// Evaluates the flag `key` for `ctx`.
@@ -267,14 +262,13 @@ impl FlagSet {
     pub fn flags(&self) -> impl Iterator<Item = &CompiledFlag> {
         let ordered = self.ordered.get_or_init(|| {
             let order = self.order.get_or_init(|| {
-                let mut keys: Vec<Arc<str>> =
-                    self.shards.iter().flat_map(|s| s.keys().cloned()).collect();
+                let mut keys: Vec<Arc<str>> = self.flags.iter().map(|(k, _)| k.clone()).collect();
                 keys.sort_unstable();
                 keys.into()
             });
             order
                 .iter()
-                .filter_map(|k| self.shards[shard_of(k)].get(k).cloned())
+                .filter_map(|k| self.flags.get(k).cloned())
                 .collect()
         });
         ordered.iter().map(|f| &**f)
@@ -300,19 +294,11 @@ impl FlagSet {
         self.len == 0
     }
 
-    fn shard_mut(&mut self, key: &str) -> &mut Shard {
-        let shards = Arc::make_mut(&mut self.shards);
-        if shards.is_empty() {
-            shards.extend((0..SHARDS).map(|_| Arc::new(Shard::default())));
-        }
-        Arc::make_mut(&mut shards[shard_of(key)])
-    }
-
     fn recompile_users(&mut self, segment: &str) {
         let users: Vec<model::Flag> = self
-            .shards
+            .flags
             .iter()
-            .flat_map(|s| s.values())
+            .map(|(_, f)| f)
             .filter(|f| f.uses_segment(segment))
             .map(|f| f.source().clone())
             .collect();
