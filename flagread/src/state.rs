@@ -522,12 +522,7 @@ impl NamespaceState {
     fn users_of_segment(&self, key: &str) -> Vec<String> {
         self.flags
             .flags()
-            .filter(|f| {
-                f.source()
-                    .rules
-                    .iter()
-                    .any(|r| r.segments.iter().any(|s| s == key))
-            })
+            .filter(|f| f.uses_segment(key))
             .map(|f| f.key().to_string())
             .collect()
     }

@@ -85,8 +85,8 @@ impl CompiledFlag {
             .downcast_ref()
     }
 
-    /// Keys of the segments the flag's rules reference.
-    pub(super) fn uses_segment(&self, key: &str) -> bool {
+    /// Whether a rule of the flag references segment `key`.
+    pub fn uses_segment(&self, key: &str) -> bool {
         self.source
             .rules
             .iter()
