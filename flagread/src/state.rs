@@ -271,7 +271,6 @@ impl State {
                 ns.flags.upsert_segment(segment);
             }
         }
-        let mut counters: HashMap<String, ShardedMap<String, Arc<FlagCounters>>> = HashMap::new();
         for flag in snapshot.flags {
             let Some(ns) = self.namespace_for(&mut namespaces, &flag.namespace) else {
                 continue;
@@ -281,19 +280,13 @@ impl State {
                 .get(&flag.namespace)
                 .and_then(|o| o.counters.get(&flag.key));
             let entry = FlagCounters::reuse_or_new(previous, &flag);
-            counters
-                .entry(flag.namespace.clone())
-                .or_default()
-                .insert(flag.key.clone(), entry);
+            ns.counters.insert(flag.key.clone(), entry);
             ns.track_prerequisites(&flag.key, &flag.prerequisites);
             ns.flags.upsert_flag(flag);
         }
         let namespaces = namespaces
             .into_iter()
-            .map(|(key, mut ns)| {
-                ns.counters = counters.remove(&key).unwrap_or_default();
-                (key, Arc::new(ns))
-            })
+            .map(|(key, ns)| (key, Arc::new(ns)))
             .collect();
         let replica = Replica {
             revision: snapshot.revision,
