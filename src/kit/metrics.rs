@@ -37,7 +37,6 @@ pub struct Histogram {
     buckets: Vec<AtomicU64>,
     /// Sum of observations in microseconds, kept integral to stay atomic.
     sum_micros: AtomicU64,
-    count: AtomicU64,
 }
 
 /// Builds one scrape's text.
@@ -85,7 +84,6 @@ impl Histogram {
             bounds,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
         }
     }
 
@@ -100,7 +98,6 @@ impl Histogram {
         self.buckets[index].fetch_add(1, Ordering::Relaxed);
         self.sum_micros
             .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -152,11 +149,8 @@ impl Text {
         let _ = writeln!(self.out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
         let sum = histogram.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(self.out, "{name}_sum {sum}");
-        let _ = writeln!(
-            self.out,
-            "{name}_count {}",
-            histogram.count.load(Ordering::Relaxed)
-        );
+        // The count is the +Inf bucket, so the two always agree.
+        let _ = writeln!(self.out, "{name}_count {cumulative}");
     }
 
     /// The finished text.
