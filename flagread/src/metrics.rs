@@ -2,7 +2,6 @@
 //! off the published state, so the hot path takes no lock), evaluation latency, and how far the
 //! replica is behind the writer (applied and head revision, lag, staleness, connected).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -84,7 +83,6 @@ pub fn render(state: &State, status: &SyncStatus, metrics: &Metrics) -> String {
         "Time to evaluate the flags of one call (one for Evaluate, all of them for batches).",
         &metrics.eval_latency,
     );
-    let mut out = text.finish();
     let counters = [
         (
             "flagread_subscriptions_total",
@@ -113,34 +111,34 @@ pub fn render(state: &State, status: &SyncStatus, metrics: &Metrics) -> String {
         ),
     ];
     for (name, help, value) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
+        text.counter(name, help, value as i64);
     }
-    let _ = writeln!(
-        out,
-        "# HELP flagread_evaluations_total Evaluations by namespace, flag, variant and reason.\n# TYPE flagread_evaluations_total counter"
-    );
     let mut namespaces: Vec<_> = replica.namespaces.iter().collect();
     namespaces.sort_by(|a, b| a.0.cmp(b.0));
-    for (ns_key, ns) in namespaces {
+    let series = namespaces.into_iter().flat_map(|(ns_key, ns)| {
         let mut flags: Vec<_> = ns.all_counters().collect();
         flags.sort_by(|a, b| a.0.cmp(b.0));
-        for (flag, counters) in flags {
-            for (variant, reason, count) in counters.iter() {
-                let _ = writeln!(
-                    out,
-                    "flagread_evaluations_total{{namespace=\"{}\",flag=\"{}\",variant=\"{}\",reason=\"{}\"}} {count}",
-                    escape(ns_key),
-                    escape(flag),
-                    escape(variant.unwrap_or("")),
-                    reason_label(reason),
-                );
-            }
-        }
-    }
-    out
+        flags.into_iter().flat_map(move |(flag, counters)| {
+            counters.iter().map(move |(variant, reason, count)| {
+                (
+                    [
+                        ns_key.as_str(),
+                        flag,
+                        variant.unwrap_or(""),
+                        reason_label(reason),
+                    ],
+                    count,
+                )
+            })
+        })
+    });
+    text.counter_series(
+        "flagread_evaluations_total",
+        "Evaluations by namespace, flag, variant and reason.",
+        &["namespace", "flag", "variant", "reason"],
+        series,
+    );
+    text.finish()
 }
 
 /// A render function for `kit::metrics::serve`.
@@ -164,12 +162,4 @@ fn reason_label(reason: flagstream::engine::Reason) -> &'static str {
         Reason::PrerequisiteFailed => "PREREQUISITE_FAILED",
         Reason::Error => "ERROR",
     }
-}
-
-/// Escapes a label value as the Prometheus text format requires.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }

@@ -137,6 +137,20 @@ impl Text {
         }
     }
 
+    /// Renders a counter family with one series per label value set.
+    pub fn counter_series<'v, const N: usize>(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str; N],
+        series: impl IntoIterator<Item = ([&'v str; N], u64)>,
+    ) {
+        self.header(name, help, "counter");
+        for (values, count) in series {
+            let _ = writeln!(self.out, "{name}{} {count}", label_set(labels, &values));
+        }
+    }
+
     /// Renders a histogram.
     pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
         self.header(name, help, "histogram");
@@ -164,12 +178,13 @@ impl Text {
 }
 
 /// Formats `{a="x",b="y"}` with Prometheus escaping.
-fn label_set(names: &[&str], values: &[String]) -> String {
+fn label_set(names: &[&str], values: &[impl AsRef<str>]) -> String {
     let pairs: Vec<String> = names
         .iter()
         .zip(values)
         .map(|(n, v)| {
             let v = v
+                .as_ref()
                 .replace('\\', "\\\\")
                 .replace('"', "\\\"")
                 .replace('\n', "\\n");
