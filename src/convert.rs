@@ -894,21 +894,29 @@ pub fn evaluation(key: &str, eval: &engine::Evaluation<'_>, revision: u64) -> pb
             .error
             .map_or(pb::ErrorCode::Unspecified, pb::ErrorCode::from) as i32,
         error_message,
-        rule_index: eval
-            .rule_index
-            .map_or(-1, |i| i32::try_from(i).unwrap_or(i32::MAX)),
+        rule_index: rule_index(eval),
         revision,
-        flag_revision: flag.map_or(0, |f| f.revision()),
-        r#type: flag.map_or(pb::FlagType::Unspecified, |f| {
-            pb::FlagType::from(f.flag_type())
-        }) as i32,
+        ..flag.map(flag_fields).unwrap_or_default()
+    }
+}
+
+/// `EvaluateResponse.rule_index`: the rule that matched, or -1.
+fn rule_index(eval: &engine::Evaluation<'_>) -> i32 {
+    eval.rule_index
+        .map_or(-1, |i| i32::try_from(i).unwrap_or(i32::MAX))
+}
+
+/// The fields of an `EvaluateResponse` that depend on the flag alone: its revision, type and
+/// metadata.
+fn flag_fields(flag: &engine::CompiledFlag) -> pb::EvaluateResponse {
+    pb::EvaluateResponse {
+        flag_revision: flag.revision(),
+        r#type: pb::FlagType::from(flag.flag_type()) as i32,
         metadata: flag
-            .map(|f| {
-                f.metadata()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default(),
+            .metadata()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        ..Default::default()
     }
 }

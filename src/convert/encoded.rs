@@ -13,7 +13,7 @@
 use prost::Message;
 use prost::encoding::{self, WireType};
 
-use super::evaluation;
+use super::{evaluation, flag_fields, rule_index};
 use crate::engine::{CompiledFlag, Evaluation};
 use crate::pb;
 
@@ -58,17 +58,7 @@ impl EncodedFlag {
             };
             ends.push(put(part, &mut bytes));
         }
-        let tail = pb::EvaluateResponse {
-            flag_revision: flag.revision(),
-            r#type: pb::FlagType::from(flag.flag_type()) as i32,
-            metadata: flag
-                .metadata()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ..Default::default()
-        };
-        put(tail, &mut bytes);
+        put(flag_fields(flag), &mut bytes);
         EncodedFlag {
             bytes: bytes.into_boxed_slice(),
             ends: ends.into_boxed_slice(),
@@ -116,9 +106,7 @@ pub fn append_result(
         return;
     };
     let reason = pb::Reason::from(eval.reason) as i32;
-    let rule_index = eval
-        .rule_index
-        .map_or(-1, |i| i32::try_from(i).unwrap_or(i32::MAX));
+    let rule_index = rule_index(eval);
     // proto3: fields at their default value are not written.
     let middle = if reason != 0 {
         encoding::int32::encoded_len(REASON, &reason)
