@@ -128,11 +128,11 @@ pub fn apply_events(json: &str, namespace: &str, state: &mut FlagSet) -> Result<
                 let mut flag = convert_feature(&feature, namespace);
                 flag.prerequisites = prerequisites(&feature, |name| {
                     if name == feature.name {
-                        return Some(ParentView::of(&flag, &feature_has_dependencies(&feature)));
+                        return Some(ParentView::of(&flag, feature_has_dependencies(&feature)));
                     }
                     state
                         .get(name)
-                        .map(|f| ParentView::of(f.source(), &!f.source().prerequisites.is_empty()))
+                        .map(|f| ParentView::of(f.source(), !f.source().prerequisites.is_empty()))
                 });
                 state.upsert_flag(flag);
             }
@@ -228,7 +228,7 @@ enum Event {
     Unknown,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Feature {
     name: String,
@@ -248,7 +248,7 @@ struct Feature {
     dependencies: Option<Vec<Dependency>>,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize)]
 struct Strategy {
     name: String,
     #[serde(default)]
@@ -263,7 +263,7 @@ struct Strategy {
     disabled: Option<bool>,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct UConstraint {
     context_name: String,
@@ -278,7 +278,7 @@ struct UConstraint {
     case_insensitive: Option<bool>,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize)]
 struct UVariant {
     name: String,
     #[serde(default)]
@@ -291,7 +291,7 @@ struct UVariant {
     overrides: Option<Vec<UOverride>>,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct UOverride {
     context_name: String,
@@ -299,7 +299,7 @@ struct UOverride {
     values: Vec<Json>,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize)]
 struct Dependency {
     feature: String,
     #[serde(default)]
@@ -308,7 +308,7 @@ struct Dependency {
     variants: Option<Vec<String>>,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize)]
 struct USegment {
     id: i64,
     #[serde(default)]
@@ -333,7 +333,7 @@ fn import(features: &[Feature], segments: &[USegment], namespace: &str) -> Impor
             prerequisites(f, |name| {
                 by_name
                     .get(name)
-                    .map(|&i| ParentView::of(&flags[i], &feature_has_dependencies(&features[i])))
+                    .map(|&i| ParentView::of(&flags[i], feature_has_dependencies(&features[i])))
             })
         })
         .collect();
@@ -362,9 +362,9 @@ struct ParentView {
 }
 
 impl ParentView {
-    fn of(flag: &Flag, has_dependencies: &bool) -> ParentView {
+    fn of(flag: &Flag, has_dependencies: bool) -> ParentView {
         ParentView {
-            has_dependencies: *has_dependencies,
+            has_dependencies,
             boolean: flag.flag_type == FlagType::Boolean,
             variants: flag
                 .variants
@@ -654,8 +654,8 @@ fn weight(w: Option<i64>) -> u32 {
 }
 
 fn convert_feature(f: &Feature, namespace: &str) -> Flag {
-    let strategies = f.strategies.clone().unwrap_or_default();
-    let feature_variants = f.variants.clone().unwrap_or_default();
+    let strategies = f.strategies.as_deref().unwrap_or_default();
+    let feature_variants = f.variants.as_deref().unwrap_or_default();
     let has_variants = !feature_variants.is_empty()
         || strategies
             .iter()
@@ -757,7 +757,7 @@ fn convert_feature(f: &Feature, namespace: &str) -> Flag {
         .unwrap_or_else(|| Serve::Variant(DISABLED_VARIANT.into()));
     let mut with_variants = Vec::new();
     let mut without = Vec::new();
-    for s in &strategies {
+    for s in strategies {
         match s.variants.as_ref().filter(|v| !v.is_empty()) {
             Some(vs) => {
                 let split = Split {
