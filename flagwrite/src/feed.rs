@@ -54,7 +54,8 @@ impl Feed {
     }
 
     /// Adds a durable change (called by the writer, in revision order).
-    pub fn publish(&self, record: &LogRecord) {
+    pub fn publish(&self, record: LogRecord) {
+        let revision = record.revision;
         let change = encode(record);
         {
             let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -63,7 +64,7 @@ impl Feed {
             }
             ring.push_back(change);
         }
-        self.head.send_replace(record.revision);
+        self.head.send_replace(revision);
     }
 
     /// The latest durable revision.
@@ -112,8 +113,8 @@ impl Feed {
 }
 
 /// Encodes a change-log record as the stream's `Change`.
-pub fn encode(record: &LogRecord) -> EncodedChange {
-    let deltas = record.entries.iter().filter_map(delta).collect();
+pub fn encode(record: LogRecord) -> EncodedChange {
+    let deltas = record.entries.into_iter().filter_map(delta).collect();
     let full = pb::Change {
         revision: record.revision,
         time: record.time,
@@ -126,18 +127,18 @@ pub fn encode(record: &LogRecord) -> EncodedChange {
     };
     EncodedChange {
         revision: record.revision,
-        namespace: record.namespace.clone(),
+        namespace: record.namespace,
         full: Bytes::from(full.encode_to_vec()),
         empty: Bytes::from(empty.encode_to_vec()),
     }
 }
 
 /// The delta of one history entry: a put of the after image, or a delete.
-fn delta(entry: &pb::HistoryEntry) -> Option<pb::Delta> {
+fn delta(entry: pb::HistoryEntry) -> Option<pb::Delta> {
     use pb::delta::Kind as D;
     use pb::object::Kind as O;
-    let kind = match (&entry.after, &entry.before) {
-        (Some(after), _) => match after.kind.clone()? {
+    let kind = match (entry.after, &entry.before) {
+        (Some(after), _) => match after.kind? {
             O::Namespace(n) => D::PutNamespace(n),
             O::Flag(f) => D::PutFlag(f),
             O::Segment(s) => D::PutSegment(s),

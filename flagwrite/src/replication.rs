@@ -237,7 +237,7 @@ impl Follower {
                 if record.revision > head {
                     break;
                 }
-                out.push(encode(&record));
+                out.push(encode(record));
             }
             if out.first().is_none_or(|c| c.revision != last + 1) {
                 return Ok(None);

@@ -227,9 +227,10 @@ async fn run(
 /// its writers.
 fn acknowledge(group: Vec<Pending>, feed: &Feed, metrics: &Metrics) {
     for pending in group {
-        if let Some(record) = &pending.record {
+        if let Some(record) = pending.record {
+            let revision = record.revision;
             feed.publish(record);
-            metrics.head_revision.set(record.revision as i64);
+            metrics.head_revision.set(revision as i64);
         }
         metrics.write_latency.observe(pending.started.elapsed());
         let _ = pending.reply.send(pending.result);
