@@ -497,15 +497,9 @@ fn context_of(context: Option<&pb::Context>) -> Result<engine::Context<'_>, Eval
 
 /// The flag type asked for, `None` when unspecified.
 fn expected_type(value: i32) -> Result<Option<flagstream::model::FlagType>, EvalError> {
-    use flagstream::model::FlagType;
-    match pb::FlagType::try_from(value) {
-        Ok(pb::FlagType::Unspecified) => Ok(None),
-        Ok(pb::FlagType::Boolean) => Ok(Some(FlagType::Boolean)),
-        Ok(pb::FlagType::String) => Ok(Some(FlagType::String)),
-        Ok(pb::FlagType::Number) => Ok(Some(FlagType::Number)),
-        Ok(pb::FlagType::Json) => Ok(Some(FlagType::Json)),
-        Err(_) => Err(EvalError::UnknownType(value)),
-    }
+    let wire = pb::FlagType::try_from(value).map_err(|_| EvalError::UnknownType(value))?;
+    // UNSPECIFIED, the only wire type without a model type, means "any".
+    Ok(flagstream::model::FlagType::try_from(wire).ok())
 }
 
 /// The namespace `key` of `replica`, or NOT_FOUND.
