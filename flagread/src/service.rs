@@ -418,8 +418,9 @@ impl Watcher {
             // The newest state: at least this change, perhaps more (the next event repeats them).
             let replica = self.service.state.load();
             let ctx = convert::context(context);
+            let ns = replica.namespaces.get(&self.request.namespace);
             for key in &changed {
-                results.push(match replica.namespaces.get(&self.request.namespace) {
+                results.push(match ns {
                     Some(ns) => EvalService::evaluate_one(
                         ns,
                         key,
