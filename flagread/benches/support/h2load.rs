@@ -93,7 +93,7 @@ impl Load<'_> {
     /// evenly spaced: [`tick_phase_ms`] tells where each one landed.)
     pub fn run_spread(&self, dir: &Path, name: &str, processes: u32) -> Vec<(Outcome, PathBuf)> {
         assert!(
-            processes >= 1 && self.clients % processes == 0,
+            processes >= 1 && self.clients.is_multiple_of(processes),
             "{} connections do not split evenly into {processes} processes",
             self.clients
         );
