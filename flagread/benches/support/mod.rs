@@ -164,6 +164,8 @@ pub fn machine_line() -> String {
 
 pub mod grpc_raw;
 pub mod h2load;
+pub mod h2raw;
+pub mod paced;
 
 use std::path::Path;
 use std::process::Command;
@@ -210,15 +212,33 @@ pub async fn start_writer(dir: &Path, tokens: &Path) -> Writer {
 
 /// Spawns flagread `name` following `writer` (without waiting for it).
 pub fn spawn_replica(dir: &Path, tokens: &Path, writer: &str, name: &str) -> Replica {
+    spawn_replica_on(dir, tokens, writer, name, None)
+}
+
+/// [`spawn_replica`], confined to one CPU if `cpu` is given (from its first
+/// instruction, so its runtime starts one worker thread, as on a one-CPU pod).
+pub fn spawn_replica_on(
+    dir: &Path,
+    tokens: &Path,
+    writer: &str,
+    name: &str,
+    cpu: Option<usize>,
+) -> Replica {
     let addr = format!("127.0.0.1:{}", proc::free_port());
     // `FLAGSTREAM_BENCH_WRAP="perf record -g -o /tmp/flagread.perf --"` (say)
     // runs every replica under a profiler.
     let wrap = std::env::var("FLAGSTREAM_BENCH_WRAP").unwrap_or_default();
-    let mut words = wrap.split_whitespace();
-    let mut command = match words.next() {
-        Some(program) => {
+    let mut words: Vec<String> = wrap.split_whitespace().map(str::to_string).collect();
+    if let Some(cpu) = cpu {
+        words.splice(
+            0..0,
+            ["taskset".to_string(), "-c".to_string(), cpu.to_string()],
+        );
+    }
+    let mut command = match words.split_first() {
+        Some((program, args)) => {
             let mut command = Command::new(program);
-            command.args(words).arg(proc::binary("flagread"));
+            command.args(args).arg(proc::binary("flagread"));
             command
         }
         None => Command::new(proc::binary("flagread")),
@@ -240,20 +260,39 @@ pub fn spawn_replica(dir: &Path, tokens: &Path, writer: &str, name: &str) -> Rep
     Replica { proc, addr }
 }
 
+/// CPU time (user + system, seconds) used so far by every process on the
+/// machine except this one and the children it started: the difference over
+/// a run is what the neighbours, kernel threads included, took meanwhile
+/// (roughly: a process that exits takes its time with it).
+pub fn others_cpu_seconds() -> f64 {
+    let ours = proc::children();
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me && !ours.contains(pid))
+        .filter_map(try_cpu_seconds)
+        .sum()
+}
+
 /// CPU time (user + system) a process has used so far, in seconds, from
 /// `/proc/<pid>/stat`. Unlike requests per second on a shared machine, CPU
 /// per request does not depend on what else runs at the same time.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process is alive");
+    try_cpu_seconds(pid).expect("the process is alive")
+}
+
+/// [`cpu_seconds`], or `None` if the process is gone.
+fn try_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; count fields after its ')'.
-    let after = &stat[stat
-        .rfind(')')
-        .expect("a /proc stat line names the command")
-        + 2..];
+    let after = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-    ticks as f64 / clock_ticks_per_second()
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks_per_second())
 }
 
 fn clock_ticks_per_second() -> f64 {

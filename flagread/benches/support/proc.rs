@@ -109,6 +109,11 @@ impl Drop for Proc {
     }
 }
 
+/// The pids of the live children (servers, h2load) this process started.
+pub fn children() -> Vec<u32> {
+    CHILDREN.lock().unwrap().clone()
+}
+
 /// Kills every live child and removes the run directories. Used by the
 /// watchdog, the Ctrl-C handler and the panic hook, which end the process
 /// without running destructors.
