@@ -107,6 +107,15 @@ pub struct Config {
     /// HTTP/2 streams per connection.
     #[arg(long, env = "FLAGREAD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
+    /// Gather a connection's writes of large answers (16 KiB and up) into fewer socket
+    /// writes (`flagstream::kit::coalesce`); `false` writes them as h2 frames them.
+    #[arg(
+        long,
+        env = "FLAGREAD_COALESCE_WRITES",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub coalesce_writes: bool,
     /// Connections are closed (gracefully) after this many seconds, so clients rebalance onto
     /// new replicas.
     #[arg(long, env = "FLAGREAD_MAX_CONNECTION_AGE_S", default_value_t = 300)]
@@ -371,10 +380,13 @@ pub async fn run_with(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(eval);
-    // Small responses must not wait for Nagle's algorithm.
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
+    // Small responses must not wait for Nagle's algorithm; large ones are
+    // gathered into few writes by the wrapper instead.
+    let coalesce = config.coalesce_writes;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |conn| {
+        conn.map(|stream| {
             let _ = stream.set_nodelay(true);
+            kit::coalesce::Coalesced::new(stream, coalesce)
         })
     });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();

@@ -334,6 +334,72 @@ async fn batches_carry_per_flag_errors_and_all_is_ordered_by_key() {
     replica.stop().await;
 }
 
+/// Answers larger than the write-gathering wrapper holds (`--coalesce-writes`, on by default;
+/// `flagstream::kit::coalesce`), many in flight on a few connections and mixed with small ones,
+/// each arrive whole and equal to what a replica without the wrapper answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_arrive_whole_when_writes_are_gathered() {
+    let mut fake = FakeUpstream::start().await;
+    // 3,000 flags: an EvaluateAll answer of about 120 KB, more than the 64 KiB gathered.
+    let flags: Vec<_> = (0..3000)
+        .map(|i| flag("big", &format!("flag-{i:04}"), 7))
+        .collect();
+    let mut replicas = Vec::new();
+    for coalesce in [true, false] {
+        let mut config = Config::local(fake.url.clone());
+        config.coalesce_writes = coalesce;
+        let replica = Replica::start(config).await;
+        let subscription = fake.next().await;
+        subscription.send(snapshot(7, flags.clone())).await;
+        eventually("the snapshot", || replica.handles.state.revision() == 7).await;
+        replicas.push((replica, subscription));
+    }
+    let all = pb::EvaluateAllRequest {
+        namespace: "big".into(),
+        context: Some(pb::Context {
+            user_id: "user-7".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut plain = replicas[1].0.client().await;
+    let expected = plain.evaluate_all(all.clone()).await.unwrap().into_inner();
+    assert_eq!(expected.results.len(), 3000);
+    let expected_one = plain
+        .evaluate(evaluate("big", "flag-1234"))
+        .await
+        .unwrap()
+        .into_inner();
+    let expected = std::sync::Arc::new((expected, expected_one));
+
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let client = replicas[0].0.client().await;
+        for call in 0..48 {
+            let (mut client, all, expected) = (client.clone(), all.clone(), expected.clone());
+            calls.spawn(async move {
+                if call % 3 == 0 {
+                    let one = client.evaluate(evaluate("big", "flag-1234")).await;
+                    assert_eq!(one.unwrap().into_inner(), expected.1);
+                } else {
+                    let answer = client.evaluate_all(all).await.unwrap().into_inner();
+                    assert_eq!(answer.revision, expected.0.revision);
+                    assert!(answer.results == expected.0.results, "call {call} differs");
+                }
+            });
+        }
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(call) = calls.join_next().await {
+            call.expect("every call answered whole");
+        }
+    });
+    answered.await.expect("every call answered within 30 s");
+    for (replica, _subscription) in replicas {
+        replica.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn min_revision_waits_for_the_write_or_fails_naming_the_revision_held() {
     let mut fake = FakeUpstream::start().await;

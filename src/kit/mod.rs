@@ -1,6 +1,6 @@
 //! Server plumbing shared by flagwrite and flagread: bearer-token auth, tracing
-//! set-up, a Prometheus `/metrics` endpoint, TLS loading, gRPC reflection and
-//! the shutdown signal.
+//! set-up, a Prometheus `/metrics` endpoint, TLS loading, gRPC reflection,
+//! the shutdown signal and write gathering for large answers.
 //!
 //! # Layout
 //! - [`auth`]: the tokens file, the constant-time bearer check (a tonic
@@ -10,8 +10,11 @@
 //!   text format, and the tiny HTTP server that serves them.
 //! - [`shutdown`]: a future that completes on SIGTERM or SIGINT.
 //! - [`grpc`]: TLS configuration and server reflection (v1 and v1alpha).
+//! - [`coalesce`]: a TCP connection wrapper that gathers an HTTP/2 server's
+//!   writes of a large answer into one (flagread serves through it).
 
 pub mod auth;
+pub mod coalesce;
 pub mod grpc;
 pub mod metrics;
 pub mod shutdown;
