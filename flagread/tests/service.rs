@@ -339,6 +339,17 @@ async fn batches_carry_per_flag_errors_and_all_is_ordered_by_key() {
 /// each arrive whole and equal to what a replica without the wrapper answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_arrive_whole_when_writes_are_gathered() {
+    // On by default; `--coalesce-writes false` turns it off.
+    assert!(Config::local("http://127.0.0.1:1").coalesce_writes);
+    let off = <Config as clap::Parser>::try_parse_from([
+        "flagread",
+        "--dev-no-auth",
+        "--coalesce-writes",
+        "false",
+    ])
+    .expect("--coalesce-writes takes true or false");
+    assert!(!off.coalesce_writes);
+
     let mut fake = FakeUpstream::start().await;
     // 3,000 flags: an EvaluateAll answer of about 120 KB, more than the 64 KiB gathered.
     let flags: Vec<_> = (0..3000)
