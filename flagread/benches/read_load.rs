@@ -69,7 +69,7 @@ struct Target {
     paced: Vec<LatencyRun>,
 }
 
-/// One latency run: the rate offered and answered, and percentiles (ms).
+/// One latency run: the rate offered and its percentiles (ms).
 struct LatencyRun {
     rate: f64,
     p50: f64,
