@@ -208,16 +208,7 @@ impl AsyncWrite for Coalesced {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let on = this.on;
-        let mut side = this.side();
-        if !on {
-            return Pin::new(&mut side.half).poll_write(cx, data);
-        }
-        let room = ready!(side.poll_room(cx))?;
-        let n = data.len().min(room);
-        side.buf.extend_from_slice(&data[..n]);
-        Poll::Ready(Ok(n))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
