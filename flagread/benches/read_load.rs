@@ -192,14 +192,7 @@ async fn measure(
 
     let echo_addr = format!("127.0.0.1:{}", proc::free_port());
     let exe = std::env::current_exe().expect("the benchmark knows its path");
-    let mut echo_command = match server_cpu {
-        Some(cpu) => {
-            let mut command = std::process::Command::new("taskset");
-            command.arg("-c").arg(cpu.to_string()).arg(exe);
-            command
-        }
-        None => std::process::Command::new(exe),
-    };
+    let mut echo_command = proc::command_on(server_cpu, exe);
     echo_command.arg("--echo-server").arg(&echo_addr);
     let echo_proc = Proc::spawn(&format!("echo-{name}"), echo_command, dir);
     support::connect(&echo_addr, Duration::from_secs(10)).await;

@@ -47,7 +47,8 @@ const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// HTTP/2's default initial window and frame size.
 const DEFAULT_WINDOW: i64 = 65_535;
 
-/// How one call ended.
+/// How one call ended: when it was due, when its frames were queued for the
+/// socket, when its stream ended, and whether it was answered whole.
 pub struct Finished {
     pub due: Instant,
     pub sent: Instant,

@@ -228,20 +228,14 @@ pub fn spawn_replica_on(
     // `FLAGSTREAM_BENCH_WRAP="perf record -g -o /tmp/flagread.perf --"` (say)
     // runs every replica under a profiler.
     let wrap = std::env::var("FLAGSTREAM_BENCH_WRAP").unwrap_or_default();
-    let mut words: Vec<String> = wrap.split_whitespace().map(str::to_string).collect();
-    if let Some(cpu) = cpu {
-        words.splice(
-            0..0,
-            ["taskset".to_string(), "-c".to_string(), cpu.to_string()],
-        );
-    }
-    let mut command = match words.split_first() {
-        Some((program, args)) => {
-            let mut command = Command::new(program);
-            command.args(args).arg(proc::binary("flagread"));
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = proc::command_on(cpu, program);
+            command.args(words).arg(proc::binary("flagread"));
             command
         }
-        None => Command::new(proc::binary("flagread")),
+        None => proc::command_on(cpu, proc::binary("flagread")),
     };
     command
         .arg("--listen")

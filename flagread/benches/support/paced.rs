@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::h2raw::{Connection, Request};
+use super::h2raw::{Connection, Finished, Request};
 
 /// One paced run.
 pub struct Paced {
@@ -63,14 +63,6 @@ pub struct PacedOutcome {
     /// The longest a call waited between being due and its frames being
     /// queued for the socket (ms): the generator's own lateness.
     pub max_behind_ms: f64,
-}
-
-/// One measured request: when it was due, when it left, when it was done.
-struct Record {
-    due: Instant,
-    sent: Instant,
-    done: Instant,
-    result: Result<(), String>,
 }
 
 impl Paced {
@@ -133,7 +125,7 @@ impl Paced {
         warm_up_count: u64,
         mut due_rx: tokio::sync::mpsc::UnboundedReceiver<Instant>,
         start_tx: std::sync::mpsc::Sender<Instant>,
-    ) -> (Vec<Record>, Instant) {
+    ) -> (Vec<Finished>, Instant) {
         let request = Rc::new(Request::new(
             &self.addr.to_string(),
             self.path,
@@ -161,19 +153,10 @@ impl Paced {
         while finished.borrow().len() < submitted && Instant::now() < give_up {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut records: Vec<Record> = finished
-            .borrow_mut()
-            .drain(..)
-            .map(|f| Record {
-                due: f.due,
-                sent: f.sent,
-                done: f.done,
-                result: f.result,
-            })
-            .collect();
+        let mut records: Vec<Finished> = finished.borrow_mut().drain(..).collect();
         let unanswered = submitted - records.len();
         for _ in 0..unanswered {
-            records.push(Record {
+            records.push(Finished {
                 due: give_up,
                 sent: give_up,
                 done: give_up,
@@ -187,9 +170,9 @@ impl Paced {
     }
 }
 
-fn summarize(records: Vec<Record>, measured_start: Instant) -> PacedOutcome {
+fn summarize(records: Vec<Finished>, measured_start: Instant) -> PacedOutcome {
     // The warm-up's calls are not measured.
-    let records: Vec<Record> = records
+    let records: Vec<Finished> = records
         .into_iter()
         .filter(|record| record.due >= measured_start)
         .collect();

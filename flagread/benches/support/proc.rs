@@ -109,6 +109,19 @@ impl Drop for Proc {
     }
 }
 
+/// A command running `program`, confined to `cpu` from its first instruction
+/// (util-linux's `taskset`) if one is given.
+pub fn command_on(cpu: Option<usize>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut command = Command::new("taskset");
+            command.arg("-c").arg(cpu.to_string()).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// The pids of the live children (servers, h2load) this process started.
 pub fn children() -> Vec<u32> {
     CHILDREN.lock().unwrap().clone()
