@@ -306,14 +306,11 @@ impl FlagAdmin for Admin {
         self.namespace_exists(&req.namespace).await?;
         let mut flags = Vec::new();
         let mut next_page_token = String::new();
-        for flag in self.store.flags_after(&req.namespace, &req.page_token) {
+        for flag in self
+            .store
+            .flags_with_prefix(&req.namespace, &req.key_prefix, &req.page_token)
+        {
             let flag = flag.map_err(Error::from)?;
-            if !flag.key.starts_with(&req.key_prefix) {
-                if flag.key.as_str() > req.key_prefix.as_str() {
-                    break;
-                }
-                continue;
-            }
             if !req.tag.is_empty() && !flag.tags.contains(&req.tag) {
                 continue;
             }

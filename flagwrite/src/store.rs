@@ -161,7 +161,19 @@ impl Store {
         namespace: &str,
         after: &str,
     ) -> impl Iterator<Item = Result<pb::Flag, StoreError>> + 'a {
-        scan_after(&self.inner.flags, namespace, after)
+        scan(&self.inner.flags, namespace, "", after)
+    }
+
+    /// The flags of `namespace` whose keys start with `prefix`, after `after`
+    /// (from the first when empty), ordered by key. Only the prefix's own
+    /// flags are read: the scan starts at the prefix and ends past it.
+    pub fn flags_with_prefix<'a>(
+        &'a self,
+        namespace: &str,
+        prefix: &str,
+        after: &str,
+    ) -> impl Iterator<Item = Result<pb::Flag, StoreError>> + 'a {
+        scan(&self.inner.flags, namespace, prefix, after)
     }
 
     pub fn segment(&self, namespace: &str, key: &str) -> Result<Option<pb::Segment>, StoreError> {
@@ -178,7 +190,7 @@ impl Store {
         namespace: &str,
         after: &str,
     ) -> impl Iterator<Item = Result<pb::Segment, StoreError>> + 'a {
-        scan_after(&self.inner.segments, namespace, after)
+        scan(&self.inner.segments, namespace, "", after)
     }
 
     /// The change-log records after revision `after`, oldest first.
@@ -334,21 +346,29 @@ fn object_key(namespace: &str, key: &str) -> Vec<u8> {
     out
 }
 
-fn scan_after<T: Message + Default>(
+/// The objects of `namespace` whose keys start with `prefix` (all when
+/// empty) and come after `after`, in key order. Object keys are
+/// `namespace \0 key`, so the namespace's own `\0` ends the scan at the
+/// next namespace.
+fn scan<T: Message + Default>(
     tree: &sled::Tree,
     namespace: &str,
+    prefix: &str,
     after: &str,
 ) -> impl Iterator<Item = Result<T, StoreError>> + use<T> {
-    let mut prefix = namespace.as_bytes().to_vec();
-    prefix.push(0);
-    let mut end = namespace.as_bytes().to_vec();
-    end.push(1);
+    let within = object_key(namespace, prefix);
     let mut start = object_key(namespace, after);
     if !after.is_empty() {
         // Just past `after`: the smallest key greater than it.
         start.push(0);
     }
-    tree.range(start..end).map(|kv| decode(&kv?.1))
+    let start = start.max(within.clone());
+    tree.range(start..)
+        .take_while(move |kv| {
+            kv.as_ref()
+                .map_or(true, |(key, _)| key.starts_with(&within))
+        })
+        .map(|kv| decode(&kv?.1))
 }
 
 fn after_bytes(after: &Option<pb::Object>) -> Option<Vec<u8>> {

@@ -395,6 +395,68 @@ async fn head(admin: &mut Admin) -> u64 {
         .revision
 }
 
+/// `key_prefix` with paging: a page token before, inside or after the
+/// prefix's keys, and keys that sort next to the prefix without having it.
+#[tokio::test]
+async fn listing_by_prefix_pages_within_the_prefix() {
+    let server = Server::start().await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    create_namespace(&mut admin, "keys").await;
+    // A neighbouring namespace whose keys would follow in a scan that ran on.
+    create_namespace(&mut admin, "keys2").await;
+    for (namespace, key) in [
+        ("keys", "c"),
+        ("keys", "cg"),
+        ("keys", "ch"),
+        ("keys", "ch-a"),
+        ("keys", "ch-b"),
+        ("keys", "chz"),
+        ("keys", "ci"),
+        ("keys", "d"),
+        ("keys2", "ch-x"),
+    ] {
+        admin
+            .create_flag(pb::CreateFlagRequest {
+                flag: Some(flag(namespace, key)),
+                options: None,
+            })
+            .await
+            .unwrap();
+    }
+    let mut list = async |prefix: &str, token: &str, size: u32| {
+        let page = admin
+            .list_flags(pb::ListFlagsRequest {
+                namespace: "keys".into(),
+                page_size: size,
+                page_token: token.into(),
+                tag: String::new(),
+                key_prefix: prefix.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let keys: Vec<String> = page.flags.iter().map(|f| f.key.clone()).collect();
+        (keys, page.next_page_token)
+    };
+    let (first, token) = list("ch", "", 3).await;
+    assert_eq!(
+        (first, token.as_str()),
+        (vec!["ch".into(), "ch-a".into(), "ch-b".into()], "ch-b")
+    );
+    let (second, token) = list("ch", &token, 3).await;
+    assert_eq!((second, token.as_str()), (vec!["chz".to_string()], ""));
+    // A token before the prefix starts at the prefix; one past it ends at once.
+    assert_eq!(list("ch", "c", 0).await.0, ["ch", "ch-a", "ch-b", "chz"]);
+    assert_eq!(list("ch", "ch-a", 0).await.0, ["ch-b", "chz"]);
+    assert!(list("ch", "ci", 0).await.0.is_empty());
+    assert_eq!(
+        list("c", "", 0).await.0,
+        ["c", "cg", "ch", "ch-a", "ch-b", "chz", "ci"]
+    );
+    assert!(list("e", "", 0).await.0.is_empty());
+    assert_eq!(list("", "ci", 0).await.0, ["d"]);
+}
+
 #[tokio::test]
 async fn invalid_writes_name_the_field_and_change_nothing() {
     let server = Server::start().await;
