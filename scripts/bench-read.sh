@@ -2,8 +2,9 @@
 # Load test of the read path: a bare tonic echo server, flagread Evaluate (constraints +
 # rollout + split) and EvaluateAll over 350 flags, driven by h2load with a pre-encoded gRPC frame;
 # then p50/p99 latency of each at 70% of its maximum rate. Two layouts: shared cores, then each
-# server pinned to CPU 0 with the load on CPU 1 (an open-loop generator for latency). About
-# 9 minutes; BENCH_LAYOUT=shared runs only the first (about 4.5).
+# server pinned to CPU 0 with the load on CPU 1 (an open-loop generator finds each server's
+# maximum and measures latency at 70% of it). About 12 minutes; BENCH_LAYOUT=shared runs only
+# the first (about 4.5).
 #
 # Loopback only; every process it starts is killed when it ends (or on Ctrl-C,
 # or after its time budget). Knobs: see the header of flagread/benches/read_load.rs.
