@@ -237,26 +237,45 @@ pub fn segment(segment: &model::Segment) -> Result<(), FieldError> {
 /// flag, with references resolved among the objects given. Paths start with
 /// `segments[i]` or `flags[i]`; keys must be unique.
 pub fn bundle(flags: &[model::Flag], segments: &[model::Segment]) -> Result<(), FieldError> {
+    bundle_named(flags, segments, Element::Index)
+}
+
+/// How [`bundle_named`] names the flag or segment an error is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element {
+    /// By position, `flags[3]`: for bundles written as lists.
+    Index,
+    /// By key, `flags["checkout"]`: for sources whose order means nothing to
+    /// the person reading the error (an Unleash export).
+    Key,
+}
+
+/// [`bundle`], naming the element an error is in as `names` says.
+pub fn bundle_named(
+    flags: &[model::Flag],
+    segments: &[model::Segment],
+    names: Element,
+) -> Result<(), FieldError> {
+    let place = |error: FieldError, field: &str, index: usize, key: &str| match names {
+        Element::Index => error.at_index(field, index),
+        Element::Key => error.at_key(field, key),
+    };
     let mut view = MemoryView::default();
     for (i, s) in segments.iter().enumerate() {
-        segment(s).map_err(|e| e.at_index("segments", i))?;
+        segment(s).map_err(|e| place(e, "segments", i, &s.key))?;
         if !view.segments.insert(s.key.clone()) {
-            return Err(
-                FieldError::new("key", format!("duplicate segment key {:?}", s.key))
-                    .at_index("segments", i),
-            );
+            let e = FieldError::new("key", format!("duplicate segment key {:?}", s.key));
+            return Err(place(e, "segments", i, &s.key));
         }
     }
     for (i, f) in flags.iter().enumerate() {
         if view.flags.insert(f.key.clone(), f.clone()).is_some() {
-            return Err(
-                FieldError::new("key", format!("duplicate flag key {:?}", f.key))
-                    .at_index("flags", i),
-            );
+            let e = FieldError::new("key", format!("duplicate flag key {:?}", f.key));
+            return Err(place(e, "flags", i, &f.key));
         }
     }
     for (i, f) in flags.iter().enumerate() {
-        flag(f, &view).map_err(|e| e.at_index("flags", i))?;
+        flag(f, &view).map_err(|e| place(e, "flags", i, &f.key))?;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! `flagstream::validate` against a view of their namespace. Everything that
 //! is stored went through here.
 
-use flagstream::validate::{FieldError, MemoryView};
+use flagstream::validate::{Element, FieldError, MemoryView};
 use flagstream::{model, pb};
 
 use crate::error::Error;
@@ -33,7 +33,7 @@ pub fn flag(flag: &model::Flag, view: &View, prefix: &str) -> Result<(), Error> 
 /// Converts and validates a segment.
 pub fn segment(segment: pb::Segment, prefix: &str) -> Result<model::Segment, Error> {
     let segment = segment_model(segment, prefix)?;
-    segment_valid(&segment, prefix)?;
+    flagstream::validate::segment(&segment).map_err(|e| invalid(prefix, e))?;
     Ok(segment)
 }
 
@@ -42,9 +42,15 @@ pub fn segment_model(segment: pb::Segment, prefix: &str) -> Result<model::Segmen
     model::Segment::try_from(segment).map_err(|e| invalid(prefix, e))
 }
 
-/// Validates a segment.
-pub fn segment_valid(segment: &model::Segment, prefix: &str) -> Result<(), Error> {
-    flagstream::validate::segment(segment).map_err(|e| invalid(prefix, e))
+/// Validates a whole namespace written at once (an import), naming the
+/// element an error is in under `prefix` (e.g. `bundle.flags[2]`).
+pub fn bundle(
+    flags: &[model::Flag],
+    segments: &[model::Segment],
+    names: Element,
+    prefix: &str,
+) -> Result<(), Error> {
+    flagstream::validate::bundle_named(flags, segments, names).map_err(|e| invalid(prefix, e))
 }
 
 /// Checks the request-wide options.

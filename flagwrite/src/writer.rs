@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use flagstream::validate::Element;
 use flagstream::{model, pb};
 use tokio::sync::{mpsc, oneshot};
 
@@ -505,8 +506,8 @@ impl Plan<'_> {
         &mut self,
         namespace: String,
         description: Option<String>,
-        flags: Vec<model::Flag>,
-        segments: Vec<model::Segment>,
+        mut flags: Vec<model::Flag>,
+        mut segments: Vec<model::Segment>,
         path: &str,
     ) -> Result<(), Error> {
         let existing = self.store.namespace(&namespace)?;
@@ -524,39 +525,20 @@ impl Plan<'_> {
             "namespace",
         )?;
         self.namespace = namespace.clone();
-        let mut view = View::default();
-        let mut new_segments = Vec::with_capacity(segments.len());
-        for (i, mut model) in segments.into_iter().enumerate() {
-            model.namespace = namespace.clone();
-            let prefix = element(path, "segments", i, &model.key);
-            checks::segment_valid(&model, &prefix)?;
-            if !view.segments.insert(model.key.clone()) {
-                return Err(Error::Invalid(format!(
-                    "{prefix}.key: segment {:?} appears twice",
-                    model.key
-                )));
-            }
-            new_segments.push(model);
+        for segment in &mut segments {
+            segment.namespace = namespace.clone();
         }
-        let mut new_flags = Vec::with_capacity(flags.len());
-        for (i, mut model) in flags.into_iter().enumerate() {
-            model.namespace = namespace.clone();
-            let prefix = element(path, "flags", i, &model.key);
-            if view
-                .flags
-                .insert(model.key.clone(), model.clone())
-                .is_some()
-            {
-                return Err(Error::Invalid(format!(
-                    "{prefix}.key: flag {:?} appears twice",
-                    model.key
-                )));
-            }
-            new_flags.push((prefix, model));
+        for flag in &mut flags {
+            flag.namespace = namespace.clone();
         }
-        for (prefix, model) in &new_flags {
-            checks::flag(model, &view, prefix)?;
-        }
+        // An Unleash export's order means nothing to its reader: name its
+        // features by key.
+        let names = if path == "unleash_json" {
+            Element::Key
+        } else {
+            Element::Index
+        };
+        checks::bundle(&flags, &segments, names, path)?;
 
         // The namespace itself: created when missing, description replaced
         // when the import carries one.
@@ -583,11 +565,11 @@ impl Plan<'_> {
             let segment = segment?;
             old_segments.insert(segment.key.clone(), segment);
         }
-        for model in new_segments {
+        for model in segments {
             let old = old_segments.remove(&model.key);
             self.store_segment(model, old);
         }
-        for (_, model) in new_flags {
+        for model in flags {
             let old = old_flags.remove(&model.key);
             self.store_flag(model, old)?;
         }
@@ -796,16 +778,6 @@ fn check_expected(what: &str, stamp: &Option<pb::Stamp>, expected: u64) -> Resul
         });
     }
     Ok(())
-}
-
-/// The error path of an imported object: by index in our bundle format, by
-/// key for Unleash JSON (whose features the admin knows by name).
-fn element(path: &str, field: &str, index: usize, key: &str) -> String {
-    if path == "unleash_json" {
-        format!("{path}.{field}[{key:?}]")
-    } else {
-        format!("{path}.{field}[{index}]")
-    }
 }
 
 /// Names up to five keys, then how many more.

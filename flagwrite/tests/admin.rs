@@ -980,6 +980,73 @@ async fn auth_matrix() {
     server.stop().await;
 }
 
+/// An import's errors name the bad element: by position in a bundle, by
+/// feature name in an Unleash export. Nothing is stored.
+#[tokio::test]
+async fn imports_name_the_bad_element_by_index_or_by_key() {
+    let server = Server::start().await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    let mut refused = async |source: pb::import_namespace_request::Source| {
+        let status = admin
+            .import_namespace(pb::ImportNamespaceRequest {
+                namespace: "imported".into(),
+                source: Some(source),
+                options: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        status.message().to_string()
+    };
+    let bundle = |flags: Vec<pb::Flag>| {
+        pb::import_namespace_request::Source::Bundle(pb::NamespaceBundle {
+            namespace: None,
+            flags,
+            segments: Vec::new(),
+        })
+    };
+    let twice = refused(bundle(vec![
+        flag("imported", "one"),
+        flag("imported", "two"),
+        flag("imported", "one"),
+    ]))
+    .await;
+    assert!(
+        twice.starts_with(r#"bundle.flags[2].key: duplicate flag key "one""#),
+        "{twice}"
+    );
+    let mut orphan = flag("imported", "orphan");
+    orphan.prerequisites.push(pb::Prerequisite {
+        flag: "missing".into(),
+        ..Default::default()
+    });
+    let message = refused(bundle(vec![flag("imported", "fine"), orphan])).await;
+    assert!(
+        message.starts_with("bundle.flags[1].prerequisites[0]") && message.contains("missing"),
+        "{message}"
+    );
+    let unleash = r#"{"version": 2, "features": [
+        {"name": "fine", "enabled": true, "strategies": [{"name": "default"}]},
+        {"name": "child", "enabled": true, "strategies": [{"name": "default"}],
+         "dependencies": [{"feature": "missing"}]}
+    ]}"#;
+    let message = refused(pb::import_namespace_request::Source::UnleashJson(
+        unleash.into(),
+    ))
+    .await;
+    assert!(
+        message.starts_with(r#"unleash_json.flags["child"].prerequisites[0]"#)
+            && message.contains("missing"),
+        "{message}"
+    );
+    let namespaces = admin
+        .list_namespaces(pb::ListNamespacesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(namespaces.namespaces.is_empty(), "{namespaces:?}");
+}
+
 #[tokio::test]
 async fn unleash_import_is_atomic_and_names_the_bad_field() {
     let server = Server::start().await;
