@@ -460,11 +460,11 @@ impl FlagAdmin for Admin {
         };
         let mut entries = Vec::new();
         let mut next_page_token = String::new();
-        'records: for record in self.store.log_before(before) {
+        let records = self
+            .store
+            .history_before(before, &req.namespace, kind as i32, &req.key);
+        'records: for record in records {
             let record = record.map_err(Error::from)?;
-            if record.namespace != req.namespace {
-                continue;
-            }
             let first = if record.revision.saturating_add(1) == before {
                 skip
             } else {

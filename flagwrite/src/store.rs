@@ -53,6 +53,31 @@ pub struct LogRecord {
     pub entries: Vec<pb::HistoryEntry>,
 }
 
+/// The namespace of a [`LogRecord`], decoded without the rest: prost steps
+/// over the bytes of fields a message does not declare.
+#[derive(Clone, PartialEq, Message)]
+struct LogHead {
+    #[prost(string, tag = "6")]
+    namespace: String,
+}
+
+/// The kind and key of each entry of a [`LogRecord`], without the objects'
+/// images.
+#[derive(Clone, PartialEq, Message)]
+struct LogEntryHeads {
+    #[prost(message, repeated, tag = "7")]
+    entries: Vec<EntryHead>,
+}
+
+/// The part of a `pb::HistoryEntry` that names the object.
+#[derive(Clone, PartialEq, Message)]
+struct EntryHead {
+    #[prost(int32, tag = "6")]
+    kind: i32,
+    #[prost(string, tag = "7")]
+    key: String,
+}
+
 /// A consistent copy of every object at one revision, for snapshots.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -204,16 +229,40 @@ impl Store {
             .map(|kv| decode(&kv?.1))
     }
 
-    /// The change-log records before revision `before`, newest first.
-    pub fn log_before(
-        &self,
+    /// The change-log records of `namespace` before revision `before`,
+    /// newest first, that have an entry of `kind` (any when 0) with `key`
+    /// (any when empty). Only those records are decoded in full: the rest
+    /// are read as far as their namespace (and, with a filter, their
+    /// entries' kinds and keys), so a history query does not decode the
+    /// objects of every write in the log.
+    pub fn history_before<'a>(
+        &'a self,
         before: u64,
-    ) -> impl Iterator<Item = Result<LogRecord, StoreError>> + use<> {
+        namespace: &'a str,
+        kind: i32,
+        key: &'a str,
+    ) -> impl Iterator<Item = Result<LogRecord, StoreError>> + 'a {
+        let filtered = kind != 0 || !key.is_empty();
         self.inner
             .changelog
             .range(..before.to_be_bytes())
             .rev()
-            .map(|kv| decode(&kv?.1))
+            .filter_map(move |kv| {
+                let record = || -> Result<Option<LogRecord>, StoreError> {
+                    let (_, bytes) = kv?;
+                    if decode::<LogHead>(&bytes)?.namespace != namespace {
+                        return Ok(None);
+                    }
+                    let names = |e: &EntryHead| {
+                        (kind == 0 || e.kind == kind) && (key.is_empty() || e.key == key)
+                    };
+                    if filtered && !decode::<LogEntryHeads>(&bytes)?.entries.iter().any(names) {
+                        return Ok(None);
+                    }
+                    decode(&bytes).map(Some)
+                };
+                record().transpose()
+            })
     }
 
     /// Commits one write in one transaction: checks that `record.revision`

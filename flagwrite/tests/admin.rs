@@ -980,6 +980,73 @@ async fn auth_matrix() {
     server.stop().await;
 }
 
+/// History of one namespace while another is written in between, with a
+/// many-object import whose entries are paged through one at a time, and the
+/// kind and key filters.
+#[tokio::test]
+async fn history_pages_one_namespace_among_others() {
+    let server = Server::start().await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    assert_eq!(create_namespace(&mut admin, "ours").await, 1);
+    assert_eq!(create_namespace(&mut admin, "theirs").await, 2);
+    assert_eq!(create_flag(&mut admin, flag("ours", "a")).await, 3);
+    assert_eq!(create_flag(&mut admin, flag("theirs", "a")).await, 4);
+    // One revision (5) that replaces "a" and adds "b" and "c".
+    let imported = admin
+        .import_namespace(pb::ImportNamespaceRequest {
+            namespace: "ours".into(),
+            source: Some(pb::import_namespace_request::Source::Bundle(
+                pb::NamespaceBundle {
+                    namespace: None,
+                    flags: vec![flag("ours", "b"), flag("ours", "c")],
+                    segments: Vec::new(),
+                },
+            )),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(imported.revision, 5);
+    assert_eq!(create_flag(&mut admin, flag("theirs", "b")).await, 6);
+
+    let mut history = async |kind: pb::ObjectKind, key: &str, page_size: u32, token: &str| {
+        let page = admin
+            .list_history(pb::ListHistoryRequest {
+                namespace: "ours".into(),
+                kind: kind as i32,
+                key: key.into(),
+                page_size,
+                page_token: token.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let entries: Vec<(u64, String)> = page
+            .entries
+            .iter()
+            .map(|e| (e.revision, e.key.clone()))
+            .collect();
+        (entries, page.next_page_token)
+    };
+    let entry = |revision: u64, key: &str| (revision, key.to_string());
+    // Every entry of "ours", newest first, two at a time: the import's three
+    // entries span two pages.
+    let (first, token) = history(pb::ObjectKind::Unspecified, "", 2, "").await;
+    assert_eq!(first, [entry(5, "b"), entry(5, "c")]);
+    let (second, token) = history(pb::ObjectKind::Unspecified, "", 2, &token).await;
+    assert_eq!(second, [entry(5, "a"), entry(3, "a")]);
+    let (third, token) = history(pb::ObjectKind::Unspecified, "", 2, &token).await;
+    assert_eq!((third, token.as_str()), (vec![entry(1, "ours")], ""));
+    // One flag: its creation and its deletion by the import, not "theirs"' "a".
+    let (a, _) = history(pb::ObjectKind::Flag, "a", 10, "").await;
+    assert_eq!(a, [entry(5, "a"), entry(3, "a")]);
+    let (namespaces, _) = history(pb::ObjectKind::Namespace, "", 10, "").await;
+    assert_eq!(namespaces, [entry(1, "ours")]);
+    let (missing, token) = history(pb::ObjectKind::Flag, "zzz", 10, "").await;
+    assert!(missing.is_empty() && token.is_empty());
+}
+
 /// An import's errors name the bad element: by position in a bundle, by
 /// feature name in an Unleash export. Nothing is stored.
 #[tokio::test]
