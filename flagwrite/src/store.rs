@@ -201,6 +201,23 @@ impl Store {
         scan(&self.inner.flags, namespace, prefix, after)
     }
 
+    /// The keys of the flags and of the segments of `namespace`, in key
+    /// order, read without decoding the objects.
+    pub fn object_keys(&self, namespace: &str) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let keys = |tree: &sled::Tree| -> Result<Vec<String>, StoreError> {
+            let within = object_key(namespace, "");
+            tree.scan_prefix(&within)
+                .keys()
+                .map(|key| {
+                    let key = key?;
+                    String::from_utf8(key[within.len()..].to_vec())
+                        .map_err(|e| StoreError::Corrupt(format!("object key: {e}")))
+                })
+                .collect()
+        };
+        Ok((keys(&self.inner.flags)?, keys(&self.inner.segments)?))
+    }
+
     pub fn segment(&self, namespace: &str, key: &str) -> Result<Option<pb::Segment>, StoreError> {
         self.inner
             .segments

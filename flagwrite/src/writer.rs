@@ -350,16 +350,7 @@ impl Plan<'_> {
             }
             Op::DeleteNamespace { key } => {
                 let ns = self.namespace_required(&key)?;
-                let flags: Vec<String> = self
-                    .store
-                    .flags_after(&key, "")
-                    .map(|f| f.map(|f| f.key))
-                    .collect::<Result<_, _>>()?;
-                let segments: Vec<String> = self
-                    .store
-                    .segments_after(&key, "")
-                    .map(|s| s.map(|s| s.key))
-                    .collect::<Result<_, _>>()?;
+                let (flags, segments) = self.store.object_keys(&key)?;
                 if !flags.is_empty() || !segments.is_empty() {
                     return Err(Error::FailedPrecondition(format!(
                         "namespace {key:?} is not empty: it holds flags [{}] and segments [{}]",
