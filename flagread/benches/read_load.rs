@@ -736,28 +736,17 @@ fn report(layout: Layout, targets: &[Target], flag_count: usize) {
     println!("|---|---:|---|---:|---:|---|---|");
     for target in targets {
         let max = median(&target.max_rps);
-        let p50: Vec<f64> = target.paced.iter().map(|p| p.p50).collect();
-        let p99: Vec<f64> = target.paced.iter().map(|p| p.p99).collect();
-        let p999: Vec<f64> = target.paced.iter().filter_map(|p| p.p999).collect();
+        let (at, tail) = latency_cells(&target.paced);
         let name = if target.name == "EvaluateAll" {
             format!("EvaluateAll ({flag_count} flags)")
         } else {
             target.name.to_string()
         };
         println!(
-            "| {name} | {max:.0} | {} | {:.0}% | {:.1} us | {:.0}: {:.2} / {:.2} ms (runs: {}) | {} |",
+            "| {name} | {max:.0} | {} | {:.0}% | {:.1} us | {at} | {tail} |",
             runs(&target.max_rps, 0),
             100.0 * max / echo,
             median(&target.cpu_us),
-            target.paced.first().map_or(0.0, |p| p.rate),
-            median(&p50),
-            median(&p99),
-            runs(&p99, 2),
-            if p999.is_empty() {
-                "-".to_string()
-            } else {
-                format!("{:.2} ms (runs: {})", median(&p999), runs(&p999, 2))
-            },
         );
     }
     if targets.iter().any(|t| t.open_max.is_some()) {
@@ -770,21 +759,13 @@ fn report(layout: Layout, targets: &[Target], flag_count: usize) {
             let Some(open) = target.open_max else {
                 continue;
             };
-            let p50: Vec<f64> = target.paced_open.iter().map(|p| p.p50).collect();
-            let p99: Vec<f64> = target.paced_open.iter().map(|p| p.p99).collect();
-            let p999: Vec<f64> = target.paced_open.iter().filter_map(|p| p.p999).collect();
+            let (at, tail) = latency_cells(&target.paced_open);
             println!(
-                "| {} | {:.0}{} | {:.0}% | {:.0}: {:.2} / {:.2} ms (runs: {}) | {:.2} ms (runs: {}) |",
+                "| {} | {:.0}{} | {:.0}% | {at} | {tail} |",
                 target.name,
                 open.rate,
                 if open.may_be_higher { " (or more)" } else { "" },
                 100.0 * open.rate / median(&target.max_rps),
-                0.7 * open.rate,
-                median(&p50),
-                median(&p99),
-                runs(&p99, 2),
-                median(&p999),
-                runs(&p999, 2),
             );
         }
     }
@@ -793,7 +774,7 @@ fn report(layout: Layout, targets: &[Target], flag_count: usize) {
     let worst = |runs: fn(&Target) -> &Vec<LatencyRun>| {
         let p99 = targets
             .iter()
-            .map(|t| median(&runs(t).iter().map(|p| p.p99).collect::<Vec<_>>()))
+            .map(|t| median_p99(runs(t)))
             .fold(0.0, f64::max);
         let measured = targets.iter().all(|t| !runs(t).is_empty());
         (p99, measured)
@@ -822,6 +803,31 @@ fn report(layout: Layout, targets: &[Target], flag_count: usize) {
             );
         }
     }
+}
+
+/// A report's latency cells for one series of runs: `rate: p50 / p99 ms
+/// (runs: …)` with medians, and the p99.9 (`-` when the runs have none).
+fn latency_cells(series: &[LatencyRun]) -> (String, String) {
+    let p50: Vec<f64> = series.iter().map(|p| p.p50).collect();
+    let p99: Vec<f64> = series.iter().map(|p| p.p99).collect();
+    let p999: Vec<f64> = series.iter().filter_map(|p| p.p999).collect();
+    let at = format!(
+        "{:.0}: {:.2} / {:.2} ms (runs: {})",
+        series.first().map_or(0.0, |p| p.rate),
+        median(&p50),
+        median_p99(series),
+        runs(&p99, 2)
+    );
+    let tail = if p999.is_empty() {
+        "-".to_string()
+    } else {
+        format!("{:.2} ms (runs: {})", median(&p999), runs(&p999, 2))
+    };
+    (at, tail)
+}
+
+fn median_p99(series: &[LatencyRun]) -> f64 {
+    median(&series.iter().map(|p| p.p99).collect::<Vec<_>>())
 }
 
 fn verdict(met: bool) -> &'static str {
