@@ -1,0 +1,426 @@
+//! The fault suite: the real flagwrite and flagread binaries on 127.0.0.1 under kill -9 of the
+//! writer with 16 concurrent writers, network faults between replicas and writer (cut, stall,
+//! delay, half-open, flapping) through a proxy of the test's own, a writer outage under
+//! evaluation load, and a writer restored from a backup. Each test ends with every replica
+//! converged to the writer ([`cluster::converged`]) and prints one line of figures, prefixed
+//! `faults:`, for the README's reliability table.
+//!
+//! The tests run one at a time (they measure time, and share two cores). More cycles:
+//! `FLAGSTREAM_FAULT_CYCLES=100 cargo test -p flagread --test faults -- --nocapture`.
+
+mod cluster;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster::{ADMIN, ADMIN_READ, Dir, EVAL, ReplicaOptions, Writer, authed, converged};
+use flagstream::pb;
+use flagstream::pb::flag_admin_client::FlagAdminClient;
+use tonic::transport::Channel;
+
+/// One test at a time: they measure convergence times and kill processes.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The replicas' `--upstream-silence-s` and `--backoff-max-ms` in the suite.
+const SILENCE: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_millis(500);
+
+/// The replicas' options in the suite: the silence limit and backoff cap above.
+fn suite_options() -> ReplicaOptions {
+    ReplicaOptions {
+        silence_s: SILENCE.as_secs(),
+        backoff_max_ms: BACKOFF_CAP.as_millis() as u64,
+        ..Default::default()
+    }
+}
+
+/// An acknowledged write: namespace, flag key, the revision it was acknowledged with.
+type Acked = (String, String, u64);
+
+/// A valid boolean flag (variants `on`/`off`).
+fn flag(namespace: &str, key: &str) -> pb::Flag {
+    let variant = |name: &str, value: bool| pb::Variant {
+        name: name.into(),
+        value: Some(pb::TypedValue {
+            kind: Some(pb::typed_value::Kind::BoolValue(value)),
+        }),
+        description: String::new(),
+    };
+    pb::Flag {
+        namespace: namespace.into(),
+        key: key.into(),
+        r#type: pb::FlagType::Boolean as i32,
+        variants: vec![variant("on", true), variant("off", false)],
+        enabled: true,
+        disabled_variant: "off".into(),
+        default_variant: "on".into(),
+        ..Default::default()
+    }
+}
+
+async fn create_namespace(admin: &mut FlagAdminClient<Channel>, key: &str) -> u64 {
+    let namespace = pb::Namespace {
+        key: key.into(),
+        ..Default::default()
+    };
+    admin
+        .create_namespace(authed(
+            pb::CreateNamespaceRequest {
+                namespace: Some(namespace),
+                options: None,
+            },
+            ADMIN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
+
+async fn create_flag(
+    admin: &mut FlagAdminClient<Channel>,
+    namespace: &str,
+    key: &str,
+) -> Result<u64, tonic::Status> {
+    admin
+        .create_flag(authed(
+            pb::CreateFlagRequest {
+                flag: Some(flag(namespace, key)),
+                options: None,
+            },
+            ADMIN,
+        ))
+        .await
+        .map(|r| r.into_inner().revision)
+}
+
+/// Flag key → created revision, over `namespaces` on the writer.
+async fn created_revisions(
+    writer: &Writer,
+    namespaces: &[&str],
+) -> std::collections::HashMap<(String, String), u64> {
+    let mut admin = writer.admin().await;
+    let mut out = std::collections::HashMap::new();
+    for namespace in namespaces {
+        let export = admin
+            .export_namespace(authed(
+                pb::ExportNamespaceRequest {
+                    namespace: namespace.to_string(),
+                },
+                ADMIN_READ,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        for f in export.bundle.unwrap_or_default().flags {
+            let created = f.stamp.map_or(0, |s| s.created_revision);
+            out.insert((namespace.to_string(), f.key), created);
+        }
+    }
+    out
+}
+
+/// The revisions above `after` in the history of `namespaces`, sorted.
+async fn history_after(writer: &Writer, namespaces: &[&str], after: u64) -> Vec<u64> {
+    let mut admin = writer.admin().await;
+    let mut revisions = Vec::new();
+    for namespace in namespaces {
+        let mut token = String::new();
+        'pages: loop {
+            let page = admin
+                .list_history(authed(
+                    pb::ListHistoryRequest {
+                        namespace: namespace.to_string(),
+                        page_size: 1000,
+                        page_token: token,
+                        ..Default::default()
+                    },
+                    ADMIN_READ,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            // Newest first: stop at the first revision already checked.
+            for entry in &page.entries {
+                if entry.revision <= after {
+                    break 'pages;
+                }
+                revisions.push(entry.revision);
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+    }
+    revisions.sort_unstable();
+    revisions
+}
+
+/// kill -9 of the writer while 16 clients write, `FLAGSTREAM_FAULT_CYCLES` times (20 by
+/// default), with two replicas following (one of every namespace, one of `prod` only). After
+/// each restart: every acknowledged write is there with the revision it was acknowledged with,
+/// the revisions since the last check have no gap and no duplicate, and both replicas converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_kill_9_under_16_writers() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let cycles = cluster::cycles(20);
+    let dir = Dir::new("kill9");
+    let mut writer = dir.writer();
+    writer.start().await;
+    let mut admin = writer.admin().await;
+    create_namespace(&mut admin, "prod").await;
+    create_namespace(&mut admin, "other").await;
+    let mut all = dir.replica("all", &writer.url(), suite_options());
+    let prod_only = ReplicaOptions {
+        namespaces: vec!["prod".into()],
+        ..suite_options()
+    };
+    let mut prod = dir.replica("prod", &writer.url(), prod_only);
+    all.start();
+    prod.start();
+    all.serving().await;
+    prod.serving().await;
+
+    let namespaces = ["prod", "other"];
+    let mut acked: Vec<Acked> = Vec::new();
+    let (mut lost, mut divergent, mut gaps) = (0usize, 0usize, 0usize);
+    let mut checked = 0u64;
+    let mut slowest = Duration::ZERO;
+    for cycle in 0..cycles {
+        let admin = writer.admin().await;
+        let got: Arc<Mutex<Vec<Acked>>> = Arc::default();
+        let mut clients = Vec::new();
+        for w in 0..16 {
+            let mut admin = admin.clone();
+            let got = got.clone();
+            // Three of four clients write to `prod`, the rest to `other`.
+            let namespace = if w % 4 == 3 { "other" } else { "prod" };
+            clients.push(tokio::spawn(async move {
+                for i in 0..5_000 {
+                    let key = format!("c{cycle}-w{w}-{i}");
+                    match create_flag(&mut admin, namespace, &key).await {
+                        Ok(revision) => got.lock().unwrap().push((namespace.into(), key, revision)),
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        // Kill at a random point of the stream of writes.
+        let target = 30 + fastrand::usize(..90);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.lock().unwrap().len() < target {
+            assert!(Instant::now() < deadline, "cycle {cycle}: writes stalled");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        writer.kill9();
+        for client in clients {
+            client.await.unwrap();
+        }
+        acked.extend(got.lock().unwrap().drain(..));
+        writer.start().await;
+
+        // No acknowledged write lost: each is there, created at the revision acknowledged.
+        let stored = created_revisions(&writer, &namespaces).await;
+        for (namespace, key, revision) in &acked {
+            let found = stored.get(&(namespace.clone(), key.clone()));
+            if found != Some(revision) {
+                lost += 1;
+                eprintln!(
+                    "cycle {cycle}: acknowledged {namespace}/{key} at revision {revision}, found {found:?}"
+                );
+            }
+        }
+        // Gap-free: the revisions since the last check are exactly checked+1..=head.
+        let head = writer.head().await;
+        let revisions = history_after(&writer, &namespaces, checked).await;
+        if revisions != (checked + 1..=head).collect::<Vec<_>>() {
+            gaps += 1;
+            eprintln!(
+                "cycle {cycle}: history from {} to {head} has {} revisions: {revisions:?}",
+                checked + 1,
+                revisions.len()
+            );
+        }
+        checked = head;
+        match converged(&writer, &[&all, &prod], Duration::from_secs(15)).await {
+            Ok(took) => slowest = slowest.max(took),
+            Err(why) => {
+                divergent += 1;
+                eprintln!("cycle {cycle}: {why}");
+            }
+        }
+    }
+    println!(
+        "faults: kill -9 under 16 writers: cycles={cycles} acknowledged={} lost={lost} gaps={gaps} divergent={divergent} slowest_convergence_ms={} run_s={:.1}",
+        acked.len(),
+        slowest.as_millis(),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(lost, 0, "acknowledged writes lost");
+    assert_eq!(gaps, 0, "revisions with gaps or duplicates");
+    assert_eq!(divergent, 0, "replicas that did not converge");
+    assert!(all.alive() && prod.alive());
+    writer.terminate();
+}
+
+/// The writer is down (kill -9) for several silence limits while replicas serve a steady
+/// evaluation load: not one evaluation fails, and when the writer returns the replicas resume
+/// from their revision, without a full snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_outage_under_evaluation_load() {
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let dir = Dir::new("outage");
+    let mut writer = dir.writer();
+    writer.start().await;
+    let mut admin = writer.admin().await;
+    create_namespace(&mut admin, "demo").await;
+    for i in 0..20 {
+        create_flag(&mut admin, "demo", &format!("f{i}"))
+            .await
+            .unwrap();
+    }
+    let mut replicas = vec![
+        dir.replica("r0", &writer.url(), suite_options()),
+        dir.replica("r1", &writer.url(), suite_options()),
+    ];
+    for r in &mut replicas {
+        r.start();
+    }
+    for r in &replicas {
+        r.serving().await;
+    }
+    converged(
+        &writer,
+        &[&replicas[0], &replicas[1]],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let mut snapshots_before = Vec::new();
+    for r in &replicas {
+        snapshots_before.push(r.metric("flagread_snapshots_applied_total").await);
+    }
+
+    // Steady load: two clients per replica, Evaluate and EvaluateAll in turn.
+    let stop = Arc::new(AtomicBool::new(false));
+    let outage = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let ok_during_outage = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for r in &replicas {
+        for _ in 0..2 {
+            let mut eval = r.eval().await;
+            let (stop, outage, ok, ok_during_outage, failed) = (
+                stop.clone(),
+                outage.clone(),
+                ok.clone(),
+                ok_during_outage.clone(),
+                failed.clone(),
+            );
+            load.push(tokio::spawn(async move {
+                for i in 0..1_000_000u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let result = if i % 2 == 0 {
+                        let request = pb::EvaluateRequest {
+                            namespace: "demo".into(),
+                            flag_key: format!("f{}", i % 20),
+                            ..Default::default()
+                        };
+                        eval.evaluate(authed(request, EVAL)).await.map(|_| ())
+                    } else {
+                        let request = pb::EvaluateAllRequest {
+                            namespace: "demo".into(),
+                            ..Default::default()
+                        };
+                        eval.evaluate_all(authed(request, EVAL)).await.map(|_| ())
+                    };
+                    match result {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            if outage.load(Ordering::Relaxed) {
+                                ok_during_outage.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(status) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("evaluation failed: {status}");
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The writer is down for three silence limits.
+    outage.store(true, Ordering::Relaxed);
+    writer.kill9();
+    let down = Instant::now();
+    for r in &replicas {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.metric("flagread_connected").await != 0 {
+            assert!(Instant::now() < deadline, "{} never noticed", r.name);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep((SILENCE * 3).saturating_sub(down.elapsed())).await;
+    let outage_s = down.elapsed().as_secs_f64();
+    writer.start().await;
+    outage.store(false, Ordering::Relaxed);
+    let mut admin = writer.admin().await;
+    create_flag(&mut admin, "demo", "after-outage")
+        .await
+        .unwrap();
+    let converge = converged(
+        &writer,
+        &[&replicas[0], &replicas[1]],
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let mut snapshots = Vec::new();
+    let mut subscriptions = Vec::new();
+    for r in &replicas {
+        snapshots.push(r.metric("flagread_snapshots_applied_total").await);
+        subscriptions.push(r.metric("flagread_subscriptions_total").await);
+    }
+    let (ok, ok_during_outage, failed) = (
+        ok.load(Ordering::Relaxed),
+        ok_during_outage.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    println!(
+        "faults: writer outage under load: outage_s={outage_s:.1} evaluations={ok} during_outage={ok_during_outage} failed={failed} snapshots_after_resume={:?} divergent={} run_s={:.1}",
+        snapshots
+            .iter()
+            .zip(&snapshots_before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        usize::from(converge.is_err()),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(failed, 0, "evaluations failed");
+    assert!(ok_during_outage > 0, "no evaluation ran during the outage");
+    converge.unwrap();
+    assert_eq!(
+        snapshots, snapshots_before,
+        "a replica took a full snapshot to resume"
+    );
+    assert!(
+        subscriptions.iter().all(|s| *s >= 2),
+        "every replica subscribed again: {subscriptions:?}"
+    );
+    writer.terminate();
+}
