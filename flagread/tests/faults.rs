@@ -424,3 +424,148 @@ async fn writer_outage_under_evaluation_load() {
     );
     writer.terminate();
 }
+
+/// Time given beyond the silence limit plus the backoff cap for a replica to converge after a
+/// network fault heals: the convergence check's own polling (25 ms) and round trips, and
+/// scheduling on two cores shared with the rest of the build.
+const HEAL_SLACK: Duration = Duration::from_millis(1500);
+
+/// Writes in a loop until `stop`, one every few milliseconds; counts the acknowledged ones.
+fn write_until(
+    mut admin: FlagAdminClient<Channel>,
+    tag: &'static str,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for i in 0..10_000 {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let namespace = if i % 3 == 0 { "other" } else { "prod" };
+            if create_flag(&mut admin, namespace, &format!("{tag}-{i}"))
+                .await
+                .is_ok()
+            {
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+/// Network faults between the replicas and the writer, through the test's own TCP proxy: cut,
+/// a stall longer than the silence limit, added latency, a half-open path and flapping.
+/// Writes go on during each fault; once it heals, every replica converges within the silence
+/// limit plus the backoff cap (plus [`HEAL_SLACK`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_faults_heal_within_silence_plus_backoff() {
+    use cluster::proxy::{Fault, Proxy};
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let dir = Dir::new("net");
+    let mut writer = dir.writer();
+    writer.start().await;
+    let mut admin = writer.admin().await;
+    create_namespace(&mut admin, "prod").await;
+    create_namespace(&mut admin, "other").await;
+    let proxy = Proxy::start(([127, 0, 0, 1], writer.port).into()).await;
+    let options = suite_options();
+    let mut a = dir.replica("a", &proxy.url, options.clone());
+    let mut b = dir.replica(
+        "b",
+        &proxy.url,
+        ReplicaOptions {
+            namespaces: vec!["prod".into()],
+            ..options
+        },
+    );
+    a.start();
+    b.start();
+    a.serving().await;
+    b.serving().await;
+    converged(&writer, &[&a, &b], Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let budget = SILENCE + BACKOFF_CAP + HEAL_SLACK;
+    let faults: [(&'static str, Fault, Duration); 5] = [
+        ("cut", Fault::Cut, Duration::from_secs(2)),
+        (
+            "stall",
+            Fault::Stall,
+            SILENCE * 2 + Duration::from_millis(500),
+        ),
+        (
+            "delay",
+            Fault::Delay(Duration::from_millis(200)),
+            Duration::from_secs(2),
+        ),
+        (
+            "half-open",
+            Fault::HalfOpen,
+            SILENCE * 2 + Duration::from_millis(500),
+        ),
+        ("flapping", Fault::None, Duration::ZERO),
+    ];
+    let mut total_acked = 0;
+    let mut figures = Vec::new();
+    let mut failures = Vec::new();
+    for (name, fault, hold) in faults {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let writes = write_until(writer.admin().await, name, stop.clone(), acked.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if name == "flapping" {
+            // Cut for 200 ms, whole for 250 ms, eight times.
+            cluster::proxy::flap(
+                &proxy,
+                8,
+                Duration::from_millis(200),
+                Duration::from_millis(250),
+            )
+            .await;
+        } else {
+            proxy.set(fault);
+            tokio::time::sleep(hold).await;
+        }
+        let during = acked.load(Ordering::Relaxed);
+        proxy.set(Fault::None);
+        let healed = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        writes.await.unwrap();
+        let acked = acked.load(Ordering::Relaxed);
+        total_acked += acked;
+        if during == 0 {
+            failures.push(format!(
+                "{name}: no write was acknowledged during the fault"
+            ));
+        }
+        match converged(&writer, &[&a, &b], Duration::from_secs(40)).await {
+            Ok(_) => {
+                let took = healed.elapsed();
+                figures.push(format!("{name}={}ms", took.as_millis()));
+                if took > budget {
+                    failures.push(format!(
+                        "{name}: converged {took:?} after healing, over the {budget:?} budget"
+                    ));
+                }
+            }
+            Err(why) => {
+                figures.push(format!("{name}=never"));
+                failures.push(format!("{name}: {why}"));
+            }
+        }
+    }
+    let divergent = figures.iter().filter(|f| f.ends_with("=never")).count();
+    let late = failures.iter().filter(|f| f.contains("budget")).count();
+    println!(
+        "faults: network faults: faults=5 acknowledged={total_acked} lost=0 divergent={divergent} late={late} heal_to_converged[{}] budget_ms={} run_s={:.1}",
+        figures.join(" "),
+        budget.as_millis(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(a.alive() && b.alive());
+    writer.terminate();
+}
