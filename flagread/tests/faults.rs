@@ -569,3 +569,140 @@ async fn network_faults_heal_within_silence_plus_backoff() {
     assert!(a.alive() && b.alive());
     writer.terminate();
 }
+
+/// Copies a directory tree.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The writer is restored from a backup of its data directory: copied while stopped at
+/// revision N, it went on to N+3 with the replicas following, and is then restored and writes
+/// four new revisions (so its head passes the replicas' revision). One replica keeps running
+/// (cut off by the proxy until the restored writer is past its revision), one (following
+/// namespace `a` only) is restarted from its snapshot file. Both must notice that the history
+/// changed and resync: converge to the writer, serve the new flags and none of the flags that
+/// exist only in the lost history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_restored_from_backup_resyncs_replicas() {
+    use cluster::proxy::{Fault, Proxy};
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let dir = Dir::new("restore");
+    let mut writer = dir.writer();
+    writer.start().await;
+    let mut admin = writer.admin().await;
+    create_namespace(&mut admin, "a").await;
+    create_namespace(&mut admin, "b").await;
+    create_flag(&mut admin, "a", "kept").await.unwrap();
+    create_flag(&mut admin, "b", "kept").await.unwrap();
+    // The live replica follows through a proxy, cut while the writer is restored, so that it
+    // comes back only once the restored writer's head has passed its revision.
+    let proxy = Proxy::start(([127, 0, 0, 1], writer.port).into()).await;
+    let mut live = dir.replica(
+        "live",
+        &proxy.url,
+        ReplicaOptions {
+            snapshot_file: true,
+            ..suite_options()
+        },
+    );
+    let mut restarted = dir.replica(
+        "restarted",
+        &writer.url(),
+        ReplicaOptions {
+            namespaces: vec!["a".into()],
+            snapshot_file: true,
+            ..suite_options()
+        },
+    );
+    live.start();
+    restarted.start();
+    live.serving().await;
+    restarted.serving().await;
+    converged(&writer, &[&live, &restarted], Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // The backup, taken while the writer is stopped at revision N.
+    let backed_up_at = writer.head().await;
+    writer.terminate();
+    let backup = dir.0.join("backup");
+    copy_dir(&writer.data, &backup);
+
+    // The history the backup does not have: N+1..=N+3.
+    writer.start().await;
+    let mut admin = writer.admin().await;
+    for (ns, key) in [("a", "lost-1"), ("b", "lost-2"), ("a", "lost-3")] {
+        create_flag(&mut admin, ns, key).await.unwrap();
+    }
+    converged(&writer, &[&live, &restarted], Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Let the snapshot files catch up (written at most every 50 ms), then stop one replica.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    restarted.kill9();
+    let snapshots_before = live.metric("flagread_snapshots_applied_total").await;
+    proxy.set(Fault::Cut);
+    writer.terminate();
+
+    // Restore, and write four new revisions: N+1..=N+4 of another history.
+    std::fs::remove_dir_all(&writer.data).unwrap();
+    copy_dir(&backup, &writer.data);
+    writer.start().await;
+    assert_eq!(writer.head().await, backed_up_at);
+    let mut admin = writer.admin().await;
+    for (ns, key) in [
+        ("a", "new-1"),
+        ("b", "new-2"),
+        ("a", "new-3"),
+        ("b", "new-4"),
+    ] {
+        create_flag(&mut admin, ns, key).await.unwrap();
+    }
+    proxy.set(Fault::None);
+    restarted.start();
+    let mut divergent = Vec::new();
+    for replica in [&live, &restarted] {
+        if let Err(why) = converged(&writer, &[replica], Duration::from_secs(15)).await {
+            divergent.push(format!("{}: {why}", replica.name));
+        }
+    }
+
+    // Whatever the checker says, no replica may serve a flag of the lost history.
+    let mut ghosts = Vec::new();
+    for replica in [&live, &restarted] {
+        let mut eval = replica.eval().await;
+        for (ns, key) in [("a", "lost-1"), ("b", "lost-2"), ("a", "lost-3")] {
+            if !replica.namespaces.is_empty() && !replica.namespaces.iter().any(|n| n == ns) {
+                continue;
+            }
+            let request = pb::EvaluateRequest {
+                namespace: ns.into(),
+                flag_key: key.into(),
+                ..Default::default()
+            };
+            if eval.evaluate(authed(request, EVAL)).await.is_ok() {
+                ghosts.push(format!("{} serves {ns}/{key}", replica.name));
+            }
+        }
+    }
+    let resynced = live.metric("flagread_snapshots_applied_total").await - snapshots_before;
+    println!(
+        "faults: writer restored from a backup: replicas=2 divergent={} ghost_flags={} live_replica_snapshots={resynced} run_s={:.1}",
+        divergent.len(),
+        ghosts.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(ghosts.is_empty(), "{ghosts:#?}");
+    assert!(divergent.is_empty(), "{divergent:#?}");
+    writer.terminate();
+}
