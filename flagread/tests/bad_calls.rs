@@ -873,7 +873,12 @@ async fn bad_input_on_every_rpc() {
         count("head moved"),
         started.elapsed().as_secs_f64()
     );
-    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "{} failures, the first 20: {:#?}",
+        failures.len(),
+        &failures[..failures.len().min(20)]
+    );
 }
 
 /// The credentials the matrix tries.
@@ -972,5 +977,10 @@ async fn auth_matrix_on_every_rpc() {
         failures.len(),
         started.elapsed().as_secs_f64()
     );
-    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "{} failures, the first 20: {:#?}",
+        failures.len(),
+        &failures[..failures.len().min(20)]
+    );
 }
