@@ -702,7 +702,9 @@ async fn writer_restored_from_backup_resyncs_replicas() {
         ghosts.len(),
         started.elapsed().as_secs_f64()
     );
-    assert!(ghosts.is_empty(), "{ghosts:#?}");
-    assert!(divergent.is_empty(), "{divergent:#?}");
+    assert!(
+        ghosts.is_empty() && divergent.is_empty(),
+        "{divergent:#?}\n{ghosts:#?}"
+    );
     writer.terminate();
 }
