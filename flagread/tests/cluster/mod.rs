@@ -473,6 +473,16 @@ pub async fn channel(port: u16) -> Channel {
     panic!("nothing listens on port {port}");
 }
 
+/// A channel to `port`, or `None` if nothing answers within a second.
+pub async fn try_channel(port: u16) -> Option<Channel> {
+    Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()
+}
+
 /// Waits until the service on `port` reports SERVING for `service` (20 s at most).
 pub async fn serving(port: u16, service: &str) {
     let mut health = HealthClient::new(channel(port).await);
@@ -514,6 +524,28 @@ pub async fn metric(port: u16, name: &str) -> i64 {
     line[prefix.len()..].trim().parse().unwrap()
 }
 
+/// One metric of the `/metrics` endpoint on `port`, or `None` if it does not answer.
+pub async fn try_metric(port: u16, name: &str) -> Option<i64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        socket
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        socket.read_to_string(&mut text).await.ok()?;
+        let prefix = format!("{name} ");
+        let line = text.lines().find(|l| l.starts_with(&prefix))?;
+        line[prefix.len()..].trim().parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()?
+}
+
 /// The suite's number of cycles for a repeated fault: `FLAGSTREAM_FAULT_CYCLES`, or `default`.
 pub fn cycles(default: u32) -> u32 {
     std::env::var("FLAGSTREAM_FAULT_CYCLES")
@@ -547,14 +579,18 @@ pub async fn converged(
 ) -> Result<Duration, String> {
     let start = Instant::now();
     let mut admin = writer.admin().await;
-    let mut evals = Vec::new();
-    for replica in replicas {
-        evals.push(replica.eval().await);
-    }
+    let mut evals: Vec<Option<FlagEvalClient<Channel>>> = replicas.iter().map(|_| None).collect();
     loop {
         let mut difference = None;
         for (replica, eval) in replicas.iter().zip(evals.iter_mut()) {
-            if let Err(why) = replica_matches(&mut admin, replica, eval).await {
+            if eval.is_none() {
+                *eval = try_channel(replica.port).await.map(FlagEvalClient::new);
+            }
+            let Some(client) = eval.as_mut() else {
+                difference = Some(format!("{}: unreachable", replica.name));
+                break;
+            };
+            if let Err(why) = replica_matches(&mut admin, replica, client).await {
                 difference = Some(format!("{}: {why}", replica.name));
                 break;
             }
@@ -647,7 +683,9 @@ async fn replica_matches(
             ));
         }
     }
-    let held = replica.metric("flagread_flags").await;
+    let held = try_metric(replica.metrics, "flagread_flags")
+        .await
+        .ok_or("its metrics do not answer")?;
     if held != writer_flags as i64 {
         return Err(format!(
             "holds {held} flags, the writer {writer_flags} in the namespaces it follows"
