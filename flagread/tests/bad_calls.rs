@@ -31,6 +31,8 @@ enum Kind {
     Sync,
     /// FlagEval of one namespace: `eval` or `eval:<that namespace>`.
     Eval,
+    /// FlagEval of the whole replica (GetStateDigest): `eval` for every namespace, or `sync`.
+    EvalWhole,
 }
 
 /// One RPC: its path, kind, and a valid request for namespace `ns` carrying `text` in one of
@@ -348,6 +350,18 @@ fn rpcs() -> Vec<Rpc> {
             },
         },
         Rpc {
+            path: "/flagstream.v1.FlagAdmin/GetStateDigest",
+            kind: AdminRead,
+            request: |ns, t| {
+                let namespaces = if t == "f" {
+                    vec![ns.into()]
+                } else {
+                    vec![t.into()]
+                };
+                pb::GetStateDigestRequest { namespaces }.encode_to_vec()
+            },
+        },
+        Rpc {
             path: "/flagstream.v1.FlagEval/Evaluate",
             kind: Eval,
             request: |ns, t| {
@@ -398,6 +412,12 @@ fn rpcs() -> Vec<Rpc> {
             },
         },
         Rpc {
+            // `namespaces` must be empty: the replica's digest covers what it follows.
+            path: "/flagstream.v1.FlagEval/GetStateDigest",
+            kind: EvalWhole,
+            request: |_, _| pb::GetStateDigestRequest::default().encode_to_vec(),
+        },
+        Rpc {
             path: "/flagstream.v1.Replication/Subscribe",
             kind: Sync,
             request: |ns, t| {
@@ -409,6 +429,7 @@ fn rpcs() -> Vec<Rpc> {
                 pb::SubscribeRequest {
                     from_revision: 0,
                     namespaces,
+                    ..Default::default()
                 }
                 .encode_to_vec()
             },
@@ -472,7 +493,7 @@ impl Servers {
     /// The port that serves `rpc`.
     fn port(&self, rpc: &Rpc) -> u16 {
         match rpc.kind {
-            Kind::Eval => self.replica.port,
+            Kind::Eval | Kind::EvalWhole => self.replica.port,
             _ => self.writer.port,
         }
     }
@@ -824,7 +845,7 @@ async fn bad_input_on_every_rpc() {
     let token = |kind: Kind| match kind {
         Kind::AdminWrite | Kind::AdminRead => ADMIN,
         Kind::Sync => SYNC,
-        Kind::Eval => EVAL,
+        Kind::Eval | Kind::EvalWhole => EVAL,
     };
     let mut failures = Vec::new();
     let mut internal: BTreeMap<String, Vec<&str>> = BTreeMap::new();
@@ -925,6 +946,7 @@ fn expected(kind: Kind, who: Who, ns: &str) -> Expect {
         (Who::Sync, Sync) => Allowed,
         (Who::Eval, Eval) => Allowed,
         (Who::EvalDemoOnly, Eval) if ns == "demo" => Allowed,
+        (Who::Eval | Who::Sync, EvalWhole) => Allowed,
         _ => Code(PERMISSION_DENIED),
     }
 }

@@ -694,12 +694,45 @@ async fn replica_matches(
     digests_match(admin, replica, eval, head).await
 }
 
-/// The product's convergence checker: `GetStateDigest` on both sides.
+/// The product's convergence checker: `GetStateDigest` on both sides agrees on revision,
+/// history position and digest, at the writer's head `head`.
 async fn digests_match(
-    _admin: &mut FlagAdminClient<Channel>,
-    _replica: &Replica,
-    _eval: &mut FlagEvalClient<Channel>,
-    _head: u64,
+    admin: &mut FlagAdminClient<Channel>,
+    replica: &Replica,
+    eval: &mut FlagEvalClient<Channel>,
+    head: u64,
 ) -> Result<(), String> {
+    let theirs = admin
+        .get_state_digest(authed(
+            pb::GetStateDigestRequest {
+                namespaces: replica.namespaces.clone(),
+            },
+            ADMIN_READ,
+        ))
+        .await
+        .map_err(|s| format!("writer GetStateDigest: {s}"))?
+        .into_inner();
+    if theirs.revision != head {
+        return Err("the writer moved on during the check".into());
+    }
+    let mine = eval
+        .get_state_digest(authed(pb::GetStateDigestRequest::default(), EVAL))
+        .await
+        .map_err(|s| format!("GetStateDigest: {s}"))?
+        .into_inner();
+    let key = |d: &pb::StateDigest| (d.revision, d.chain.clone(), d.digest.clone());
+    if key(&mine) != key(&theirs) {
+        return Err(format!(
+            "GetStateDigest differs: replica revision {} chain {} digest {} ({} flags), writer revision {} chain {} digest {} ({} flags)",
+            mine.revision,
+            mine.chain,
+            mine.digest,
+            mine.flag_count,
+            theirs.revision,
+            theirs.chain,
+            theirs.digest,
+            theirs.flag_count
+        ));
+    }
     Ok(())
 }
