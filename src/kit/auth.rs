@@ -245,7 +245,7 @@ impl Interceptor for Authenticator {
                     .metadata()
                     .get("authorization")
                     .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
-                let secret = header.as_bytes().strip_prefix(b"Bearer ").ok_or_else(|| {
+                let secret = bearer_secret(header.as_bytes()).ok_or_else(|| {
                     Status::unauthenticated("authorization must be `Bearer <token>`")
                 })?;
                 tokens
@@ -256,6 +256,13 @@ impl Interceptor for Authenticator {
         request.extensions_mut().insert(identity);
         Ok(request)
     }
+}
+
+/// The secret of an `authorization` value `Bearer <secret>`. The scheme is matched without
+/// regard to case, as RFC 7235 (section 2.1) has it, so `bearer` and `BEARER` work too.
+fn bearer_secret(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, secret) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"Bearer ").then_some(secret)
 }
 
 /// The caller's identity, as [`Authenticator`] stored it. UNAUTHENTICATED when
@@ -356,6 +363,27 @@ mod tests {
             "x",
             Err("used by another"),
         );
+    }
+
+    #[test]
+    fn bearer_scheme_in_any_case() {
+        let cases: [(&[u8], Option<&[u8]>); 7] = [
+            (b"Bearer 0123456789abcdef", Some(b"0123456789abcdef")),
+            (b"bearer 0123456789abcdef", Some(b"0123456789abcdef")),
+            (b"BEARER 0123456789abcdef", Some(b"0123456789abcdef")),
+            (b"Bearer ", Some(b"")),
+            (b"Bearer", None),
+            (b"Bearer0123456789abcdef", None),
+            (b"Basic 0123456789abcdef", None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(
+                bearer_secret(value),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
+        }
     }
 
     #[test]
