@@ -431,12 +431,14 @@ async fn writer_outage_under_evaluation_load() {
 /// scheduling on two cores shared with the rest of the build.
 const HEAL_SLACK: Duration = Duration::from_millis(1500);
 
-/// Writes in a loop until `stop`, one every few milliseconds; counts the acknowledged ones.
+/// Writes in a loop until `stop`, one every few milliseconds; counts the acknowledged ones and
+/// records them in `log`.
 fn write_until(
     mut admin: FlagAdminClient<Channel>,
     tag: &'static str,
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
+    log: Arc<Mutex<Vec<Acked>>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for i in 0..10_000 {
@@ -444,11 +446,10 @@ fn write_until(
                 return;
             }
             let namespace = if i % 3 == 0 { "other" } else { "prod" };
-            if create_flag(&mut admin, namespace, &format!("{tag}-{i}"))
-                .await
-                .is_ok()
-            {
+            let key = format!("{tag}-{i}");
+            if let Ok(revision) = create_flag(&mut admin, namespace, &key).await {
                 acked.fetch_add(1, Ordering::Relaxed);
+                log.lock().unwrap().push((namespace.into(), key, revision));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -510,12 +511,19 @@ async fn network_faults_heal_within_silence_plus_backoff() {
         ("flapping", Fault::None, Duration::ZERO),
     ];
     let mut total_acked = 0;
+    let log: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let mut figures = Vec::new();
     let mut failures = Vec::new();
     for (name, fault, hold) in faults {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
-        let writes = write_until(writer.admin().await, name, stop.clone(), acked.clone());
+        let writes = write_until(
+            writer.admin().await,
+            name,
+            stop.clone(),
+            acked.clone(),
+            log.clone(),
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         if name == "flapping" {
             // Cut for 200 ms, whole for 250 ms, eight times.
@@ -558,10 +566,21 @@ async fn network_faults_heal_within_silence_plus_backoff() {
             }
         }
     }
+    // Every acknowledged write is on the writer, and so (converged) on the replicas.
+    let stored = created_revisions(&writer, &["prod", "other"]).await;
+    let lost = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(ns, key, revision)| stored.get(&(ns.clone(), key.clone())) != Some(revision))
+        .count();
+    if lost > 0 {
+        failures.push(format!("{lost} acknowledged writes lost"));
+    }
     let divergent = figures.iter().filter(|f| f.ends_with("=never")).count();
     let late = failures.iter().filter(|f| f.contains("budget")).count();
     println!(
-        "faults: network faults: faults=5 acknowledged={total_acked} lost=0 divergent={divergent} late={late} heal_to_converged[{}] budget_ms={} run_s={:.1}",
+        "faults: network faults: faults=5 acknowledged={total_acked} lost={lost} divergent={divergent} late={late} heal_to_converged[{}] budget_ms={} run_s={:.1}",
         figures.join(" "),
         budget.as_millis(),
         started.elapsed().as_secs_f64()
