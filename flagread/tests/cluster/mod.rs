@@ -554,13 +554,6 @@ pub fn cycles(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// What one side holds of one namespace: flag key → the flag's revision, and the segment count.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Held {
-    flags: BTreeMap<String, u64>,
-    segments: usize,
-}
-
 /// Waits until every replica has converged to the writer, or `deadline` has passed. Returns
 /// how long it took, or what still differs.
 ///
@@ -570,7 +563,7 @@ struct Held {
 ///   (`EvaluateAll` against `ExportNamespace`), and it holds no flag beyond them (its
 ///   `flagread_flags` metric is the writer's count), and
 /// - the product's own checker: `GetStateDigest` on the replica answers the revision, history
-///   identity (`chain`) and digest the writer's `GetStateDigest` answers for the replica's
+///   position (`chain`) and digest the writer's `GetStateDigest` answers for the replica's
 ///   namespaces.
 pub async fn converged(
     writer: &Writer,
@@ -639,20 +632,19 @@ async fn replica_matches(
             return Err("the writer moved on during the check".into());
         }
         let bundle = export.bundle.unwrap_or_default();
-        let want = Held {
-            flags: bundle
-                .flags
-                .iter()
-                .map(|f| {
-                    (
-                        f.key.clone(),
-                        f.stamp.as_ref().map_or(0, |s| s.updated_revision),
-                    )
-                })
-                .collect(),
-            segments: bundle.segments.len(),
-        };
-        writer_flags += want.flags.len();
+        // Flag key → the flag's revision. Segments are compared by the digest alone: FlagEval
+        // does not list them.
+        let want: BTreeMap<String, u64> = bundle
+            .flags
+            .iter()
+            .map(|f| {
+                (
+                    f.key.clone(),
+                    f.stamp.as_ref().map_or(0, |s| s.updated_revision),
+                )
+            })
+            .collect();
+        writer_flags += want.len();
         let all = eval
             .evaluate_all(authed(
                 pb::EvaluateAllRequest {
@@ -675,9 +667,9 @@ async fn replica_matches(
             .iter()
             .map(|r| (r.flag_key.clone(), r.flag_revision))
             .collect();
-        if got != want.flags {
-            let missing = want.flags.keys().filter(|k| !got.contains_key(*k)).count();
-            let extra = got.keys().filter(|k| !want.flags.contains_key(*k)).count();
+        if got != want {
+            let missing = want.keys().filter(|k| !got.contains_key(*k)).count();
+            let extra = got.keys().filter(|k| !want.contains_key(*k)).count();
             return Err(format!(
                 "namespace {namespace} differs: {missing} flags missing, {extra} extra, at revision {head}"
             ));
