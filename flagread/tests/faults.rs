@@ -95,6 +95,55 @@ async fn create_flag(
         .map(|r| r.into_inner().revision)
 }
 
+async fn create_segment(
+    admin: &mut FlagAdminClient<Channel>,
+    namespace: &str,
+    key: &str,
+) -> Result<u64, tonic::Status> {
+    let segment = pb::Segment {
+        namespace: namespace.into(),
+        key: key.into(),
+        constraints: vec![pb::Constraint {
+            attribute: "plan".into(),
+            operator: pb::Operator::In as i32,
+            values: vec!["pro".into()],
+            inverted: false,
+            case_insensitive: false,
+        }],
+        ..Default::default()
+    };
+    admin
+        .create_segment(authed(
+            pb::CreateSegmentRequest {
+                segment: Some(segment),
+                options: None,
+            },
+            ADMIN,
+        ))
+        .await
+        .map(|r| r.into_inner().revision)
+}
+
+async fn set_enabled(
+    admin: &mut FlagAdminClient<Channel>,
+    namespace: &str,
+    key: &str,
+    enabled: bool,
+) -> Result<u64, tonic::Status> {
+    admin
+        .set_flag_enabled(authed(
+            pb::SetFlagEnabledRequest {
+                namespace: namespace.into(),
+                key: key.into(),
+                enabled,
+                ..Default::default()
+            },
+            ADMIN,
+        ))
+        .await
+        .map(|r| r.into_inner().revision)
+}
+
 /// Flag key → created revision, over `namespaces` on the writer.
 async fn created_revisions(
     writer: &Writer,
@@ -158,9 +207,10 @@ async fn history_after(writer: &Writer, namespaces: &[&str], after: u64) -> Vec<
     revisions
 }
 
-/// kill -9 of the writer while 16 clients write, `FLAGSTREAM_FAULT_CYCLES` times (20 by
-/// default), with two replicas following (one of every namespace, one of `prod` only). After
-/// each restart: every acknowledged write is there with the revision it was acknowledged with,
+/// kill -9 of the writer while 16 clients write (flags, segments, a kill switch),
+/// `FLAGSTREAM_FAULT_CYCLES` times (20 by default), with two replicas following (one of every
+/// namespace, one of `prod` only). After each restart: every acknowledged flag creation is
+/// there with the revision it was acknowledged with,
 /// the revisions since the last check have no gap and no duplicate, and both replicas converge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_kill_9_under_16_writers() {
@@ -173,6 +223,7 @@ async fn writer_kill_9_under_16_writers() {
     let mut admin = writer.admin().await;
     create_namespace(&mut admin, "prod").await;
     create_namespace(&mut admin, "other").await;
+    create_flag(&mut admin, "prod", "toggle").await.unwrap();
     let mut all = dir.replica("all", &writer.url(), suite_options());
     let prod_only = ReplicaOptions {
         namespaces: vec!["prod".into()],
@@ -186,6 +237,8 @@ async fn writer_kill_9_under_16_writers() {
 
     let namespaces = ["prod", "other"];
     let mut acked: Vec<Acked> = Vec::new();
+    // Acknowledged segment creations and kill-switch writes (checked by the digest).
+    let other_acked = Arc::new(AtomicU64::new(0));
     let mut lost = std::collections::BTreeSet::new();
     let (mut divergent, mut gaps) = (0usize, 0usize);
     let mut checked = 0u64;
@@ -197,14 +250,31 @@ async fn writer_kill_9_under_16_writers() {
         for w in 0..16 {
             let mut admin = admin.clone();
             let got = got.clone();
-            // Three of four clients write to `prod`, the rest to `other`.
+            let other_acked = other_acked.clone();
+            // Client 14 creates segments in `other` and client 15 switches `prod/toggle` on and
+            // off (both compared by the digest); the others create flags, one in four of them
+            // in `other`.
             let namespace = if w % 4 == 3 { "other" } else { "prod" };
             clients.push(tokio::spawn(async move {
                 for i in 0..5_000 {
                     let key = format!("c{cycle}-w{w}-{i}");
-                    match create_flag(&mut admin, namespace, &key).await {
-                        Ok(revision) => got.lock().unwrap().push((namespace.into(), key, revision)),
-                        Err(_) => return,
+                    let written = match w {
+                        14 => create_segment(&mut admin, "other", &key)
+                            .await
+                            .map(|_| other_acked.fetch_add(1, Ordering::Relaxed))
+                            .map(drop),
+                        15 => set_enabled(&mut admin, "prod", "toggle", i % 2 == 0)
+                            .await
+                            .map(|_| other_acked.fetch_add(1, Ordering::Relaxed))
+                            .map(drop),
+                        _ => create_flag(&mut admin, namespace, &key)
+                            .await
+                            .map(|revision| {
+                                got.lock().unwrap().push((namespace.into(), key, revision))
+                            }),
+                    };
+                    if written.is_err() {
+                        return;
                     }
                 }
             }));
@@ -254,7 +324,8 @@ async fn writer_kill_9_under_16_writers() {
         }
     }
     println!(
-        "faults: kill -9 under 16 writers: cycles={cycles} acknowledged={} lost={} gaps={gaps} divergent={divergent} slowest_convergence_ms={} run_s={:.1}",
+        "faults: kill -9 under 16 writers: cycles={cycles} acknowledged={} flag_creations={} lost={} gaps={gaps} divergent={divergent} slowest_convergence_ms={} run_s={:.1}",
+        acked.len() as u64 + other_acked.load(Ordering::Relaxed),
         acked.len(),
         lost.len(),
         slowest.as_millis(),
