@@ -51,7 +51,9 @@ pub struct Options {
 
 /// Whether the process was started as `<binary> healthcheck …`.
 pub fn requested() -> bool {
-    std::env::args_os().nth(1).is_some_and(|arg| arg == SUBCOMMAND)
+    std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == SUBCOMMAND)
 }
 
 /// Runs `<binary> healthcheck` from the process arguments on a small runtime of its own (for a
