@@ -98,7 +98,8 @@ def binary(name: str) -> Path:
 
 
 def grpcurl() -> str:
-    path = os.environ.get("FLAGSTREAM_GRPCURL") or shutil.which("grpcurl")
+    venv = ROOT / ".venv-test" / "bin" / "grpcurl"
+    path = os.environ.get("FLAGSTREAM_GRPCURL") or (str(venv) if venv.is_file() else shutil.which("grpcurl"))
     if not path:
         missing("grpcurl")
     return path

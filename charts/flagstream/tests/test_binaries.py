@@ -149,6 +149,32 @@ def make_certs(directory: Path, names: list[str]):
             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
 
 
+def backup_and_restore(directory: Path, port: int, admin: str):
+    """The README's backup and restore commands, as written, against the writer."""
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
+    (block,) = [b for b in blocks if "ExportNamespace" in b]
+    block = block.replace("localhost:50051", f"localhost:{port}")
+    backup, restore = block.split("# restore", 1)
+    env = os.environ | {"ADMIN": admin, "PATH": f"{Path(grpcurl()).parent}:{os.environ['PATH']}"}
+    if not shutil_which("jq"):
+        missing("jq")
+    sh = lambda script: subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=directory, env=env,
+                                       capture_output=True, text=True, timeout=60)
+    done = sh(backup)
+    assert done.returncode == 0, done.stderr
+    assert "new-checkout" in (directory / "production.json").read_text()
+    call = lambda method, body: subprocess.run(
+        [grpcurl(), "-plaintext", "-H", f"authorization: Bearer {admin}", "-d", body, f"localhost:{port}",
+         f"flagstream.v1.FlagAdmin/{method}"], capture_output=True, text=True, timeout=20)
+    assert call("DeleteFlag", '{"namespace": "production", "key": "new-checkout"}').returncode == 0
+    assert call("GetFlag", '{"namespace": "production", "key": "new-checkout"}').returncode != 0
+    done = sh("# restore" + restore)
+    assert done.returncode == 0, done.stderr
+    back = call("GetFlag", '{"namespace": "production", "key": "new-checkout"}')
+    assert back.returncode == 0 and '"defaultVariant": "on"' in back.stdout, back.stderr
+
+
 def shutil_which(name):
     import shutil
 
@@ -231,6 +257,10 @@ def test_the_chart_runs_the_binaries(chart, tmp_path, variant):
             dashboard = (Path(__file__).parents[1] / "files" / "dashboard.json").read_text()
             used = set(re.findall(rf"\b{c.component}_[a-z_]+", dashboard))
             assert used and used <= names, used - names
+
+        # The README's backup and restore (after the scrape: a restored flag starts new counters).
+        if variant == "plaintext":
+            backup_and_restore(tmp_path, writer.ports["grpc"], env["ADMIN"])
 
         # The writer goes away: the replica stays alive and ready, and keeps answering.
         writer.stop()
