@@ -108,11 +108,14 @@ helm.sh/chart: {{ include "flagstream.chart" .ctx }}
 
 {{/*
 A probe: native gRPC on the numeric port, or, with TLS on the serving port, the image's
-healthcheck subcommand (Kubernetes' gRPC probe speaks plain text only).
-Call with (dict "ctx" $ "binary" "flagread" "port" 50052 "service" "" "tls" .tls "serverName" "x" "probe" .probe).
+healthcheck subcommand: the kubelet's gRPC probe speaks plain text only before Kubernetes
+1.37, and never presents a client certificate (mTLS).
+Call with (dict "kubeVersion" $.Capabilities.KubeVersion.Version "binary" "flagread" "port" 50052
+"service" "" "tls" .tls "serverName" "x" "probe" .probe).
 */}}
 {{- define "flagstream.probe" -}}
-{{- if .tls.enabled }}
+{{- $mtls := and .tls.clientCA .tls.clientCA.enabled -}}
+{{- if and .tls.enabled (or $mtls (semverCompare "<1.37.0-0" .kubeVersion)) }}
 exec:
   command:
     - /usr/local/bin/{{ .binary }}
@@ -125,7 +128,7 @@ exec:
     - /etc/flagstream/tls/ca.crt
     - --tls-domain
     - {{ .serverName }}
-    {{- if and .tls.clientCA .tls.clientCA.enabled }}
+    {{- if $mtls }}
     - --tls-cert
     - /etc/flagstream/tls/tls.crt
     - --tls-key
@@ -137,6 +140,10 @@ exec:
 grpc:
   port: {{ .port }}
   service: {{ .service | quote }}
+  {{- if .tls.enabled }}
+  # Kubernetes 1.37+: the kubelet speaks TLS (without verifying the certificate).
+  mode: TLS
+  {{- end }}
 {{- end }}
 periodSeconds: {{ .probe.periodSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}

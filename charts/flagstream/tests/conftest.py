@@ -2,6 +2,7 @@
 Helm (helm-python-sdk embeds Helm v4), the value sets the tests go through, and
 where the binaries and tools are."""
 
+import json
 import os
 import shutil
 import socket
@@ -67,8 +68,18 @@ class Rendered:
         return self.one(kind, component)["spec"]["template"]["spec"]["containers"][0]
 
 
-def render(chart, values: dict | None = None, name: str = "demo", namespace: str = "flags") -> Rendered:
-    return Rendered(chart.render(values or {}, name=name, namespace=namespace))
+def render(chart, values: dict | None = None, name: str = "demo", namespace: str = "flags",
+           kube_version: str | None = None) -> Rendered:
+    """`helm template`; with kube_version, as for a cluster of that version
+    (.Capabilities.KubeVersion), an option helm-python-sdk 0.2.2 passes to Helm
+    but does not expose on Chart.render."""
+    if kube_version is None:
+        return Rendered(chart.render(values or {}, name=name, namespace=namespace))
+    from helm_python import _native
+
+    opts = {"name": name, "namespace": namespace, "kube_version": f"v{kube_version}"}
+    text = _native.call_string("helm_render", chart._raw(), json.dumps(values or {}), json.dumps(opts))
+    return Rendered(json.loads(text))
 
 
 def pod_specs(rendered: Rendered) -> list[tuple[str, dict]]:

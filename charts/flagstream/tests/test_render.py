@@ -36,9 +36,11 @@ def test_lint_strict(value_set, kube_version):
     assert not problems and not report["errors"], report
 
 
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("value_set", VALUE_SETS)
-def test_every_object_is_valid_kubernetes(chart, value_set):
-    rendered = render(chart, VALUE_SETS[value_set])
+def test_every_object_is_valid_kubernetes(chart, value_set, kube_version):
+    """Rendered for a cluster of each version, validated against that version's schemas."""
+    rendered = render(chart, VALUE_SETS[value_set], kube_version=kube_version)
     assert rendered.objects
     for obj in rendered.objects:
         what = f"{obj['kind']}/{obj['metadata']['name']}"
@@ -46,11 +48,21 @@ def test_every_object_is_valid_kubernetes(chart, value_set):
             schema = json.loads((CRD_SCHEMAS / f"{obj['kind'].lower()}.json").read_text())
             jsonschema.validate(obj, schema)
             continue
-        for version in KUBE_VERSIONS:
-            try:
-                kubernetes_validate.validate(obj, version, strict=True)
-            except kubernetes_validate.ValidationError as e:
-                pytest.fail(f"{value_set}: {what} on {version}: {e.message} at {list(e.path)}")
+        try:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{value_set}: {what} on {kube_version}: {e.message} at {list(e.path)}")
+
+
+def test_tls_probes_are_native_from_kubernetes_1_37_unless_mtls(chart):
+    values = {"flagwrite": {"tls": {"enabled": True, "secretName": "w"}},
+              "flagread": {"tls": {"enabled": True, "secretName": "r", "clientCA": {"enabled": True}}}}
+    old = render(chart, values, kube_version="1.33.0")
+    new = render(chart, values, kube_version="1.37.0")
+    assert "exec" in old.container("StatefulSet", "flagwrite")["livenessProbe"]
+    assert new.container("StatefulSet", "flagwrite")["livenessProbe"]["grpc"]["mode"] == "TLS"
+    # The kubelet never presents a client certificate: mTLS keeps the exec probe.
+    assert "exec" in new.container("Deployment", "flagread")["livenessProbe"]
 
 
 def test_crd_schemas_catch_mistakes(chart):
