@@ -49,7 +49,10 @@ for bin in flagwrite flagread; do
 done
 # The shared libraries and the loader, each at the path the binaries name
 # (copied through symlinks).
-for lib in $(ldd target/release/flagwrite target/release/flagread | grep -o '/[^ ]*' | sort -u); do
+libs=$(for bin in flagwrite flagread; do
+  ldd "target/release/$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
+done | sort -u)
+for lib in $libs; do
   mkdir -p "$root$(dirname "$lib")"
   cp -L "$lib" "$root$lib"
   chmod 0755 "$root$lib"
