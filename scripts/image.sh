@@ -6,6 +6,7 @@
 #   scripts/image.sh                      # build (and the release binaries if needed)
 #   scripts/image.sh --oci-archive out.tar  # and write an OCI archive
 #   IMAGE_SKIP_CARGO=1 scripts/image.sh   # use target/release as it is
+#   IMAGE_PROFILE=debug scripts/image.sh  # the debug binaries (tests only)
 #
 # Needs buildah (Debian package `buildah`); runs with vfs storage and chroot
 # isolation, so it works as root without a daemon, overlay or user
@@ -17,7 +18,7 @@ archive=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --oci-archive) archive="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "image.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -33,8 +34,14 @@ created=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
 image="localhost/flagstream:$version"
 buildah=(buildah --storage-driver vfs)
 
+profile=${IMAGE_PROFILE:-release}
+case "$profile" in
+  release) cargo_profile=(--release) ;;
+  debug) cargo_profile=() ;;
+  *) echo "image.sh: IMAGE_PROFILE is release or debug" >&2; exit 2 ;;
+esac
 if [ -z "${IMAGE_SKIP_CARGO:-}" ]; then
-  cargo build --release --locked -p flagwrite -p flagread
+  cargo build "${cargo_profile[@]}" --locked -p flagwrite -p flagread
 fi
 
 stage=$(mktemp -d)
@@ -44,13 +51,13 @@ mkdir -p "$root/usr/local/bin" "$root/etc/ssl/certs" "$root/tmp"
 chmod 1777 "$root/tmp"
 for bin in flagwrite flagread; do
   # Debug line tables stay in target/; the image gets the code and symbols.
-  objcopy --strip-debug "target/release/$bin" "$root/usr/local/bin/$bin"
+  objcopy --strip-debug "target/$profile/$bin" "$root/usr/local/bin/$bin"
   chmod 0755 "$root/usr/local/bin/$bin"
 done
 # The shared libraries and the loader, each at the path the binaries name
 # (copied through symlinks).
 libs=$(for bin in flagwrite flagread; do
-  ldd "target/release/$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
+  ldd "target/$profile/$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
 done | sort -u)
 for lib in $libs; do
   mkdir -p "$root$(dirname "$lib")"

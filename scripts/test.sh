@@ -8,7 +8,8 @@
 # `buildah`, installed by .ci/run) and are skipped without it outside CI.
 #
 # Arguments go to `cargo test`. FLAGSTREAM_SKIP_CHART_TESTS=1 runs only the
-# cargo tests.
+# cargo tests; FLAGSTREAM_CHART_PROFILE=debug runs the chart and image tests
+# on the debug binaries instead of a release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,12 +31,14 @@ status=0
 cargo test --workspace "$@" || status=$?
 
 if [ -z "${FLAGSTREAM_SKIP_CHART_TESTS:-}" ]; then
-  # One release build serves the chart tests (which run the binaries as the
-  # rendered manifests say) and the image (scripts/image.sh reuses it).
-  echo "==> release build for the chart and image tests"
-  if cargo build --release --locked -p flagwrite -p flagread; then
-    FLAGSTREAM_BIN_DIR="$PWD/target/release" "$venv/bin/python" -m pytest -p no:cacheprovider \
-      charts/flagstream/tests || status=$?
+  # One build serves the chart tests (which run the binaries as the rendered
+  # manifests say) and the image (scripts/image.sh reuses it): release, or
+  # with FLAGSTREAM_CHART_PROFILE=debug the debug binaries cargo test built.
+  profile=${FLAGSTREAM_CHART_PROFILE:-release}
+  echo "==> $profile build for the chart and image tests"
+  if cargo build $([ "$profile" = release ] && echo --release) --locked -p flagwrite -p flagread; then
+    FLAGSTREAM_BIN_DIR="$PWD/target/$profile" IMAGE_PROFILE="$profile" \
+      "$venv/bin/python" -m pytest -p no:cacheprovider charts/flagstream/tests || status=$?
   else
     status=1
   fi

@@ -24,8 +24,9 @@ def buildah(*args, **kw) -> str:
 
 def build(archive=None) -> str:
     env = os.environ.copy()
-    # The release binaries the rest of the suite uses (scripts/test.sh builds them once).
-    if (ROOT / "target" / "release" / "flagread").is_file() and (ROOT / "target" / "release" / "flagwrite").is_file():
+    # The binaries the rest of the suite uses (scripts/test.sh builds them once).
+    built = ROOT / "target" / env.get("IMAGE_PROFILE", "release")
+    if (built / "flagread").is_file() and (built / "flagwrite").is_file():
         env.setdefault("IMAGE_SKIP_CARGO", "1")
     args = [str(ROOT / "scripts" / "image.sh")] + (["--oci-archive", str(archive)] if archive else [])
     done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
