@@ -43,11 +43,11 @@ def health(port: int, service: str, timeout: float, creds=None, server_name=None
 class Container:
     """A rendered container run as a local process."""
 
-    def __init__(self, rendered, kind, component, root: Path, secrets: dict, services: set[str]):
+    def __init__(self, rendered, kind, component, root: Path, secrets: dict, services: set[str], container=0):
         obj = rendered.one(kind, component)
-        self.pod = obj["spec"]["template"]["spec"]
-        self.spec = self.pod["containers"][0]
-        self.root = root / component
+        self.pod = obj["spec"] if kind == "Pod" else obj["spec"]["template"]["spec"]
+        self.spec = self.pod["containers"][container]
+        self.root = root / f"{component}-{self.spec['name']}"
         self.services = services
         self.component = component
         self.mounts = {m["mountPath"]: m["name"] for m in self.spec.get("volumeMounts", [])}
@@ -62,14 +62,14 @@ class Container:
                 for item in items:
                     (target / item["path"]).write_text(data[item["key"]])
         self.env = {}
-        for e in self.spec["env"]:
+        for e in self.spec.get("env", []):
             if "value" in e:
                 self.env[e["name"]] = self.rewrite(e["value"])
             else:
                 ref = e["valueFrom"]["secretKeyRef"]
                 self.env[e["name"]] = secrets[ref["name"]][ref["key"]]
-        self.ports = {p["name"]: p["containerPort"] for p in self.spec["ports"]}
-        self.grace = self.pod["terminationGracePeriodSeconds"]
+        self.ports = {p["name"]: p["containerPort"] for p in self.spec.get("ports", [])}
+        self.grace = self.pod.get("terminationGracePeriodSeconds", 30)
         self.process = None
         self.log = root / f"{component}.log"
 
@@ -83,7 +83,7 @@ class Container:
                 return str(self.local(mount)) + value[len(mount):]
         value = value.replace("0.0.0.0:", "127.0.0.1:")
         for name in self.services:
-            value = re.sub(rf"(://){re.escape(name)}(:)", r"\g<1>127.0.0.1\2", value)
+            value = re.sub(rf"(^|://){re.escape(name)}(:)", r"\g<1>127.0.0.1\2", value)
         return value
 
     def argv(self, command: list[str]) -> list[str]:
@@ -227,6 +227,12 @@ def test_the_chart_runs_the_binaries(chart, tmp_path, variant):
         wait_for(lambda: writer.probe("startupProbe"), 30, "the writer's startup probe")
         assert writer.probe("readinessProbe") and writer.probe("livenessProbe")
         wait_for(lambda: reader.probe("readinessProbe"), 15, "the replica to become ready after its first sync")
+
+        # `helm test`: the test pod's containers, run as written, exit 0.
+        for index in range(2):
+            test = Container(rendered, "Pod", "test", tmp_path, secrets, services, container=index)
+            done = subprocess.run(test.argv(test.spec["command"]), capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0 and done.stdout.strip() == "SERVING", (test.spec["command"], done.stderr)
 
         # NOTES.txt, followed as written (the port-forwards are the local ports).
         commands = [line.strip() for line in rendered.notes.splitlines() if line.strip().startswith("grpcurl ")]

@@ -343,7 +343,9 @@ def test_network_policy_lets_only_replicas_and_admins_reach_the_writer(chart):
     grpc_rule, metrics_rule = writer["spec"]["ingress"]
     assert grpc_rule["ports"] == [{"port": 50051, "protocol": "TCP"}]
     assert grpc_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "flagread"
-    assert grpc_rule["from"][1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "flag-admins"}
+    test_pod = rendered.one("Pod")["metadata"]["labels"]
+    assert all(test_pod[k] == v for k, v in grpc_rule["from"][1]["podSelector"]["matchLabels"].items())
+    assert grpc_rule["from"][2]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "flag-admins"}
     assert metrics_rule["ports"] == [{"port": 9091, "protocol": "TCP"}]
 
 
