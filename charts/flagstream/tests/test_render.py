@@ -408,3 +408,31 @@ def test_values_table_in_the_chart_readme_is_current():
         "charts/flagstream/README.md's values table is stale: run "
         ".venv-test/bin/python charts/flagstream/tests/values_table.py --write"
     )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"auth": {"devNoAuth": True}}, {"flagwrite": {"persistence": {"enabled": False}}}, {"serviceAccount": {"create": False}}],
+)
+def test_other_value_combinations_render_valid_objects(chart, values):
+    rendered = render(chart, values)
+    for obj in rendered.objects:
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+    if values.get("auth", {}).get("devNoAuth"):
+        assert not rendered.all("Secret")
+        env = {e["name"]: e.get("value") for e in rendered.container("Deployment", "flagread")["env"]}
+        assert env["FLAGREAD_DEV_NO_AUTH"] == "true" and "FLAGREAD_TOKENS_FILE" not in env
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}, "enable one"),
+        ({"flagread": {"tls": {"enabled": True}}}, "flagread.tls.enabled needs flagread.tls.secretName"),
+        ({"flagwrite": {"tls": {"enabled": True}}}, "flagwrite.tls.enabled needs flagwrite.tls.secretName"),
+        ({"flagread": {"tls": {"clientCA": {"enabled": True}}}}, "flagread.tls.clientCA.enabled needs flagread.tls.enabled"),
+    ],
+)
+def test_contradictory_values_fail_with_a_message(chart, values, message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(chart, values)
