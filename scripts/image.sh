@@ -84,6 +84,7 @@ chmod 0644 "$root"/etc/nsswitch.conf "$root"/etc/passwd "$root"/etc/group "$root
 chown -R 0:0 "$root"
 find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
+previous=$("${buildah[@]}" images --no-trunc --format '{{.ID}}' "$image" 2>/dev/null | head -1 || true)
 "${buildah[@]}" build --quiet --isolation chroot --pull=never --layers=false --format oci \
   --timestamp "$SOURCE_DATE_EPOCH" \
   --build-arg VERSION="$version" --build-arg REVISION="$revision" \
@@ -92,6 +93,11 @@ find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 id=$("${buildah[@]}" images --no-trunc --format '{{.ID}}' "$image" | head -1)
 size=$("${buildah[@]}" images --format '{{.Size}}' "$image" | head -1)
 echo "image.sh: $image $id ($size)" >&2
+# The image this tag named before, now untagged, is dropped so rebuilds do
+# not pile up in the storage.
+if [ -n "$previous" ] && [ "$previous" != "$id" ]; then
+  "${buildah[@]}" rmi "$previous" >/dev/null 2>&1 || true
+fi
 if [ -n "$archive" ]; then
   rm -f "$archive"
   "${buildah[@]}" push --quiet "$image" "oci-archive:$archive:$image"
