@@ -349,6 +349,10 @@ pub async fn run_with(
         ));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Liveness: SERVING for as long as the process runs, whether or not it holds a state.
+    health
+        .set_service_status(kit::healthcheck::LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
     tasks.spawn(report_health(
         health,
         state.clone(),
