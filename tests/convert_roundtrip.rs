@@ -380,14 +380,14 @@ fn structural_errors_name_the_field() {
     check(
         |f| {
             let mut deep = json_number(1.0);
-            for _ in 0..33 {
+            for _ in 0..32 {
                 deep = json_list(vec![deep]);
             }
             f.variants[0].value = typed(Kind::JsonValue(deep));
         },
         &format!(
-            "variants[0].value.json_value{}: JSON nested deeper than 32 levels",
-            "[0]".repeat(32)
+            "variants[0].value.json_value{}: JSON nested deeper than 31 levels",
+            "[0]".repeat(31)
         ),
     );
     check(|f| f.rules[1].serve = None, "rules[1].serve: required");
@@ -419,7 +419,7 @@ fn structural_errors_name_the_field() {
 #[test]
 fn json_nested_to_the_limit_is_accepted() {
     let mut deep = json_number(1.0);
-    for _ in 0..32 {
+    for _ in 0..flagstream::validate::MAX_JSON_DEPTH {
         deep = json_list(vec![deep]);
     }
     let value = Value::try_from(pb::TypedValue {

@@ -408,10 +408,10 @@ fn variants() {
         }
         fx.flag.variants[2].value = nested(levels);
     };
-    check(|fx| json_flag(fx, 32), ACCEPTED);
+    check(|fx| json_flag(fx, 31), ACCEPTED);
     check(
-        |fx| json_flag(fx, 33),
-        "variants[2].value.json_value: JSON nested deeper than 32 levels",
+        |fx| json_flag(fx, 32),
+        "variants[2].value.json_value: JSON nested deeper than 31 levels",
     );
 }
 

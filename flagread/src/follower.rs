@@ -65,6 +65,11 @@ pub struct SyncStatus {
     resyncs: AtomicU64,
     /// Snapshots received and applied; a resumed subscription adds none.
     snapshots: AtomicU64,
+    /// The revision the writer sent that this replica cannot decode or apply (0: none). While it
+    /// is set the replica serves the revision before it and cannot catch up by itself: logged as
+    /// an error on every attempt, exported as a metric, and reported on the `flagread.sync`
+    /// health service.
+    stuck: watch::Sender<u64>,
 }
 
 /// Why a subscription ended.
@@ -124,7 +129,18 @@ impl SyncStatus {
             subscriptions: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
+            stuck: watch::channel(0).0,
         }
+    }
+
+    /// The revision this replica cannot apply; 0 when none.
+    pub fn stuck(&self) -> u64 {
+        *self.stuck.borrow()
+    }
+
+    /// Follows [`SyncStatus::stuck`].
+    pub fn subscribe_stuck(&self) -> watch::Receiver<u64> {
+        self.stuck.subscribe()
     }
 
     /// Seconds since the writer was last heard from; `None` if it never was.
@@ -162,6 +178,12 @@ impl SyncStatus {
         self.snapshots.load(Ordering::Relaxed)
     }
 
+    /// Something was applied: nothing is stuck.
+    fn applied(&self) {
+        self.stuck
+            .send_if_modified(|stuck| std::mem::take(stuck) != 0);
+    }
+
     fn heard(&self, head: u64) {
         let ms = Instant::now()
             .saturating_duration_since(self.base)
@@ -197,6 +219,15 @@ pub async fn follow(
         }
         failures += 1;
         let delay = upstream.backoff.delay(failures);
+        if let Some(revision) = unappliable(&result, state.revision()) {
+            status.stuck.send_replace(revision);
+            tracing::error!(
+                error = %result,
+                revision,
+                applied = state.revision(),
+                "cannot apply this revision from the writer: serving the revision before it; this replica cannot catch up until the writer sends something it can decode"
+            );
+        }
         match &result {
             FollowError::Apply(_) | FollowError::Protocol(_) | FollowError::Wire(_) => {
                 status.resyncs.fetch_add(1, Ordering::Relaxed);
@@ -223,6 +254,22 @@ pub async fn follow(
     }
     status.connected.store(false, Ordering::Relaxed);
     tracing::debug!("follower stopped");
+}
+
+/// The revision a failed subscription could not apply, if that is why it failed: an object that
+/// does not convert into the model, or a message the client could not decode (the one after the
+/// applied revision, since nothing of it was applied).
+fn unappliable(error: &FollowError, applied: u64) -> Option<u64> {
+    match error {
+        FollowError::Wire(WireError::Convert { revision, .. }) => Some(*revision),
+        FollowError::Stream(status)
+            if status.code() == tonic::Code::Internal
+                && status.message().contains("failed to decode") =>
+        {
+            Some(applied + 1)
+        }
+        _ => None,
+    }
 }
 
 /// One subscription: opens the stream from the applied revision and applies what arrives until
@@ -294,6 +341,7 @@ async fn subscribe(
                     ));
                 }
                 status.snapshots.fetch_add(1, Ordering::Relaxed);
+                status.applied();
                 *progressed = true;
                 tracing::info!(revision, flags, "snapshot applied");
             }
@@ -347,6 +395,7 @@ fn handle(
             }
             let revision = change.revision;
             state.apply_change(wire::change(change)?)?;
+            status.applied();
             *progressed = true;
             tracing::debug!(revision, "change applied");
         }

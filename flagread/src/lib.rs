@@ -349,7 +349,16 @@ pub async fn run_with(
         ));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
-    tasks.spawn(report_health(health, state.clone(), stopped.clone()));
+    // Liveness: SERVING for as long as the process runs, whether or not it holds a state.
+    health
+        .set_service_status(kit::healthcheck::LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
+    tasks.spawn(report_health(
+        health,
+        state.clone(),
+        status.clone(),
+        stopped.clone(),
+    ));
     let render = metrics::renderer(state.clone(), status.clone(), metrics.clone());
     let mut metrics_stop = stopped.clone();
     tasks.spawn(kit::metrics::serve(metrics_listener, render, async move {
@@ -434,15 +443,23 @@ pub async fn run_with(
     Ok(())
 }
 
+/// The health service that reports whether the replica can apply what the writer sends:
+/// NOT_SERVING while a revision cannot be applied (see [`SyncStatus::stuck`]), although the
+/// replica still serves the revision before it.
+pub const SYNC_HEALTH: &str = "flagread.sync";
+
 /// Reports NOT_SERVING until a full state is held, then SERVING; NOT_SERVING again at shutdown.
+/// [`SYNC_HEALTH`] follows whether a revision is stuck.
 ///
 /// Exit: when the shutdown channel closes.
 async fn report_health(
     health: tonic_health::server::HealthReporter,
     state: Arc<State>,
+    sync: Arc<SyncStatus>,
     mut stopped: watch::Receiver<()>,
 ) {
     let mut ready = state.subscribe_ready();
+    let mut stuck = sync.subscribe_stuck();
     loop {
         let status = if *ready.borrow_and_update() {
             ServingStatus::Serving
@@ -450,12 +467,22 @@ async fn report_health(
             ServingStatus::NotServing
         };
         set_health(&health, status).await;
+        let applying = if *stuck.borrow_and_update() == 0 {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health.set_service_status(SYNC_HEALTH, applying).await;
         tokio::select! {
             changed = ready.changed() => if changed.is_err() { break },
+            changed = stuck.changed() => if changed.is_err() { break },
             _ = stopped.changed() => break,
         }
     }
     set_health(&health, ServingStatus::NotServing).await;
+    health
+        .set_service_status(SYNC_HEALTH, ServingStatus::NotServing)
+        .await;
 }
 
 /// Whether a snapshot file can be the state of a replica serving `filter` (`None` = all): it

@@ -10,6 +10,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if flagstream::kit::healthcheck::requested() {
+        return flagstream::kit::healthcheck::main("flagread").await;
+    }
     let config = flagread::Config::from_args();
     flagstream::kit::telemetry::init(config.log_format);
     if let Err(error) = config.check() {

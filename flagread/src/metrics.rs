@@ -64,6 +64,11 @@ pub fn render(state: &State, status: &SyncStatus, metrics: &Metrics) -> String {
         status.staleness().map_or(-1, |s| s.as_secs() as i64),
     );
     text.gauge(
+        "flagread_stuck_revision",
+        "A revision from the writer this replica cannot decode or apply (0: none); it serves the one before.",
+        status.stuck() as i64,
+    );
+    text.gauge(
         "flagread_connected",
         "1 while subscribed to the writer.",
         i64::from(status.connected()),

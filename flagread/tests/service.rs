@@ -54,6 +54,10 @@ impl Replica {
     }
 
     async fn health(&self) -> ServingStatus {
+        self.health_of("flagstream.v1.FlagEval").await
+    }
+
+    async fn health_of(&self, service: &str) -> ServingStatus {
         let channel = Channel::from_shared(self.url.clone())
             .unwrap()
             .connect()
@@ -61,7 +65,7 @@ impl Replica {
             .unwrap();
         let mut health = HealthClient::new(channel);
         let request = tonic_health::pb::HealthCheckRequest {
-            service: "flagstream.v1.FlagEval".into(),
+            service: service.into(),
         };
         ServingStatus::try_from(health.check(request).await.unwrap().into_inner().status).unwrap()
     }
@@ -794,6 +798,51 @@ async fn a_resubscription_presents_the_history_position_held() {
     let again = fake.next().await;
     assert_eq!(again.request.from_revision, 6);
     assert_eq!(again.request.chain, support::chain(6));
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_the_replica_cannot_apply_is_reported_loudly_and_clears_when_applied() {
+    let mut fake = FakeUpstream::start().await;
+    let config = Config::local(fake.url.clone());
+    let (replica, sub) = serving(&mut fake, config).await;
+    assert_eq!(
+        replica.health_of(flagread::SYNC_HEALTH).await,
+        ServingStatus::Serving
+    );
+    // A flag this replica cannot convert (no such flag type) as revision 6.
+    let mut bad = pb::Flag::from(flag("prod", "bad", 6));
+    bad.r#type = 99;
+    sub.send([message(pb::sync_message::Kind::Change(pb::Change {
+        revision: 6,
+        deltas: vec![pb::Delta {
+            kind: Some(pb::delta::Kind::PutFlag(bad)),
+        }],
+        chain: chain(6),
+        time: None,
+    }))])
+    .await;
+    eventually("the stuck revision", || replica.handles.status.stuck() == 6).await;
+    // It still serves revision 5, and says which revision it cannot apply.
+    assert_eq!(replica.health().await, ServingStatus::Serving);
+    assert_eq!(
+        replica.health_of(flagread::SYNC_HEALTH).await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(replica.handles.state.revision(), 5);
+    let metrics = scrape(replica.handles.metrics_listen).await;
+    assert!(metrics.contains("flagread_stuck_revision 6"), "{metrics}");
+
+    // Once the writer sends something it can apply, the report clears.
+    let again = fake.next().await;
+    assert_eq!(again.request.from_revision, 5);
+    again.send([put(6, vec![flag("prod", "good", 6)])]).await;
+    eventually("the change", || replica.handles.state.revision() == 6).await;
+    eventually("the report cleared", || replica.handles.status.stuck() == 0).await;
+    assert_eq!(
+        replica.health_of(flagread::SYNC_HEALTH).await,
+        ServingStatus::Serving
+    );
     replica.stop().await;
 }
 

@@ -235,6 +235,12 @@ pub async fn run(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    health
+        .set_service_status(
+            flagstream::kit::healthcheck::LIVENESS_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
     let (reflection_v1, reflection_v1alpha) = flagstream::kit::grpc::reflection_for(&[
         "flagstream.v1.FlagAdmin",
         "flagstream.v1.Replication",

@@ -4,6 +4,9 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    if flagstream::kit::healthcheck::requested() {
+        return flagstream::kit::healthcheck::main_blocking("flagwrite");
+    }
     let config = match flagwrite::Config::try_parse() {
         Ok(config) => config,
         Err(e)

@@ -456,15 +456,19 @@ impl Store {
         }
     }
 
-    /// Makes every commit so far durable: writes sled's buffers, fsyncs
-    /// every blob file written since the last flush and then `blobs/`, and
-    /// last the log file, so a durable log never points at a lost blob. One
-    /// round of syncs covers every commit before it (group commit). Blocks:
-    /// call it from the writer thread or `spawn_blocking`, and only while
-    /// no commit runs.
+    /// Makes every commit so far durable: fsyncs every blob file written
+    /// since the last flush and then `blobs/`, then writes sled's buffers
+    /// and `fdatasync`s the log file. Blobs first: sled writes a blob when
+    /// it commits, but the log record that points at it only when its buffer
+    /// is written, so syncing blobs before that write keeps a log that
+    /// reached the disk from pointing at a blob that did not (recovery would
+    /// skip the pointer and tear the transaction). One round of syncs covers
+    /// every commit before it (group commit). Blocks: call it from the
+    /// writer thread or `spawn_blocking`, and only while no commit runs.
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.inner.disk.sync_blobs()?;
         self.inner.db.flush()?;
-        self.inner.disk.sync()
+        self.inner.disk.sync_log()
     }
 
     /// Removes change-log records so at most `retain` remain, recording the
@@ -558,6 +562,12 @@ impl Disk {
 
     /// Fsyncs new blob files, then `blobs/` if any appeared, then the log.
     fn sync(&self) -> Result<(), StoreError> {
+        self.sync_blobs()?;
+        self.sync_log()
+    }
+
+    /// Fsyncs the blob files not synced yet, then `blobs/` if any appeared.
+    fn sync_blobs(&self) -> Result<(), StoreError> {
         let mut synced = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
         let mut present = HashSet::with_capacity(synced.len());
         let mut new = false;
@@ -587,7 +597,11 @@ impl Disk {
         // Names sled has removed are forgotten, so the set stays as small
         // as the directory.
         *synced = present;
-        drop(synced);
+        Ok(())
+    }
+
+    /// `fdatasync`s the log file.
+    fn sync_log(&self) -> Result<(), StoreError> {
         self.log.sync_data().map_err(|source| StoreError::Sync {
             what: "fdatasync of the log file".into(),
             source,

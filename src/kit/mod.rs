@@ -12,10 +12,14 @@
 //! - [`grpc`]: TLS configuration and server reflection (v1 and v1alpha).
 //! - [`coalesce`]: a TCP connection wrapper that gathers an HTTP/2 server's
 //!   writes of a large answer into one (flagread serves through it).
+//! - [`healthcheck`]: the `healthcheck` subcommand of both binaries (one
+//!   `grpc.health.v1.Health/Check` call, for exec probes) and the liveness
+//!   health service name.
 
 pub mod auth;
 pub mod coalesce;
 pub mod grpc;
+pub mod healthcheck;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,0 +1,438 @@
+"""The chart through the real Helm: strict lint, rendering with every value set,
+Kubernetes schemas for every object on every supported version, our own schemas
+for the prometheus-operator objects, and template assertions in the style of
+helm-unittest."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import CHART, CRATE_VERSION, ROOT, VALUE_SETS, binary, pod_specs, render
+
+KUBE_VERSIONS = sorted({"1.27.0", "1.30.0", "1.33.0", kubernetes_validate.utils.latest_version()})
+CRD_SCHEMAS = Path(__file__).parent / "crd-schemas"
+FIXED_TOKENS = {"auth": {"tokens": {"admin": "a" * 20, "sync": "s" * 20, "eval": "e" * 20}}}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_lint_strict(value_set, kube_version):
+    report = helm.lint(CHART, VALUE_SETS[value_set], strict=True, kube_version=f"v{kube_version}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_object_is_valid_kubernetes(chart, value_set, kube_version):
+    """Rendered for a cluster of each version, validated against that version's schemas."""
+    rendered = render(chart, VALUE_SETS[value_set], kube_version=kube_version)
+    assert rendered.objects
+    for obj in rendered.objects:
+        what = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            schema = json.loads((CRD_SCHEMAS / f"{obj['kind'].lower()}.json").read_text())
+            jsonschema.validate(obj, schema)
+            continue
+        try:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{value_set}: {what} on {kube_version}: {e.message} at {list(e.path)}")
+
+
+def test_tls_probes_are_native_from_kubernetes_1_37_unless_mtls(chart):
+    values = {"flagwrite": {"tls": {"enabled": True, "secretName": "w"}},
+              "flagread": {"tls": {"enabled": True, "secretName": "r", "clientCA": {"enabled": True}}}}
+    old = render(chart, values, kube_version="1.33.0")
+    new = render(chart, values, kube_version="1.37.0")
+    assert "exec" in old.container("StatefulSet", "flagwrite")["livenessProbe"]
+    assert new.container("StatefulSet", "flagwrite")["livenessProbe"]["grpc"]["mode"] == "TLS"
+    # The kubelet never presents a client certificate: mTLS keeps the exec probe.
+    assert "exec" in new.container("Deployment", "flagread")["livenessProbe"]
+
+
+def test_crd_schemas_catch_mistakes(chart):
+    rendered = render(chart, VALUE_SETS["monitoring"])
+    rule = rendered.one("PrometheusRule")
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(rule, json.loads((CRD_SCHEMAS / "prometheusrule.json").read_text()))
+    monitor = rendered.all("ServiceMonitor")[0]
+    monitor["spec"]["endpoints"][0]["prot"] = "metrics"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(monitor, json.loads((CRD_SCHEMAS / "servicemonitor.json").read_text()))
+
+
+def test_chart_versions_follow_the_crate(chart):
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert meta["appVersion"] == CRATE_VERSION
+    assert meta["apiVersion"] == "v2"
+    assert meta["kubeVersion"] == ">=1.27.0-0"
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_writer_is_one_statefulset_pod_with_its_volume(chart, value_set):
+    values = VALUE_SETS[value_set]
+    rendered = render(chart, values)
+    sts = rendered.one("StatefulSet", "flagwrite")
+    assert sts["spec"]["replicas"] == 1
+    assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
+    assert sts["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in rendered.all("Service") if s["spec"].get("clusterIP") == "None"}
+    mounts = {m["name"]: m["mountPath"] for m in rendered.container("StatefulSet", "flagwrite")["volumeMounts"]}
+    assert mounts["data"] == "/data"
+    claim = values.get("flagwrite", {}).get("persistence", {}).get("existingClaim")
+    if claim:
+        volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["data"]["persistentVolumeClaim"]["claimName"] == claim
+        assert "volumeClaimTemplates" not in sts["spec"]
+    else:
+        (template,) = sts["spec"]["volumeClaimTemplates"]
+        assert template["metadata"]["name"] == "data"
+        assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]
+    assert not [p for p in rendered.all("PodDisruptionBudget") if "flagwrite" in json.dumps(p["spec"]["selector"])]
+
+
+def test_writer_replicas_cannot_be_set(chart):
+    with pytest.raises(helm.HelmValuesError, match="additional properties 'replicaCount' not allowed"):
+        chart.validate_schema({"flagwrite": {"replicaCount": 2}})
+
+
+def test_hpa_on_leaves_replicas_out_and_off_sets_them(chart):
+    on = render(chart)
+    assert "replicas" not in on.one("Deployment", "flagread")["spec"]
+    hpa = on.one("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == on.one("Deployment", "flagread")["metadata"]["name"]
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    off = render(chart, {"flagread": {"autoscaling": {"enabled": False}, "replicaCount": 4}})
+    assert off.one("Deployment", "flagread")["spec"]["replicas"] == 4
+    assert not off.all("HorizontalPodAutoscaler")
+
+
+def test_image_tag_defaults_to_app_version(chart):
+    image = render(chart).container("Deployment", "flagread")["image"]
+    assert image == f"localhost/flagstream:{CRATE_VERSION}"
+    assert render(chart, {"image": {"tag": "9.9.9"}}).container("StatefulSet", "flagwrite")["image"].endswith(":9.9.9")
+    digest = "sha256:" + "0" * 64
+    assert render(chart, {"image": {"digest": digest}}).container("Deployment", "flagread")["image"].endswith("@" + digest)
+
+
+def checksums(rendered) -> set[str]:
+    return {
+        o["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        for o in rendered.objects
+        if o["kind"] in ("Deployment", "StatefulSet")
+    }
+
+
+def test_changing_the_tokens_changes_the_checksum(chart):
+    first = checksums(render(chart, FIXED_TOKENS))
+    assert len(first) == 1
+    assert checksums(render(chart, FIXED_TOKENS)) == first
+    other = merge(FIXED_TOKENS, {"auth": {"tokens": {"eval": "x" * 20}}})
+    assert checksums(render(chart, other)) != first
+    extra = merge(FIXED_TOKENS, {"auth": {"extraFlagreadTokens": [{"name": "web", "scopes": "eval", "secret": "w" * 20}]}})
+    assert checksums(render(chart, extra)) != first
+
+
+def test_generated_tokens_are_the_same_in_the_secret_and_the_checksum(chart):
+    rendered = render(chart)
+    secret = rendered.one("Secret")["stringData"]
+    assert len(secret["admin-token"]) >= 16
+    assert f"admin admin {secret['admin-token']}" in secret["flagwrite-tokens"]
+    assert f"flagread sync {secret['sync-token']}" in secret["flagwrite-tokens"]
+    assert f"eval eval {secret['eval-token']}" in secret["flagread-tokens"]
+    assert rendered.one("Secret")["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # The same tokens given as values give the same checksum: the generated
+    # ones were hashed, not a second random draw.
+    given = {"auth": {"tokens": {"admin": secret["admin-token"], "sync": secret["sync-token"], "eval": secret["eval-token"]}}}
+    assert checksums(render(chart, given)) == checksums(rendered)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"flagread": {"replicaCount": 0}}, "at '/flagread/replicaCount': minimum: got 0, want 1"),
+        ({"flagread": {"ports": {"grpc": 70000}}}, "at '/flagread/ports/grpc': maximum: got 70,000, want 65,535"),
+        ({"flagwrite": {"ports": {"metrics": 0}}}, "at '/flagwrite/ports/metrics': minimum: got 0, want 1"),
+        ({"flagraed": {}}, "additional properties 'flagraed' not allowed"),
+        ({"flagread": {"config": {"drainSecs": 5}}}, "at '/flagread/config': additional properties 'drainSecs' not allowed"),
+        ({"flagwrite": {"config": {"logFormat": "xml"}}}, "at '/flagwrite/config/logFormat': value must be one of 'text', 'json'"),
+        ({"auth": {"tokens": {"admin": "short"}}}, "at '/auth/tokens/admin'"),
+        ({"flagread": {"autoscaling": {"minReplicas": "two"}}}, "at '/flagread/autoscaling/minReplicas': got string, want integer"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy': value must be one of"),
+    ],
+)
+def test_schema_rejects_bad_values_naming_them(chart, values, message):
+    with pytest.raises(helm.HelmValuesError) as error:
+        chart.validate_schema(values)
+    assert message in str(error.value)
+
+
+def test_schema_is_strict_for_own_keys_and_open_for_kubernetes_objects():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    open_keys = {"resources", "affinity", "behavior", "podSecurityContext", "containerSecurityContext",
+                 "podAnnotations", "podLabels", "nodeSelector"}
+
+    def walk(node, path):
+        if node.get("type") == "object" and "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path} is not strict"
+            for key, child in node["properties"].items():
+                assert child.get("description"), f"{path}.{key} has no description"
+                walk(child, f"{path}.{key}")
+        elif node.get("type") == "object":
+            assert path.rsplit(".", 1)[-1] in open_keys | {"annotations", "labels", "commonLabels", "commonAnnotations"}, path
+
+    walk(schema, "")
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_pod_meets_the_restricted_pod_security_standard(chart, value_set):
+    rendered = render(chart, VALUE_SETS[value_set])
+    specs = pod_specs(rendered)
+    assert len(specs) == 3  # writer, replicas, helm test
+    for name, spec in specs:
+        pod_sc = spec.get("securityContext", {})
+        assert spec["automountServiceAccountToken"] is False, name
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), name
+        for volume in spec.get("volumes", []):
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, f"{name}: volume {volume}"
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            where = f"{name}/{c['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sc.get("capabilities", {}).get("add"), where
+            assert (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))) is True, where
+            assert sc.get("runAsUser", pod_sc.get("runAsUser")) == 65532, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert not sc.get("privileged"), where
+            seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+            assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), where
+            assert not [p for p in c.get("ports", []) if p.get("hostPort")], where
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_probes_point_at_real_ports(chart, value_set):
+    rendered = render(chart, VALUE_SETS[value_set])
+    for kind, component in (("StatefulSet", "flagwrite"), ("Deployment", "flagread")):
+        c = rendered.container(kind, component)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        prefix = component.upper()
+        assert env[f"{prefix}_LISTEN"] == f"0.0.0.0:{ports['grpc']}"
+        assert env[f"{prefix}_METRICS_LISTEN"] == f"0.0.0.0:{ports['metrics']}"
+        tls = VALUE_SETS[value_set].get(component, {}).get("tls", {}).get("enabled", False)
+        for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = c[probe_name]
+            if tls:
+                command = probe["exec"]["command"]
+                assert command[:2] == [f"/usr/local/bin/{component}", "healthcheck"]
+                assert command[command.index("--addr") + 1] == f"127.0.0.1:{ports['grpc']}"
+                assert "--tls-ca" in command
+            else:
+                assert probe["grpc"]["port"] == ports["grpc"]
+                assert isinstance(probe["grpc"]["port"], int)
+        services = lambda p: p.get("grpc", {}).get("service") if "grpc" in p else p["exec"]["command"][p["exec"]["command"].index("--service") + 1]
+        assert services(c["livenessProbe"]) == "flagstream.liveness"
+        assert services(c["startupProbe"]) == "flagstream.liveness"
+        assert services(c["readinessProbe"]) == ""
+        grace = rendered.one(kind, component)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        drain = int(env["FLAGWRITE_SHUTDOWN_GRACE_SECS" if component == "flagwrite" else "FLAGREAD_DRAIN_S"])
+        assert grace > 2 * drain
+        for svc in rendered.all("Service"):
+            if svc["metadata"]["labels"]["app.kubernetes.io/component"] == component:
+                for p in svc["spec"]["ports"]:
+                    assert p["targetPort"] in ports
+
+
+def test_replica_startup_has_room_for_a_cold_start(chart):
+    c = render(chart).container("Deployment", "flagread")
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+def test_secrets_are_mounted_as_volumes_not_subpaths(chart):
+    for value_set in VALUE_SETS.values():
+        rendered = render(chart, value_set)
+        for _, spec in pod_specs(rendered):
+            for c in spec["containers"]:
+                for m in c.get("volumeMounts", []):
+                    assert "subPath" not in m, m
+
+
+def test_tls_values_use_exec_probes_and_the_upstream_ca_only(chart):
+    rendered = render(chart, VALUE_SETS["tls"])
+    reader = rendered.one("Deployment", "flagread")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in reader["containers"][0]["env"]}
+    assert env["FLAGREAD_UPSTREAM"].startswith("https://demo-flagstream-write:")
+    assert env["FLAGREAD_UPSTREAM_CA"] == "/etc/flagstream/upstream-ca/ca.crt"
+    assert env["FLAGREAD_TLS_CLIENT_CA"] == "/etc/flagstream/client-ca/ca.crt"
+    volumes = {v["name"]: v for v in reader["volumes"]}
+    # Only the CA of the writer's Secret reaches the replicas, never its key.
+    assert volumes["upstream-ca"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    liveness = reader["containers"][0]["livenessProbe"]["exec"]["command"]
+    assert "--tls-cert" in liveness  # mTLS: the probe presents a certificate
+
+
+def test_sync_token_comes_from_the_same_secret(chart):
+    rendered = render(chart)
+    env = {e["name"]: e for e in rendered.container("Deployment", "flagread")["env"]}
+    ref = env["FLAGREAD_SYNC_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == rendered.one("Secret")["metadata"]["name"]
+    assert ref["key"] in rendered.one("Secret")["stringData"]
+
+
+def test_spread_constraints_get_the_replicas_selector(chart):
+    rendered = render(chart)
+    deployment = rendered.one("Deployment", "flagread")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    constraints = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in constraints} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    for c in constraints:
+        assert c["labelSelector"]["matchLabels"] == selector
+    pdb = rendered.one("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["selector"]["matchLabels"] == selector
+
+
+def test_services_and_headless_target(chart):
+    rendered = render(chart)
+    names = {s["metadata"]["name"]: s for s in rendered.all("Service")}
+    assert set(names) == {"demo-flagstream-write", "demo-flagstream-write-headless", "demo-flagstream-read", "demo-flagstream-read-headless"}
+    assert names["demo-flagstream-read-headless"]["spec"]["clusterIP"] == "None"
+    assert names["demo-flagstream-read-headless"]["spec"]["publishNotReadyAddresses"] is False
+    assert "dns:///demo-flagstream-read-headless.flags.svc:50052" in rendered.notes
+    assert "round_robin" in rendered.notes
+
+
+def test_recommended_labels_everywhere(chart):
+    rendered = render(chart, VALUE_SETS["everything"])
+    for o in rendered.objects:
+        if o["metadata"]["name"] == "demo-extra":
+            continue  # extraObjects are rendered as given
+        labels = o["metadata"]["labels"]
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                    "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by", "helm.sh/chart"):
+            assert key in labels, f"{o['kind']}/{o['metadata']['name']} lacks {key}"
+        assert labels["team"] == "platform"
+        assert o["metadata"]["annotations"]["owner"] == "platform@example.com"
+        assert o["metadata"]["name"].startswith("flags")
+
+
+def test_network_policy_lets_only_replicas_and_admins_reach_the_writer(chart):
+    rendered = render(chart, VALUE_SETS["networkpolicy"])
+    writer = [p for p in rendered.all("NetworkPolicy") if p["metadata"]["name"].endswith("-write")][0]
+    grpc_rule, metrics_rule = writer["spec"]["ingress"]
+    assert grpc_rule["ports"] == [{"port": 50051, "protocol": "TCP"}]
+    assert grpc_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "flagread"
+    test_pod = rendered.one("Pod")["metadata"]["labels"]
+    assert all(test_pod[k] == v for k, v in grpc_rule["from"][1]["podSelector"]["matchLabels"].items())
+    assert grpc_rule["from"][2]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "flag-admins"}
+    assert metrics_rule["ports"] == [{"port": 9091, "protocol": "TCP"}]
+
+
+def test_dashboard_and_rules_only_use_exported_metric_names(chart):
+    """The names the binaries register (scraped for real in test_binaries)."""
+    exported = set()
+    for source in ("flagwrite/src/metrics.rs", "flagread/src/metrics.rs"):
+        exported |= set(re.findall(r'"((?:flagwrite|flagread)_[a-z_]+)"', (ROOT / source).read_text()))
+    rendered = render(chart, VALUE_SETS["monitoring"])
+    dashboard = json.loads(rendered.one("ConfigMap")["data"]["flagstream.json"])
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"\b(?:flagwrite|flagread)_[a-z_]+", target["expr"]))
+    for rule in rendered.one("PrometheusRule")["spec"]["groups"][0]["rules"]:
+        used |= set(re.findall(r"\b(?:flagwrite|flagread)_[a-z_]+", rule["expr"]))
+    base = {re.sub(r"_(bucket|sum|count)$", "", name) for name in used}
+    assert base <= exported, base - exported
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("writes/s", "write latency", "head revision", "subscribers", "lag", "staleness", "evaluations/s", "evaluation latency", "shed"):
+        assert topic in titles
+    assert rendered.one("ConfigMap")["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+# Options the chart sets on purpose only through extraEnv, and why.
+NOT_IN_VALUES = {
+    # flagread has no client certificate for its upstream, so a writer that
+    # requires one would cut its own replicas off.
+    "FLAGWRITE_TLS_CLIENT_CA",
+}
+
+
+def test_every_binary_option_is_reachable_through_values():
+    templates = "".join(p.read_text() for p in (CHART / "templates").glob("*.yaml"))
+    for name in ("flagwrite", "flagread"):
+        help_text = subprocess.run([binary(name), "--help"], capture_output=True, text=True, check=True).stdout
+        envs = set(re.findall(r"\[env: ([A-Z_]+)=", help_text))
+        assert len(envs) > 8
+        missing = {e for e in envs if e not in templates} - NOT_IN_VALUES
+        assert not missing, f"{name}: no value sets {sorted(missing)}"
+
+
+def test_extra_objects_env_args_and_volumes(chart):
+    rendered = render(chart, VALUE_SETS["everything"])
+    extra = [o for o in rendered.objects if o["metadata"]["name"] == "demo-extra"]
+    assert extra and extra[0]["data"]["note"] == "made by extraObjects"
+    w = rendered.container("StatefulSet", "flagwrite")
+    assert w["args"] == ["--heartbeat-ms", "2000"]
+    assert {"name": "RUST_LOG", "value": "info"} in w["env"]
+    assert {"name": "scratch", "mountPath": "/scratch"} in w["volumeMounts"]
+
+
+def test_values_table_in_the_chart_readme_is_current():
+    import values_table
+
+    expected = values_table.table()
+    readme = (CHART / "README.md").read_text()
+    start, end = readme.index(values_table.BEGIN), readme.index(values_table.END)
+    assert readme[start + len(values_table.BEGIN):end].strip() == expected.strip(), (
+        "charts/flagstream/README.md's values table is stale: run "
+        ".venv-test/bin/python charts/flagstream/tests/values_table.py --write"
+    )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"auth": {"devNoAuth": True}}, {"flagwrite": {"persistence": {"enabled": False}}}, {"serviceAccount": {"create": False}}],
+)
+def test_other_value_combinations_render_valid_objects(chart, values):
+    rendered = render(chart, values)
+    for obj in rendered.objects:
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+    if values.get("auth", {}).get("devNoAuth"):
+        assert not rendered.all("Secret")
+        env = {e["name"]: e.get("value") for e in rendered.container("Deployment", "flagread")["env"]}
+        assert env["FLAGREAD_DEV_NO_AUTH"] == "true" and "FLAGREAD_TOKENS_FILE" not in env
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}, "enable one"),
+        ({"flagread": {"tls": {"enabled": True}}}, "flagread.tls.enabled needs flagread.tls.secretName"),
+        ({"flagwrite": {"tls": {"enabled": True}}}, "flagwrite.tls.enabled needs flagwrite.tls.secretName"),
+        ({"flagread": {"tls": {"clientCA": {"enabled": True}}}}, "flagread.tls.clientCA.enabled needs flagread.tls.enabled"),
+    ],
+)
+def test_contradictory_values_fail_with_a_message(chart, values, message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(chart, values)
