@@ -727,9 +727,10 @@ fn special_cases(rpc: &Rpc) -> Vec<(&'static str, Vec<u8>, Expect)> {
     let mut cases = Vec::new();
     match name {
         "CreateFlag" | "UpdateFlag" | "ImportNamespace" => {
-            // One level past the documented limit is already past what the request decoder
-            // takes (prost allows 100 nested messages; a JSON object level costs 3), so it is
-            // refused as undecodable.
+            // One level past the documented limit: CreateFlag and UpdateFlag refuse it with
+            // INVALID_ARGUMENT; in ImportNamespace's bundle (one message deeper) it is already
+            // past what the request decoder takes (prost allows 100 nested messages; a JSON
+            // object level costs 3), so it is refused as undecodable there.
             let limit = flagstream::validate::MAX_JSON_DEPTH;
             cases.push((
                 "JSON one level past the limit",
