@@ -52,7 +52,12 @@ async fn run(length: Duration) {
     let writer = support::start_writer(dir.path(), &tokens).await;
     let mut admin =
         support::admin_client(support::connect(&writer.addr, Duration::from_secs(5)).await);
-    fixtures::import(&mut admin, NAMESPACE, fixtures::mixed_namespace(NAMESPACE, 350)).await;
+    fixtures::import(
+        &mut admin,
+        NAMESPACE,
+        fixtures::mixed_namespace(NAMESPACE, 350),
+    )
+    .await;
     let steady = support::spawn_replica(dir.path(), &tokens, &writer.addr, "flagread-steady");
     let mut restarted =
         support::spawn_replica(dir.path(), &tokens, &writer.addr, "flagread-restarted");
@@ -78,7 +83,7 @@ async fn run(length: Duration) {
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 n += 1;
-                let result = if (n + task) % 10 == 0 {
+                let result = if (n + task).is_multiple_of(10) {
                     client
                         .evaluate_all(pb::EvaluateAllRequest {
                             namespace: NAMESPACE.into(),
@@ -110,8 +115,7 @@ async fn run(length: Duration) {
         let mut admin = admin.clone();
         // Ends when `stop` is set.
         tasks.push(tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_secs(1) / write_rate.max(1) as u32);
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / write_rate.max(1) as u32);
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
@@ -120,7 +124,7 @@ async fn run(length: Duration) {
                     .set_flag_enabled(pb::SetFlagEnabledRequest {
                         namespace: NAMESPACE.into(),
                         key: SWITCHES[n % SWITCHES.len()].into(),
-                        enabled: n % 2 == 0,
+                        enabled: n.is_multiple_of(2),
                         ..Default::default()
                     })
                     .await;
@@ -147,8 +151,12 @@ async fn run(length: Duration) {
             drop(restarted);
             restarted =
                 support::spawn_replica(dir.path(), &tokens, &writer.addr, "flagread-restarted");
-            support::wait_serving(&restarted.addr, Duration::from_secs(60), Duration::from_millis(20))
-                .await;
+            support::wait_serving(
+                &restarted.addr,
+                Duration::from_secs(60),
+                Duration::from_millis(20),
+            )
+            .await;
             restarts += 1;
             last_restart = Instant::now();
         }
