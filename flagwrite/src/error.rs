@@ -30,6 +30,10 @@ pub enum Error {
     /// The server is shutting down and takes no more writes.
     #[error("flagwrite is shutting down")]
     ShuttingDown,
+    /// A flush failed: the write is committed in memory but may or may not
+    /// be on disk, and flagwrite stops (fail-stop) so that recovery decides.
+    #[error("{0}")]
+    NotDurable(String),
     /// The store failed; the write may not have been committed durably.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -45,6 +49,7 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             Error::Conflict { .. } => tonic::Status::aborted(message),
             Error::ShuttingDown => tonic::Status::unavailable(message),
+            Error::NotDurable(_) => tonic::Status::unavailable(message),
             Error::Store(_) => tonic::Status::internal(message),
         }
     }
@@ -60,6 +65,7 @@ impl Error {
             Error::FailedPrecondition(_) => "failed_precondition",
             Error::Conflict { .. } => "aborted",
             Error::ShuttingDown => "unavailable",
+            Error::NotDurable(_) => "not_durable",
             Error::Store(_) => "internal",
         }
     }

@@ -106,6 +106,10 @@ pub enum RunError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] store::StoreError),
+    /// A flush failed while serving: flagwrite stopped (fail-stop) and
+    /// recovery runs when it is started again.
+    #[error("stopped because writes could not be made durable ({0}); restart to recover")]
+    NotDurable(store::StoreError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -184,12 +188,23 @@ pub async fn run(
     let feed = Arc::new(Feed::new(head, store.compacted()?, config.feed_capacity));
     let metrics = Arc::new(Metrics::default());
     metrics.head_revision.set(head as i64);
-    let (writer, writer_task) = Writer::spawn(
+    let (writer, writer_exit) = Writer::spawn(
         store.clone(),
         feed.clone(),
         metrics.clone(),
         config.changelog_retention,
-    );
+    )
+    .map_err(|e| RunError::Config(format!("cannot start the writer thread: {e}")))?;
+    // Set when the writer stops because a flush failed; serving stops then.
+    let (failed_tx, mut failed_rx) = watch::channel(false);
+    // Ends when the writer thread does.
+    let writer_task = tokio::spawn(async move {
+        let exit = writer_exit.await.unwrap_or(writer::Exit::Drained);
+        if matches!(exit, writer::Exit::FlushFailed(_)) {
+            let _ = failed_tx.send(true);
+        }
+        exit
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
 
     if let Some(addr) = config.metrics_listen {
@@ -263,11 +278,15 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), revision = head, "flagwrite serving");
     let health_on_stop = health.clone();
     let signal = async move {
-        shutdown.await;
-        tracing::info!("shutting down: ending streams, draining writes");
-        health_on_stop
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down: ending streams, draining writes"),
+            _ = failed_rx.wait_for(|failed| *failed) => tracing::error!("a flush failed: stopping (fail-stop), ending streams"),
+        }
+        for service in ["", "flagstream.v1.FlagAdmin", "flagstream.v1.Replication"] {
+            health_on_stop
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
         let _ = stop_tx.send(true);
     };
     let grace = Duration::from_secs(config.shutdown_grace_secs);
@@ -284,10 +303,16 @@ pub async fn run(
     }
     // Every service (and with it every `Writer` handle) is dropped now, so the
     // writer drains its queue, flushes and ends.
-    if tokio::time::timeout(grace, writer_task).await.is_err() {
-        tracing::warn!("the writer did not finish within the grace period");
+    match tokio::time::timeout(grace, writer_task).await {
+        Ok(Ok(writer::Exit::FlushFailed(e))) => return Err(RunError::NotDurable(e)),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("the writer did not finish within the grace period"),
     }
-    store.flush().await?;
+    let flushed = store.clone();
+    tokio::task::spawn_blocking(move || flushed.flush())
+        .await
+        .map_err(|e| RunError::Config(format!("final flush: {e}")))?
+        .map_err(RunError::NotDurable)?;
     tracing::info!("flagwrite stopped");
     Ok(())
 }

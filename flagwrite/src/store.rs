@@ -15,9 +15,12 @@
 //! matches the objects. Objects are derived from the log record (its entries'
 //! `after` images), so they cannot disagree.
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use flagstream::pb;
 use prost::Message;
@@ -97,6 +100,13 @@ pub enum StoreError {
     /// Stored bytes did not decode, or an invariant did not hold.
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// Making writes durable failed (an fsync or directory sync); what is
+    /// on disk is unknown, so the process must stop and recover.
+    #[error("cannot make writes durable: {what}: {source}")]
+    Sync {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// The store handle; cheap to clone, shared by the writer and all readers.
@@ -117,6 +127,25 @@ struct Inner {
     /// a write. Commits are microseconds, so snapshots wait little; a
     /// snapshot holds writers back only while it copies (no encoding).
     commit_lock: RwLock<()>,
+    /// What `flush` syncs beyond sled's own writes.
+    disk: Disk,
+}
+
+/// The files and directories of the sled database that `Store::flush`
+/// fsyncs itself, because sled 0.34 does not: on Linux its flush ends in
+/// `sync_file_range`, which neither passes the device's volatile cache nor
+/// syncs metadata, and values above its blob threshold (a quarter of a log
+/// segment, 128 KiB) go to files under `blobs/` that it never fsyncs, nor
+/// their directory.
+struct Disk {
+    /// sled's log file (`<dir>/db`), opened once for `fdatasync`.
+    log: File,
+    /// `<dir>/blobs`.
+    blobs: PathBuf,
+    /// The blob files known to be durable (names under `blobs`); a blob
+    /// file is written once and never changed, so a name seen here before
+    /// needs no sync again.
+    synced_blobs: Mutex<HashSet<OsString>>,
 }
 
 const HEAD: &[u8] = b"head";
@@ -124,12 +153,21 @@ const COMPACTED: &[u8] = b"compacted";
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
+    ///
+    /// sled's periodic flusher is off: every sync is `flush`'s, which syncs
+    /// blob files before the log that points at them, and runs only while
+    /// nothing commits (the writer commits a group, then flushes it). With
+    /// the flusher on, its `fsync` of the log every 500 ms could make a
+    /// pointer to a blob durable before the blob.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
             .open()?;
+        let disk = Disk::open(dir)?;
         let inner = Inner {
+            disk,
             namespaces: db.open_tree("namespaces")?,
             flags: db.open_tree("flags")?,
             segments: db.open_tree("segments")?,
@@ -346,10 +384,15 @@ impl Store {
         }
     }
 
-    /// Makes every commit so far durable (one fsync for all of them).
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush_async().await?;
-        Ok(())
+    /// Makes every commit so far durable: writes sled's buffers, fsyncs
+    /// every blob file written since the last flush and then `blobs/`, and
+    /// last the log file, so a durable log never points at a lost blob. One
+    /// round of syncs covers every commit before it (group commit). Blocks:
+    /// call it from the writer thread or `spawn_blocking`, and only while
+    /// no commit runs.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.inner.db.flush()?;
+        self.inner.disk.sync()
     }
 
     /// Removes change-log records so at most `retain` remain, recording the
@@ -404,6 +447,87 @@ impl Store {
 }
 
 /// The key of a flag or segment: namespace keys never contain 0x00.
+impl Disk {
+    /// Opens the log file for syncing and makes everything sled created or
+    /// recovered durable once: each file, `blobs/`, the data directory and
+    /// its parent (which may have just made it).
+    fn open(dir: &Path) -> Result<Disk, StoreError> {
+        let log_path = dir.join("db");
+        let log = File::open(&log_path).map_err(|source| sync_error(&log_path, source))?;
+        let blobs = dir.join("blobs");
+        let disk = Disk {
+            log,
+            blobs,
+            synced_blobs: Mutex::new(HashSet::new()),
+        };
+        let entries = std::fs::read_dir(dir).map_err(|source| sync_error(dir, source))?;
+        for entry in entries {
+            let path = entry.map_err(|source| sync_error(dir, source))?.path();
+            if path.is_file() {
+                sync_path(&path)?;
+            }
+        }
+        disk.sync()?;
+        sync_path(dir)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_path(parent)?;
+        }
+        Ok(disk)
+    }
+
+    /// Fsyncs new blob files, then `blobs/` if any appeared, then the log.
+    fn sync(&self) -> Result<(), StoreError> {
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut present = HashSet::with_capacity(synced.len());
+        let mut new = false;
+        let entries =
+            std::fs::read_dir(&self.blobs).map_err(|source| sync_error(&self.blobs, source))?;
+        for entry in entries {
+            let name = entry
+                .map_err(|source| sync_error(&self.blobs, source))?
+                .file_name();
+            if !synced.contains(&name) {
+                let path = self.blobs.join(&name);
+                match File::open(&path) {
+                    Ok(file) => file
+                        .sync_all()
+                        .map_err(|source| sync_error(&path, source))?,
+                    // sled removed it again (a page rewritten since).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(sync_error(&path, source)),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            sync_path(&self.blobs)?;
+        }
+        // Names sled has removed are forgotten, so the set stays as small
+        // as the directory.
+        *synced = present;
+        drop(synced);
+        self.log.sync_data().map_err(|source| StoreError::Sync {
+            what: "fdatasync of the log file".into(),
+            source,
+        })
+    }
+}
+
+/// Fsyncs a file or directory by path.
+fn sync_path(path: &Path) -> Result<(), StoreError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| sync_error(path, source))
+}
+
+fn sync_error(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Sync {
+        what: format!("fsync of {}", path.display()),
+        source,
+    }
+}
+
 fn object_key(namespace: &str, key: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(namespace.len() + 1 + key.len());
     out.extend_from_slice(namespace.as_bytes());

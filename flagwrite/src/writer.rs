@@ -1,8 +1,8 @@
-//! The single writer: one task that turns write requests into change-log
+//! The single writer: one thread that turns write requests into change-log
 //! records, commits each in its own transaction and makes a whole batch
 //! durable with one flush before acknowledging any of it (group commit).
 //!
-//! Architecture Invariant: only this task commits, so a write validated
+//! Architecture Invariant: only this thread commits, so a write validated
 //! against the store's current state is committed against that same state,
 //! and the next revision is simply the head plus one.
 
@@ -18,7 +18,7 @@ use crate::checks::{self, View};
 use crate::error::Error;
 use crate::feed::Feed;
 use crate::metrics::Metrics;
-use crate::store::{LogRecord, Store};
+use crate::store::{LogRecord, Store, StoreError};
 
 /// What a write does.
 #[derive(Debug, Clone)]
@@ -95,27 +95,54 @@ pub struct Writer {
 struct Job {
     request: WriteRequest,
     reply: oneshot::Sender<Result<Outcome, Error>>,
+    /// When the service handed it over (write latency counts the queue).
+    queued: Instant,
+}
+
+/// How the writer thread ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// Every `Writer` was dropped and every queued write answered.
+    Drained,
+    /// A flush failed: the writes of its group were answered UNAVAILABLE,
+    /// every later one too, and the process must stop so that recovery
+    /// runs on restart (fail-stop: after a failed fsync the kernel may
+    /// have dropped the dirty pages, so retrying could report success for
+    /// data that is gone).
+    FlushFailed(StoreError),
 }
 
 impl Writer {
-    /// Starts the writer task. It ends when every `Writer` clone is dropped
-    /// and the queue is drained.
+    /// Starts the writer on a thread of its own (validation, commit and
+    /// the fsyncs block; they must not hold up the async runtime). The
+    /// receiver completes when it ends: when every `Writer` clone is
+    /// dropped and the queue is drained, or at once when a flush fails.
     pub fn spawn(
         store: Store,
         feed: Arc<Feed>,
         metrics: Arc<Metrics>,
         retention: u64,
-    ) -> (Writer, tokio::task::JoinHandle<()>) {
+    ) -> std::io::Result<(Writer, oneshot::Receiver<Exit>)> {
         let (tx, rx) = mpsc::channel(4096);
-        let task = tokio::spawn(run(store, feed, metrics, retention, rx));
-        (Writer { tx }, task)
+        let (exit_tx, exit_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("flagwrite-writer".into())
+            .spawn(move || {
+                let exit = run(&store, &feed, &metrics, retention, rx);
+                let _ = exit_tx.send(exit);
+            })?;
+        Ok((Writer { tx }, exit_rx))
     }
 
     /// Submits a write and waits until it is durable (or refused).
     pub async fn write(&self, request: WriteRequest) -> Result<Outcome, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job { request, reply })
+            .send(Job {
+                request,
+                reply,
+                queued: Instant::now(),
+            })
             .await
             .map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)?
@@ -123,7 +150,7 @@ impl Writer {
 }
 
 /// A write committed (or refused) but not yet acknowledged: it waits for
-/// the next flush that starts after its commit.
+/// the flush of its group.
 struct Pending {
     reply: oneshot::Sender<Result<Outcome, Error>>,
     result: Result<Outcome, Error>,
@@ -131,95 +158,71 @@ struct Pending {
     started: Instant,
 }
 
-/// The longest a flush waits for more writes to join its group.
-const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
+/// The most writes one group commits before it flushes, so the first
+/// writer of a long burst is not kept waiting for the whole burst.
+const MAX_GROUP: usize = 1024;
 
-type Flush = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(), crate::store::StoreError>> + Send>,
->;
-
-/// The writer loop. Writes are committed as they arrive, even while a flush
-/// is running; a flush covers everything committed before it started, so
-/// each flush acknowledges the group of writes committed since the previous
-/// one (group commit, pipelined with the next group's commits).
-async fn run(
-    store: Store,
-    feed: Arc<Feed>,
-    metrics: Arc<Metrics>,
+/// The writer loop (group commit): takes every write queued so far (at
+/// least one, waiting for it), commits each in its own transaction, then
+/// makes the whole group durable with one flush and only then answers and
+/// publishes it. Writes that arrive during a flush queue up and form the
+/// next group, so the cost stays one round of syncs per group however many
+/// writers there are. Nothing commits while a flush runs, which is what lets
+/// the flush sync sled's blob files before the log that points at them.
+fn run(
+    store: &Store,
+    feed: &Feed,
+    metrics: &Metrics,
     retention: u64,
     mut rx: mpsc::Receiver<Job>,
-) {
-    // Committed, waiting for a flush to start.
-    let mut waiting: Vec<Pending> = Vec::new();
-    // The flush in progress and the writes it will make durable.
-    let mut flushing: Option<(Flush, Vec<Pending>)> = None;
-    let mut open = true;
-    let mut healthy = true;
-    // Size of the last group flushed: when many writers are active, a
-    // flush waits up to `GATHER` for about half as many writes to arrive,
-    // so each fsync (the costly part) carries a full group instead of the
-    // first few writers that happened to answer quickly.
-    let mut last_group = 0usize;
+) -> Exit {
+    let mut group: Vec<Pending> = Vec::new();
     loop {
-        let mut gather = None;
-        if flushing.is_none() && !waiting.is_empty() {
-            let deadline = waiting[0].started + GATHER;
-            if open && waiting.len() * 2 < last_group && Instant::now() < deadline {
-                gather = Some(deadline);
+        // Wait for the first write of a group; `None` means every handle is
+        // dropped and the queue is empty.
+        let Some(job) = rx.blocking_recv() else {
+            return Exit::Drained;
+        };
+        let mut next = Some(job);
+        while let Some(job) = next.take() {
+            let started = job.queued;
+            let (result, record) = match apply(store, job.request) {
+                Ok((outcome, record)) => (Ok(outcome), record),
+                Err(e) => (Err(e), None),
+            };
+            group.push(Pending {
+                reply: job.reply,
+                result,
+                record,
+                started,
+            });
+            if group.len() < MAX_GROUP {
+                next = rx.try_recv().ok();
             }
         }
-        if flushing.is_none() && !waiting.is_empty() && gather.is_none() {
-            let group = std::mem::take(&mut waiting);
-            last_group = group.len();
-            if group.iter().any(|p| p.record.is_some()) {
-                let store = store.clone();
-                metrics.flushes.add(1);
-                flushing = Some((Box::pin(async move { store.flush().await }), group));
-            } else {
-                // Only refusals and dry runs: nothing to make durable.
-                acknowledge(group, &feed, &metrics);
-            }
-            continue;
-        }
-        if !open && flushing.is_none() && waiting.is_empty() {
-            return;
-        }
-        tokio::select! {
-            job = rx.recv(), if open => match job {
-                Some(job) => {
-                    let started = Instant::now();
-                    let result = if healthy { apply(&store, job.request) } else { Err(Error::ShuttingDown) };
-                    let (result, record) = match result {
-                        Ok((outcome, record)) => (Ok(outcome), record),
-                        Err(e) => (Err(e), None),
-                    };
-                    waiting.push(Pending { reply: job.reply, result, record, started });
+        if group.iter().any(|p| p.record.is_some()) {
+            metrics.flushes.add(1);
+            if let Err(e) = store.flush() {
+                tracing::error!(error = %e, "flush failed: acknowledged nothing of the group; refusing every write and stopping so that recovery runs on restart");
+                let message = format!("the write may not be durable, flagwrite is stopping: {e}");
+                for pending in group.drain(..) {
+                    let _ = pending.reply.send(Err(Error::NotDurable(message.clone())));
                 }
-                None => open = false,
-            },
-            _ = tokio::time::sleep_until(gather.unwrap_or_else(Instant::now).into()), if gather.is_some() => {}
-            flushed = async { (&mut flushing.as_mut().expect("guarded by the condition").0).await }, if flushing.is_some() => {
-                let (_, group) = flushing.take().expect("guarded by the condition");
-                match flushed {
-                    Ok(()) => {
-                        let head = group.iter().filter_map(|p| p.record.as_ref()).map(|r| r.revision).max();
-                        acknowledge(group, &feed, &metrics);
-                        if let Some(head) = head {
-                            compact(&store, &feed, retention, head);
-                        }
-                    }
-                    Err(e) => {
-                        // The writes are committed in memory but not durable:
-                        // tell their writers, and refuse further writes, since
-                        // the store can no longer keep its promise.
-                        tracing::error!(error = %e, "flush failed; refusing further writes");
-                        healthy = false;
-                        for pending in group {
-                            let _ = pending.reply.send(Err(Error::Store(crate::store::StoreError::Corrupt(format!("flush failed: {e}")))));
-                        }
-                    }
+                rx.close();
+                while let Ok(job) = rx.try_recv() {
+                    let _ = job.reply.send(Err(Error::ShuttingDown));
                 }
+                return Exit::FlushFailed(e);
             }
+        }
+        let head = group
+            .iter()
+            .filter_map(|p| p.record.as_ref())
+            .map(|r| r.revision)
+            .max();
+        acknowledge(std::mem::take(&mut group), feed, metrics);
+        if let Some(head) = head {
+            compact(store, feed, retention, head);
         }
     }
 }
