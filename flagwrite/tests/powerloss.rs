@@ -171,14 +171,21 @@ async fn acknowledged_writes_survive_power_loss() {
     let mut blobs_seen = 0usize;
     for cycle in 0..=cycles {
         let log = work.0.join(format!("flagwrite-{cycle}.log"));
-        let flagwrite = Flagwrite::start(&data, log).unwrap_or_else(|e| {
+        let mut flagwrite = Flagwrite::start(&data, log).unwrap_or_else(|e| {
             panic!("cycle {cycle}: the store did not open after a power loss: {e}\n{history}")
         });
         let channel = flagwrite.channel().await;
         if let Err(e) = verify(&channel, &acks).await {
+            // flagwrite listens before it opens the store: an exit now is a
+            // store that did not open.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let exited = match flagwrite.child.try_wait().unwrap() {
+                Some(status) => format!("flagwrite exited ({status}): the store did not open; "),
+                None => String::new(),
+            };
             panic!(
-                "cycle {cycle}: after kill -9 and power loss: {e}\n\
-                 flagwrite log: {}\n{history}",
+                "cycle {cycle}: after kill -9 and power loss: {exited}{e}\n\
+                 flagwrite log:\n{}\nthe power losses so far:\n{history}",
                 std::fs::read_to_string(&flagwrite.log).unwrap_or_default()
             );
         }
@@ -247,11 +254,11 @@ async fn acknowledged_writes_survive_power_loss() {
         let _ = writeln!(
             history,
             "cycle {cycle}: {} acknowledged (highest revision {max}), {blobs} blob files; \
-             power loss dropped entries {:?}, restored {:?}, reverted files {:?}",
+             power loss dropped entries {}, restored {}, reverted files {}",
             new_acks.len(),
-            loss.dropped_entries,
-            loss.restored_entries,
-            loss.reverted_files,
+            short(&loss.dropped_entries),
+            short(&loss.restored_entries),
+            short(&loss.reverted_files),
         );
         acks.extend(new_acks);
     }
@@ -569,6 +576,15 @@ async fn verify(channel: &Channel, acks: &[Ack]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// At most 8 items of a list, and how many more.
+fn short<T: std::fmt::Debug>(items: &[T]) -> String {
+    if items.len() <= 8 {
+        format!("{items:?}")
+    } else {
+        format!("{:?} and {} more", &items[..8], items.len() - 8)
+    }
 }
 
 /// A call that must answer within [`CALL_TIMEOUT`], its error as text.

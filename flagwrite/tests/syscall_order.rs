@@ -483,3 +483,119 @@ fn check(syscalls: &[Syscall], calls: &[Call], data: &Path, cwd: &Path, port: u1
         summary,
     }
 }
+
+/// The checker itself, on hand-written traces: each way a reply can go out
+/// before its writes are durable is caught, and a properly synced sequence
+/// passes. `$D` stands for the data directory, `$P` for the server port.
+#[test]
+fn the_checker_catches_each_missing_sync() {
+    let check_trace = |trace: &str| -> Vec<String> {
+        let trace = trace
+            .replace("$D", "/d/data")
+            .replace("$P", "7000")
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let call = Call {
+            name: "W",
+            sent: 10.0,
+            answered: 20.0,
+        };
+        let report = check(
+            &parse(&trace),
+            &[call],
+            Path::new("/d/data"),
+            Path::new("/d"),
+            7000,
+        );
+        report.violations
+    };
+    let reply = "7 11.0 writev(9<TCP:[127.0.0.1:$P->127.0.0.1:5]>, [...], 1) = 9";
+    // A proper sequence: blob written and synced, blobs/ synced, log
+    // written (pid padded, a call split by another thread) and fdatasynced.
+    let good = format!(
+        "   12 1.0 openat(AT_FDCWD</d>, \"$D/db\", O_RDWR|O_CREAT|O_CLOEXEC, 0666) = 3<$D/db>
+         12 1.1 fsync(3<$D/db>) = 0
+         12 1.2 openat(AT_FDCWD</d>, \"$D\", O_RDONLY|O_CLOEXEC) = 4<$D>
+         12 1.3 fsync(4<$D>) = 0
+         12 10.1 openat(AT_FDCWD</d>, \"$D/blobs/5\", O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC, 0666) = 5<$D/blobs/5>
+         12 10.2 write(5<$D/blobs/5>, \"\"..., 200000) = 200000
+         12 10.3 fsync(5<$D/blobs/5>) = 0
+         12 10.4 fsync(6<$D/blobs>) = 0
+         13 10.5 pwrite64(3<$D/db>, \"\"..., 24, 0 <unfinished ...>
+         12 10.55 write(2</dev/null<char 1:3>>, \"\"..., 10) = 10
+         13 10.6 <... pwrite64 resumed>) = 24
+         13 10.7 sync_file_range(3<$D/db>, 0, 24, SYNC_FILE_RANGE_WRITE) = 0
+         12 10.8 fdatasync(3<$D/db>) = 0
+         {reply}"
+    );
+    assert_eq!(check_trace(&good), Vec::<String>::new());
+    // Each mistake, alone.
+    let cases = [
+        (
+            "sync_file_range is not a sync",
+            "12 10.8 fdatasync(3<$D/db>) = 0",
+            "",
+            "file /d/data/db",
+        ),
+        (
+            "blob never synced",
+            "12 10.3 fsync(5<$D/blobs/5>) = 0",
+            "",
+            "file /d/data/blobs/5",
+        ),
+        (
+            "blobs/ never synced",
+            "12 10.4 fsync(6<$D/blobs>) = 0",
+            "",
+            "directory /d/data/blobs",
+        ),
+        (
+            "data dir never synced",
+            "12 1.3 fsync(4<$D>) = 0",
+            "",
+            "directory /d/data ",
+        ),
+        (
+            "the sync came after the reply",
+            "12 10.8 fdatasync(3<$D/db>) = 0",
+            "12 12.0 fdatasync(3<$D/db>) = 0",
+            "file /d/data/db",
+        ),
+        (
+            "a rename into the directory, unsynced",
+            "12 10.4 fsync(6<$D/blobs>) = 0",
+            "12 10.41 rename(\"$D/blobs/5.tmp\", \"$D/blobs/6\") = 0",
+            "directory /d/data/blobs",
+        ),
+        (
+            "a failed fsync does not count",
+            "12 10.8 fdatasync(3<$D/db>) = 0",
+            "12 10.8 fdatasync(3<$D/db>) = -1 EIO (Input/output error)",
+            "file /d/data/db",
+        ),
+    ];
+    for (what, remove, add, expected) in cases {
+        assert!(good.contains(remove), "{what}: {remove:?} not in the trace");
+        let trace = good.replace(remove, add);
+        // An added line goes where it belongs by time: after the reply if later.
+        let trace = if add.contains(" 12.0 ") {
+            format!("{}\n{add}", good.replace(remove, ""))
+        } else {
+            trace
+        };
+        let violations = check_trace(&trace);
+        assert!(
+            violations.len() == 1 && violations[0].contains(expected),
+            "{what}: expected a violation naming {expected:?}, got {violations:?}"
+        );
+    }
+    // No reply in the window, or nothing parsed: a failure, never a pass.
+    assert!(check_trace(&good.replace(reply, ""))[0].contains("no send"));
+    assert!(
+        check_trace("garbage\n")
+            .iter()
+            .any(|v| v.contains("not parsed as expected"))
+    );
+}
