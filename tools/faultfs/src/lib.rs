@@ -94,6 +94,12 @@ impl Mounted {
         self.model().power_loss()
     }
 
+    /// Drops what is not durable, after `persist()` chose which unsynced
+    /// changes the disk's cache wrote anyway (see [`Model::power_loss_with`]).
+    pub fn power_loss_with(&self, persist: &mut dyn FnMut() -> bool) -> Loss {
+        self.model().power_loss_with(persist)
+    }
+
     /// Counters of syncs and power losses so far.
     pub fn stats(&self) -> Stats {
         self.model().stats.clone()

@@ -336,6 +336,44 @@ impl Model {
     /// Power loss: drops everything not durable (see the module docs) and
     /// says what was dropped.
     pub fn power_loss(&mut self) -> Loss {
+        self.power_loss_with(&mut || false)
+    }
+
+    /// Power loss on a disk whose cache happened to write some of what was
+    /// not synced: before the loss, `persist()` decides, for each directory
+    /// with unsynced changes (all of them, or none), each unsynced size
+    /// change and each unsynced 4 KiB page of each file, whether it reached
+    /// stable storage anyway. The cache writes in any order, so a program
+    /// must survive any subset; `|| false` is [`Model::power_loss`].
+    pub fn power_loss_with(&mut self, persist: &mut dyn FnMut() -> bool) -> Loss {
+        let mut inos: Vec<u64> = self.nodes.keys().copied().collect();
+        inos.sort_unstable();
+        for ino in inos {
+            let node = self.nodes.get_mut(&ino).expect("listed above");
+            match &mut node.body {
+                Body::Dir { entries, durable } => {
+                    if entries != durable && persist() {
+                        durable.clone_from(entries);
+                    }
+                }
+                Body::File {
+                    data,
+                    durable,
+                    dirty,
+                } => {
+                    if data.len() != durable.len() && persist() {
+                        durable.resize(data.len(), 0);
+                    }
+                    for &page in dirty.iter() {
+                        let start = (page * PAGE) as usize;
+                        let end = (start + PAGE as usize).min(data.len()).min(durable.len());
+                        if start < end && persist() {
+                            durable[start..end].copy_from_slice(&data[start..end]);
+                        }
+                    }
+                }
+            }
+        }
         let mut loss = Loss::default();
         // Paths as of before the loss, to name what vanished.
         let before = self.paths();
@@ -708,6 +746,33 @@ mod tests {
             [(OsString::from("f"), f, NodeType::File)]
         );
         assert_eq!(m.read(f, 10, 5).unwrap(), b"");
+    }
+
+    #[test]
+    fn a_lucky_cache_persists_some_unsynced_changes() {
+        let (mut m, d) = with_dir();
+        let f = m.create(d, name("f"), 0o644).unwrap();
+        m.write(f, 0, &[1; 3 * PAGE as usize]).unwrap();
+        m.sync(f).unwrap();
+        m.sync(d).unwrap();
+        // Unsynced: pages 0 and 2 rewritten, the file grown by a page, a new file.
+        m.write(f, 0, &[2; 10]).unwrap();
+        m.write(f, 2 * PAGE, &[3; 10]).unwrap();
+        m.write(f, 3 * PAGE, &[4; PAGE as usize]).unwrap();
+        let g = m.create(d, name("g"), 0o644).unwrap();
+        m.write(g, 0, b"g").unwrap();
+        // Decisions in inode order: d's entries (kept), f's size (kept),
+        // f's pages 0 (dropped), 2 (kept), 3 (dropped), g's size (kept), its page (dropped).
+        let mut decisions = [true, true, false, true, false, true, false].into_iter();
+        let loss = m.power_loss_with(&mut || decisions.next().expect("no more decisions asked"));
+        assert_eq!(decisions.next(), None, "every decision used");
+        assert_eq!(loss.dropped_entries, Vec::<String>::new());
+        let mut expected = vec![1; 3 * PAGE as usize];
+        expected[2 * PAGE as usize..2 * PAGE as usize + 10].copy_from_slice(&[3; 10]);
+        expected.resize(4 * PAGE as usize, 0);
+        assert_eq!(content(&m, f), expected);
+        // g's name and size made it, its byte did not: a zero.
+        assert_eq!(content(&m, m.lookup(d, name("g")).unwrap()), [0]);
     }
 
     #[test]
