@@ -244,7 +244,7 @@ async fn acknowledged_writes_survive_power_loss() {
         // what was not synced (any part may reach the platters first).
         let lucky = cycle % 2 == 1;
         let loss = if lucky {
-            fs.power_loss_with(&mut || rng.bool())
+            fs.power_loss_with(&mut |_| rng.bool())
         } else {
             fs.power_loss()
         };
@@ -454,8 +454,9 @@ async fn verify(channel: &Channel, acks: &[Ack]) -> Result<(), String> {
                 Some(pb::sync_message::Kind::Heartbeat(_)) => {}
                 other => {
                     return Err(format!(
-                        "expected changes from revision 2, got {other:?} (a snapshot means the \
-                         change log lost its start)"
+                        "the change log cannot serve revision {expected} (head {head}): asked \
+                         for the changes after revision 1, the writer answered {other:?}; a \
+                         snapshot here means a change-log record the head includes is missing"
                     ));
                 }
             }

@@ -28,6 +28,8 @@ const TTL: Duration = Duration::ZERO;
 /// The file system handed to fuser; shares the model with [`crate::Mounted`].
 pub struct FaultFs {
     pub model: Arc<Mutex<Model>>,
+    /// Called before each sync (see `Mounted::before_sync`).
+    pub hook: Arc<Mutex<Option<crate::SyncHook>>>,
 }
 
 impl FaultFs {
@@ -35,6 +37,21 @@ impl FaultFs {
         // A panic while holding the lock leaves a model a test cannot trust,
         // but reporting that is the test's job: keep serving.
         self.model.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Syncs `ino` unless the hook says the power fails first.
+    fn sync(&self, ino: u64, reply: ReplyEmpty) {
+        let mut hook = self.hook.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hook) = hook.as_mut() {
+            // The model's lock is not held while the hook runs.
+            let path = self.model().path(ino).unwrap_or_default();
+            if hook(&path) {
+                reply.error(Errno::EIO);
+                return;
+            }
+        }
+        drop(hook);
+        reply_empty(self.model().sync(ino), reply);
     }
 
     fn entry(&self, result: Result<u64, i32>, reply: ReplyEntry) {
@@ -270,7 +287,7 @@ impl Filesystem for FaultFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.model().sync(ino.0), reply);
+        self.sync(ino.0, reply);
     }
 
     fn readdir(
@@ -317,7 +334,7 @@ impl Filesystem for FaultFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.model().sync(ino.0), reply);
+        self.sync(ino.0, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -23,6 +23,9 @@ use std::sync::{Arc, Mutex};
 
 pub use model::{Loss, Model, Stats};
 
+/// See [`Mounted::before_sync`].
+pub type SyncHook = Box<dyn FnMut(&str) -> bool + Send>;
+
 /// Set to `1` to let the tests that need FUSE (root and `/dev/fuse`) skip,
 /// saying so, on a machine without it. Unset, they fail there: a durability
 /// test must never pass by not running.
@@ -53,6 +56,8 @@ pub fn mount_for_test(mountpoint: &Path) -> Option<Mounted> {
 pub struct Mounted {
     /// Shared with the FUSE thread, which answers every request under its lock.
     model: Arc<Mutex<Model>>,
+    /// Shared with the FUSE thread, which calls it before each sync.
+    hook: Arc<Mutex<Option<SyncHook>>>,
     /// The FUSE thread; `None` once unmounted.
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
@@ -62,6 +67,7 @@ impl Mounted {
     /// Mounts an empty faultfs on `mountpoint` (an existing directory).
     pub fn mount(mountpoint: &Path) -> io::Result<Mounted> {
         let model = Arc::new(Mutex::new(Model::new()));
+        let hook: Arc<Mutex<Option<SyncHook>>> = Arc::default();
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName("faultfs".into()),
@@ -71,12 +77,14 @@ impl Mounted {
         let session = fuser::spawn_mount(
             fs::FaultFs {
                 model: model.clone(),
+                hook: hook.clone(),
             },
             mountpoint,
             &config,
         )?;
         Ok(Mounted {
             model,
+            hook,
             session: Some(session),
             mountpoint: mountpoint.to_owned(),
         })
@@ -96,8 +104,17 @@ impl Mounted {
 
     /// Drops what is not durable, after `persist()` chose which unsynced
     /// changes the disk's cache wrote anyway (see [`Model::power_loss_with`]).
-    pub fn power_loss_with(&self, persist: &mut dyn FnMut() -> bool) -> Loss {
+    pub fn power_loss_with(&self, persist: &mut dyn FnMut(&str) -> bool) -> Loss {
         self.model().power_loss_with(persist)
+    }
+
+    /// Calls `hook` with the path of each file or directory about to be
+    /// synced, before syncing it; when it returns `true` the sync is not
+    /// made and fails with EIO. A test kills the program from the hook to
+    /// crash it at an exact point (send the signal only: the program is
+    /// blocked in this very sync until the hook returns). `None` removes it.
+    pub fn before_sync(&self, hook: Option<SyncHook>) {
+        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = hook;
     }
 
     /// Counters of syncs and power losses so far.

@@ -312,6 +312,11 @@ impl Model {
         Ok(())
     }
 
+    /// A path of `ino` from the root, if it is reachable.
+    pub fn path(&self, ino: u64) -> Option<String> {
+        self.paths().remove(&ino)
+    }
+
     /// The entries of directory `ino`, in name order.
     pub fn readdir(&self, ino: u64) -> Result<Vec<(OsString, u64, NodeType)>, Errno> {
         self.entries(ino)?
@@ -336,23 +341,26 @@ impl Model {
     /// Power loss: drops everything not durable (see the module docs) and
     /// says what was dropped.
     pub fn power_loss(&mut self) -> Loss {
-        self.power_loss_with(&mut || false)
+        self.power_loss_with(&mut |_| false)
     }
 
     /// Power loss on a disk whose cache happened to write some of what was
     /// not synced: before the loss, `persist()` decides, for each directory
     /// with unsynced changes (all of them, or none), each unsynced size
     /// change and each unsynced 4 KiB page of each file, whether it reached
-    /// stable storage anyway. The cache writes in any order, so a program
-    /// must survive any subset; `|| false` is [`Model::power_loss`].
-    pub fn power_loss_with(&mut self, persist: &mut dyn FnMut() -> bool) -> Loss {
+    /// stable storage anyway; it is given the path (as of before the loss,
+    /// empty for an unreachable inode). The cache writes in any order, so a
+    /// program must survive any subset; `|_| false` is [`Model::power_loss`].
+    pub fn power_loss_with(&mut self, persist: &mut dyn FnMut(&str) -> bool) -> Loss {
+        let paths = self.paths();
         let mut inos: Vec<u64> = self.nodes.keys().copied().collect();
         inos.sort_unstable();
         for ino in inos {
+            let path = paths.get(&ino).map_or("", String::as_str);
             let node = self.nodes.get_mut(&ino).expect("listed above");
             match &mut node.body {
                 Body::Dir { entries, durable } => {
-                    if entries != durable && persist() {
+                    if entries != durable && persist(path) {
                         durable.clone_from(entries);
                     }
                 }
@@ -361,13 +369,13 @@ impl Model {
                     durable,
                     dirty,
                 } => {
-                    if data.len() != durable.len() && persist() {
+                    if data.len() != durable.len() && persist(path) {
                         durable.resize(data.len(), 0);
                     }
                     for &page in dirty.iter() {
                         let start = (page * PAGE) as usize;
                         let end = (start + PAGE as usize).min(data.len()).min(durable.len());
-                        if start < end && persist() {
+                        if start < end && persist(path) {
                             durable[start..end].copy_from_slice(&data[start..end]);
                         }
                     }
@@ -764,7 +772,15 @@ mod tests {
         // Decisions in inode order: d's entries (kept), f's size (kept),
         // f's pages 0 (dropped), 2 (kept), 3 (dropped), g's size (kept), its page (dropped).
         let mut decisions = [true, true, false, true, false, true, false].into_iter();
-        let loss = m.power_loss_with(&mut || decisions.next().expect("no more decisions asked"));
+        let mut asked = Vec::new();
+        let loss = m.power_loss_with(&mut |path| {
+            asked.push(path.to_string());
+            decisions.next().expect("no more decisions asked")
+        });
+        assert_eq!(
+            asked,
+            ["/d", "/d/f", "/d/f", "/d/f", "/d/f", "/d/g", "/d/g"]
+        );
         assert_eq!(decisions.next(), None, "every decision used");
         assert_eq!(loss.dropped_entries, Vec::<String>::new());
         let mut expected = vec![1; 3 * PAGE as usize];
