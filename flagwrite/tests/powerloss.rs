@@ -299,6 +299,94 @@ async fn acknowledged_writes_survive_power_loss() {
     );
 }
 
+/// A crash at the first sync of a new blob file, on a disk whose cache
+/// wrote the log but not the blob: flagwrite is killed as it is about to
+/// fsync a blob file under `blobs/`, and the power loss keeps every unsynced
+/// write to sled's log (`db`) and nothing else. That write was not
+/// acknowledged; the store must open with every write before it, and with
+/// no half of the one that was cut: if sled's log already pointed at the
+/// blob, the blob's page is lost while the transaction's other pages
+/// survive (a torn transaction: the head and objects of the cut write
+/// without its change-log record). So blob files must be durable before
+/// sled writes the log that points at them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_log_write_and_the_blob_sync() {
+    let work = TempDir::new("powerloss-order");
+    let mountpoint = work.0.join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let Some(fs) = faultfs::mount_for_test(&mountpoint) else {
+        return;
+    };
+    let data = mountpoint.join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::File::open(&mountpoint)
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let flagwrite = Flagwrite::start(&data, work.0.join("first.log")).unwrap();
+    let mut admin = FlagAdminClient::new(flagwrite.channel().await);
+    let mut acks = Vec::new();
+    let revision = timed(admin.create_namespace(pb::CreateNamespaceRequest {
+        namespace: Some(common::namespace("prod")),
+        options: None,
+    }))
+    .await
+    .unwrap()
+    .revision;
+    acks.push(Ack {
+        revision,
+        write: Write::Namespace,
+        cycle: 0,
+    });
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    // One import acknowledged, then the crash in the middle of the next.
+    let mut importing = tokio::spawn(importer(admin.clone(), 0, acked.clone()));
+    while acked.lock().unwrap().is_empty() {
+        assert!(!importing.is_finished(), "the first import failed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = flagwrite.child.id().to_string();
+    let killed = Arc::new(Mutex::new(None::<String>));
+    let record = killed.clone();
+    fs.before_sync(Some(Box::new(move |path: &str| {
+        if !path.starts_with("/data/blobs/") {
+            return false;
+        }
+        let mut record = record.lock().unwrap();
+        if record.is_none() {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            *record = Some(path.to_string());
+        }
+        true
+    })));
+    tokio::time::timeout(CALL_TIMEOUT, &mut importing)
+        .await
+        .expect("the import did not end with the crash")
+        .unwrap();
+    flagwrite.kill_9();
+    fs.before_sync(None);
+    let killed = killed.lock().unwrap().clone();
+    let killed = killed.expect("flagwrite never synced a blob file");
+    acks.extend(std::mem::take(&mut *acked.lock().unwrap()));
+    let loss = fs.power_loss_with(&mut |path| path == "/data/db");
+    let evidence = format!(
+        "killed before the fsync of {killed}; the power loss kept the log's unsynced \
+         writes and dropped entries {}, restored {}, reverted files {}",
+        short(&loss.dropped_entries),
+        short(&loss.restored_entries),
+        short(&loss.reverted_files)
+    );
+    let flagwrite = Flagwrite::start(&data, work.0.join("second.log"))
+        .unwrap_or_else(|e| panic!("the store did not open: {e}\n{evidence}"));
+    let channel = flagwrite.channel().await;
+    if let Err(e) = verify(&channel, &acks).await {
+        panic!(
+            "{e}\n{evidence}\nflagwrite log:\n{}",
+            std::fs::read_to_string(&flagwrite.log).unwrap_or_default()
+        );
+    }
+}
+
 /// Creates, then updates, this writer's keys until a call fails.
 async fn small_writer(
     mut admin: FlagAdminClient<Channel>,
