@@ -113,3 +113,34 @@ fn only_what_was_synced_survives_power_loss() {
     drop(f);
     fs.unmount().unwrap();
 }
+
+#[test]
+fn a_sync_hook_sees_the_path_and_can_fail_the_sync() {
+    let mountpoint = MountPoint::new("hook");
+    let Some(fs) = faultfs::mount_for_test(&mountpoint.0) else {
+        return;
+    };
+    let root = fs.path().to_owned();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    fs.before_sync(Some(Box::new(move |path: &str| {
+        record.lock().unwrap().push(path.to_string());
+        path == "/b"
+    })));
+    let mut a = File::create(root.join("a")).unwrap();
+    a.write_all(b"a").unwrap();
+    a.sync_all().unwrap();
+    let mut b = File::create(root.join("b")).unwrap();
+    b.write_all(b"b").unwrap();
+    let error = b.sync_all().unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO));
+    sync_dir(&root);
+    assert_eq!(*seen.lock().unwrap(), ["/a", "/b", "/"]);
+    fs.before_sync(None);
+    // a's sync was made, b's was not: keep the directory, drop b's byte.
+    fs.power_loss();
+    assert_eq!(read(&root.join("a")), b"a");
+    assert_eq!(read(&root.join("b")), b"");
+    drop((a, b));
+    fs.unmount().unwrap();
+}
