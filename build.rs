@@ -25,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Ordered maps encode in one order, so a message's encoding is
+        // canonical (state digests hash encodings).
+        .btree_map(".flagstream.v1.Flag.metadata")
         // Written by hand so a replica can put results it encoded itself into
         // it: src/pb/evaluate_batch.rs.
         .extern_path(

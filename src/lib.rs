@@ -8,6 +8,8 @@
 //!   and `From<model::X>` back.
 //! - [`validate`]: write-time rules that need a whole namespace (references,
 //!   cycles, limits).
+//! - [`digest`]: history positions (a hash chain over committed changes) and
+//!   order-independent digests of a whole state, for convergence checks.
 //! - [`engine`]: flags compiled into an evaluation form, and evaluation.
 //! - [`hash`]: murmur3 x86_32, streaming, as Unleash hashes for stickiness.
 //! - [`kit`]: server plumbing shared by flagwrite and flagread (auth, tracing,
@@ -16,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod digest;
 pub mod engine;
 pub mod hash;
 pub mod kit;

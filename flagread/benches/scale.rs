@@ -178,6 +178,7 @@ async fn snapshot_stream(writer: &str) -> f64 {
         .subscribe(pb::SubscribeRequest {
             from_revision: 0,
             namespaces: Vec::new(),
+            chain: Vec::new(),
         })
         .await
         .unwrap_or_else(|status| panic!("Subscribe failed: {status}"))

@@ -233,18 +233,26 @@ async fn subscribe(
     status: &SyncStatus,
     progressed: &mut bool,
 ) -> FollowError {
-    let channel = match upstream.endpoint.connect().await {
-        Ok(channel) => channel,
-        Err(error) => return error.into(),
+    // Opening the subscription is bounded by the silence limit too: a connection that lands on
+    // a dead path (half-open, or a listener that accepts and never answers) is given up as soon
+    // as a silent stream would be, not after HTTP/2 keepalive notices.
+    let channel = match tokio::time::timeout(upstream.silence, upstream.endpoint.connect()).await {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(error)) => return error.into(),
+        Err(_) => return FollowError::Silent(upstream.silence),
     };
-    let from_revision = if state.is_ready() {
-        state.revision()
-    } else {
-        0
+    let (from_revision, chain) = {
+        let replica = state.load();
+        if replica.ready {
+            (replica.revision, replica.history.chain.clone())
+        } else {
+            (0, Vec::new())
+        }
     };
     let mut request = tonic::Request::new(pb::SubscribeRequest {
         from_revision,
         namespaces: state.followed(),
+        chain,
     });
     if let Some(token) = &upstream.token {
         match format!("Bearer {token}").parse() {
@@ -255,9 +263,10 @@ async fn subscribe(
         }
     }
     let mut client = ReplicationClient::new(channel).max_decoding_message_size(64 << 20);
-    let mut stream = match client.subscribe(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => return status.into(),
+    let mut stream = match tokio::time::timeout(upstream.silence, client.subscribe(request)).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => return status.into(),
+        Err(_) => return FollowError::Silent(upstream.silence),
     };
     status.connected.store(true, Ordering::Relaxed);
     status.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -311,11 +320,8 @@ fn handle(
             if snapshot.is_some() {
                 return protocol("a snapshot began inside another");
             }
-            tracing::info!(revision = begin.revision, "receiving a snapshot");
-            *snapshot = Some(SnapshotBuilder {
-                revision: begin.revision,
-                ..Default::default()
-            });
+            tracing::info!(revision = begin.revision, history = %begin.history_id, "receiving a snapshot");
+            *snapshot = Some(wire::begun(begin));
         }
         Some(Kind::SnapshotChunk(chunk)) => {
             status.heard(0);

@@ -293,12 +293,27 @@ pub async fn run_with(
     let filter = (!config.namespaces.is_empty())
         .then(|| config.namespaces.iter().cloned().collect::<BTreeSet<_>>());
     let state = Arc::new(State::new(filter));
-    if let Some(path) = &config.snapshot_file
-        && let Some(snapshot) = wire::read_snapshot_file(path)?
-    {
-        let (revision, flags) = (snapshot.revision, snapshot.flags.len());
-        state.install(snapshot);
-        tracing::info!(revision, flags, path = %path.display(), "loaded the snapshot file");
+    if let Some(path) = &config.snapshot_file {
+        // A file that cannot serve this replica is passed over, loudly: the writer has the state.
+        match wire::read_snapshot_file(path) {
+            Ok(Some(snapshot)) => match snapshot_fits(&snapshot, state.filter()) {
+                Ok(()) => {
+                    let (revision, flags) = (snapshot.revision, snapshot.flags.len());
+                    let loader = state.clone();
+                    tokio::task::spawn_blocking(move || loader.install(snapshot))
+                        .await
+                        .map_err(|e| Error::Upstream(format!("loading the snapshot file: {e}")))?;
+                    tracing::info!(revision, flags, path = %path.display(), "loaded the snapshot file");
+                }
+                Err(why) => {
+                    tracing::warn!(path = %path.display(), %why, "not using the snapshot file; syncing from the writer")
+                }
+            },
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the snapshot file; syncing from the writer")
+            }
+        }
     }
     let status = Arc::new(SyncStatus::new());
     let metrics = Arc::new(Metrics::default());
@@ -443,6 +458,35 @@ async fn report_health(
     set_health(&health, ServingStatus::NotServing).await;
 }
 
+/// Whether a snapshot file can be the state of a replica serving `filter` (`None` = all): it
+/// must say which history it holds, and cover every namespace served.
+fn snapshot_fits(
+    snapshot: &state::SnapshotBuilder,
+    filter: Option<&BTreeSet<String>>,
+) -> Result<(), String> {
+    if snapshot.history.id.is_empty() || snapshot.history.chain.is_empty() {
+        return Err("it does not say which history it holds (written by an older version)".into());
+    }
+    let Some(covers) = &snapshot.covers else {
+        return Ok(());
+    };
+    let missing: Vec<&String> = match filter {
+        None => {
+            return Err(format!(
+                "it covers only namespaces {covers:?}; this replica serves all"
+            ));
+        }
+        Some(filter) => filter.difference(covers).collect(),
+    };
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "it covers namespaces {covers:?}, not {missing:?} which this replica serves"
+        ))
+    }
+}
+
 /// Writes the state to the snapshot file after changes, at most once per `interval`, and once
 /// more at shutdown if anything changed since the last write.
 ///
@@ -462,12 +506,16 @@ async fn keep_snapshot_file(
         };
         let replica = state.load();
         if state.is_ready() && written != Some(replica.revision) {
-            let snapshot = replica.to_snapshot();
-            let revision = snapshot.revision;
+            let revision = replica.revision;
             let target = path.clone();
-            match tokio::task::spawn_blocking(move || wire::write_snapshot_file(&target, snapshot))
-                .await
-            {
+            let covers = state.filter().cloned();
+            // Copying and encoding the whole state is heavy: off the async workers.
+            let write = move || {
+                let mut snapshot = replica.to_snapshot();
+                snapshot.covers = covers;
+                wire::write_snapshot_file(&target, snapshot)
+            };
+            match tokio::task::spawn_blocking(write).await {
                 Ok(Ok(())) => {
                     written = Some(revision);
                     tracing::debug!(revision, "snapshot file written");

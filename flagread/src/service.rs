@@ -351,6 +351,39 @@ impl FlagEval for EvalService {
         tokio::spawn(watcher.run(changes, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn get_state_digest(
+        &self,
+        request: Request<pb::GetStateDigestRequest>,
+    ) -> Result<Response<pb::StateDigest>, Status> {
+        auth::check(
+            &request,
+            format_args!(
+                "read the replica's state digest (needs an eval token for every namespace, or sync)"
+            ),
+            |identity| {
+                identity.scopes.contains(&auth::Scope::Eval(None))
+                    || identity.scopes.contains(&auth::Scope::Sync)
+            },
+        )?;
+        if !request.get_ref().namespaces.is_empty() {
+            return Err(Status::invalid_argument(
+                "namespaces: must be empty: a replica's digest covers the namespaces it follows",
+            ));
+        }
+        let replica = self.state.load();
+        if !replica.ready {
+            return Err(Status::unavailable("the replica holds no full state yet"));
+        }
+        let namespaces = self.state.followed();
+        let digest = tokio::task::spawn_blocking(move || replica_digest(&replica))
+            .await
+            .map_err(|e| Status::internal(format!("computing the digest: {e}")))?;
+        Ok(Response::new(pb::StateDigest {
+            namespaces,
+            ..digest
+        }))
+    }
 }
 
 /// One `Watch` subscription: forwards applied changes that touch its namespace.
@@ -513,6 +546,30 @@ fn namespace_of<'r>(
         metrics.unknown_namespace.fetch_add(1, Ordering::Relaxed);
         EvalError::NamespaceNotFound(key.to_string())
     })
+}
+
+/// The digest of everything `replica` holds (see `flagstream::digest`).
+fn replica_digest(replica: &Replica) -> pb::StateDigest {
+    let mut digest = flagstream::digest::Digest::default();
+    for ns in replica.namespaces.values() {
+        digest.add_namespace(&ns.namespace);
+        for flag in ns.flags.flags() {
+            digest.add_flag(flag.source());
+        }
+        for segment in ns.flags.segments() {
+            digest.add_segment(segment);
+        }
+    }
+    pb::StateDigest {
+        revision: replica.revision,
+        history_id: replica.history.id.clone(),
+        chain: flagstream::digest::hex(&replica.history.chain),
+        digest: digest.hex(),
+        namespaces: Vec::new(),
+        namespace_count: digest.namespaces,
+        flag_count: digest.flags,
+        segment_count: digest.segments,
+    }
 }
 
 /// PERMISSION_DENIED unless the caller's token may evaluate flags of `namespace`. Allocates only

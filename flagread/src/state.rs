@@ -45,11 +45,22 @@ pub struct State {
 pub struct Replica {
     /// The revision every namespace here reflects.
     pub revision: u64,
+    /// Whose history `revision` is, and where in it: the follower resumes only into the same
+    /// history (see `flagstream::digest`).
+    pub history: History,
     /// True once a full state (a snapshot) was installed; evaluations wait for it.
     pub ready: bool,
     /// The namespaces followed, by key. Each is behind an `Arc` so that a change copies only the
     /// namespaces it touches.
     pub namespaces: HashMap<String, Arc<NamespaceState>>,
+}
+
+/// A position in the writer's history: the store's history identity and the position (hash
+/// chain) at the replica's revision. Empty before any state is held.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct History {
+    pub id: String,
+    pub chain: Vec<u8>,
 }
 
 /// One namespace of a [`Replica`].
@@ -119,6 +130,8 @@ pub struct Applied {
 pub struct Change {
     /// The revision the write committed; must be the applied revision + 1.
     pub revision: u64,
+    /// The history position after it.
+    pub chain: Vec<u8>,
     /// The objects it put or deleted, applied together.
     pub deltas: Vec<Delta>,
 }
@@ -140,6 +153,10 @@ pub enum Delta {
 pub struct SnapshotBuilder {
     /// The revision the snapshot is taken at.
     pub revision: u64,
+    /// The history and position at `revision`.
+    pub history: History,
+    /// The namespaces it covers; `None` means all.
+    pub covers: Option<BTreeSet<String>>,
     pub namespaces: Vec<model::Namespace>,
     pub flags: Vec<model::Flag>,
     pub segments: Vec<model::Segment>,
@@ -223,6 +240,11 @@ impl State {
         self.filter.as_ref().is_none_or(|f| f.contains(namespace))
     }
 
+    /// The namespaces this replica serves; `None` means all.
+    pub fn filter(&self) -> Option<&BTreeSet<String>> {
+        self.filter.as_ref()
+    }
+
     /// The namespaces this replica was asked to follow, for the subscription request; empty
     /// means all.
     pub fn followed(&self) -> Vec<String> {
@@ -290,6 +312,7 @@ impl State {
             .collect();
         let replica = Replica {
             revision: snapshot.revision,
+            history: snapshot.history,
             ready: true,
             namespaces,
         };
@@ -401,6 +424,10 @@ impl State {
         };
         let replica = Replica {
             revision: change.revision,
+            history: History {
+                id: old.history.id.clone(),
+                chain: change.chain,
+            },
             ready: true,
             namespaces,
         };
@@ -450,6 +477,7 @@ impl Replica {
     pub fn to_snapshot(&self) -> SnapshotBuilder {
         let mut snapshot = SnapshotBuilder {
             revision: self.revision,
+            history: self.history.clone(),
             ..Default::default()
         };
         let mut keys: Vec<&String> = self.namespaces.keys().collect();
@@ -818,6 +846,7 @@ mod tests {
             namespaces,
             flags,
             segments: vec![segment("prod", "s")],
+            ..Default::default()
         });
         state
     }
@@ -827,6 +856,7 @@ mod tests {
         let state = base();
         let applied = state
             .apply_change(Change {
+                chain: Vec::new(),
                 revision: 2,
                 deltas,
             })
@@ -884,6 +914,7 @@ mod tests {
     fn dependents_follow_prerequisite_edits() {
         let state = base();
         let put = |revision, flag| Change {
+            chain: Vec::new(),
             revision,
             deltas: vec![Delta::PutFlag(flag)],
         };
@@ -911,6 +942,7 @@ mod tests {
         };
         state
             .apply_change(Change {
+                chain: Vec::new(),
                 revision: 6,
                 deltas: vec![delete],
             })
@@ -925,6 +957,7 @@ mod tests {
     fn changes_apply_in_order_only() {
         let state = base();
         let change = |revision| Change {
+            chain: Vec::new(),
             revision,
             deltas: vec![Delta::PutFlag(flag("prod", "x", &["on"]))],
         };
@@ -958,6 +991,7 @@ mod tests {
         let before = state.load();
         state
             .apply_change(Change {
+                chain: Vec::new(),
                 revision: 2,
                 deltas: vec![Delta::DeleteFlag {
                     namespace: "prod".into(),
@@ -1001,6 +1035,7 @@ mod tests {
         record(None, Reason::Error);
         state
             .apply_change(Change {
+                chain: Vec::new(),
                 revision: 2,
                 deltas: vec![Delta::PutFlag(flag("prod", "d", &["on"]))],
             })
@@ -1008,6 +1043,7 @@ mod tests {
         assert_eq!(count(&state, "d"), vec![(Some("on".into()), 1), (None, 1)]);
         state
             .apply_change(Change {
+                chain: Vec::new(),
                 revision: 3,
                 deltas: vec![Delta::PutFlag(flag("prod", "d", &["off", "on"]))],
             })
@@ -1051,6 +1087,7 @@ mod tests {
         // New variants: the counts move into fresh counters, summed over the stripes.
         state
             .apply_change(Change {
+                chain: Vec::new(),
                 revision: 2,
                 deltas: vec![Delta::PutFlag(flag("prod", "d", &["off", "on"]))],
             })
@@ -1069,6 +1106,7 @@ mod tests {
         assert!(!waiter.is_finished());
         state
             .apply_change(Change {
+                chain: Vec::new(),
                 revision: 2,
                 deltas: vec![],
             })

@@ -12,7 +12,7 @@ use flagstream::pb::delta::Kind as DeltaKind;
 use flagstream::pb::sync_message::Kind;
 use prost::Message;
 
-use crate::state::{Change, Delta, SnapshotBuilder};
+use crate::state::{Change, Delta, History, SnapshotBuilder};
 
 /// Objects per chunk when writing a snapshot file; small enough to keep each message far below
 /// the decoder's limits, large enough that framing costs nothing.
@@ -64,7 +64,11 @@ pub fn change(change: pb::Change) -> Result<Change, WireError> {
         };
         deltas.push(delta);
     }
-    Ok(Change { revision, deltas })
+    Ok(Change {
+        revision,
+        chain: change.chain,
+        deltas,
+    })
 }
 
 /// Adds the objects of one snapshot chunk to the snapshot being received.
@@ -112,11 +116,7 @@ pub fn write_snapshot_file(path: &Path, snapshot: SnapshotBuilder) -> Result<(),
         out.write_all(&buf)
     };
     let revision = snapshot.revision;
-    emit(
-        Kind::SnapshotBegin(pb::SnapshotBegin { revision }),
-        &mut out,
-    )
-    .map_err(io)?;
+    emit(Kind::SnapshotBegin(begin(&snapshot)), &mut out).map_err(io)?;
     emit(
         Kind::SnapshotChunk(pb::SnapshotChunk {
             namespaces: snapshot
@@ -166,7 +166,38 @@ pub fn write_snapshot_file(path: &Path, snapshot: SnapshotBuilder) -> Result<(),
     file.sync_all().map_err(io)?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(io)?;
+    // The rename is durable only once the directory is.
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
     Ok(())
+}
+
+/// The `SnapshotBegin` that describes `snapshot`: its revision, history and coverage.
+fn begin(snapshot: &SnapshotBuilder) -> pb::SnapshotBegin {
+    pb::SnapshotBegin {
+        revision: snapshot.revision,
+        history_id: snapshot.history.id.clone(),
+        chain: snapshot.history.chain.clone(),
+        namespaces: snapshot.covers.iter().flatten().cloned().collect(),
+    }
+}
+
+/// The snapshot a `SnapshotBegin` starts (without its objects).
+pub fn begun(begin: pb::SnapshotBegin) -> SnapshotBuilder {
+    SnapshotBuilder {
+        revision: begin.revision,
+        history: History {
+            id: begin.history_id,
+            chain: begin.chain,
+        },
+        covers: (!begin.namespaces.is_empty()).then(|| begin.namespaces.into_iter().collect()),
+        ..Default::default()
+    }
 }
 
 /// Reads a snapshot file written by [`write_snapshot_file`]. `Ok(None)` when there is none.
@@ -198,12 +229,7 @@ pub fn read_snapshot_file(path: &Path) -> Result<Option<SnapshotBuilder>, WireEr
         let message = pb::SyncMessage::decode_length_delimited(&mut rest)
             .map_err(|e| corrupt(e.to_string()))?;
         match (message.kind, snapshot.as_mut()) {
-            (Some(Kind::SnapshotBegin(begin)), None) => {
-                snapshot = Some(SnapshotBuilder {
-                    revision: begin.revision,
-                    ..Default::default()
-                })
-            }
+            (Some(Kind::SnapshotBegin(begin)), None) => snapshot = Some(begun(begin)),
             (Some(Kind::SnapshotChunk(chunk)), Some(building)) => {
                 add_chunk(building, chunk)?;
             }
@@ -279,6 +305,11 @@ mod tests {
         );
         let snapshot = SnapshotBuilder {
             revision: 42,
+            history: History {
+                id: "h".into(),
+                chain: vec![7; 16],
+            },
+            covers: Some(["prod".to_string()].into()),
             namespaces: vec![model::Namespace {
                 key: "prod".into(),
                 description: "p".into(),

@@ -258,16 +258,22 @@ async fn bench(serial: u64, concurrent: u64, subscribers: u64) {
     let (done_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     for _ in 0..subscribers {
         let mut sync = ReplicationClient::new(channel.clone());
-        let head = admin
-            .list_namespaces(pb::ListNamespacesRequest {})
+        // Resume at the head, in its history, as a caught-up replica does.
+        let digest = admin
+            .get_state_digest(pb::GetStateDigestRequest::default())
             .await
             .unwrap()
-            .into_inner()
-            .revision;
+            .into_inner();
+        let head = digest.revision;
+        let head_chain: Vec<u8> = (0..digest.chain.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&digest.chain[i..i + 2], 16).unwrap())
+            .collect();
         let mut stream = sync
             .subscribe(pb::SubscribeRequest {
                 from_revision: head,
                 namespaces: vec![],
+                chain: head_chain.clone(),
             })
             .await
             .unwrap()

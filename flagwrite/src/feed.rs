@@ -119,11 +119,11 @@ pub fn encode(record: LogRecord) -> EncodedChange {
         revision: record.revision,
         time: record.time,
         deltas,
+        chain: record.chain,
     };
     let empty = pb::Change {
-        revision: record.revision,
-        time: record.time,
         deltas: Vec::new(),
+        ..full.clone()
     };
     EncodedChange {
         revision: record.revision,

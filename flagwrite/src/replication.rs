@@ -138,7 +138,7 @@ impl Replication {
         tracing::info!(subscriber = %identity.name, from = request.from_revision, "subscriber connected");
         // The task ends when the client goes away (send fails or the channel
         // closes), at shutdown, or when the writer is gone.
-        tokio::spawn(follower.run(request.from_revision));
+        tokio::spawn(follower.run(request.from_revision, request.chain));
         Ok(ReceiverStream::new(rx))
     }
 }
@@ -160,14 +160,14 @@ enum Stop {
 }
 
 impl Follower {
-    async fn run(mut self, from: u64) {
-        if let Err(Stop::Failed(status)) = self.follow(from).await {
+    async fn run(mut self, from: u64, chain: Vec<u8>) {
+        if let Err(Stop::Failed(status)) = self.follow(from, chain).await {
             tracing::warn!(%status, "subscriber stream failed");
             let _ = self.tx.send(Err(status)).await;
         }
     }
 
-    async fn follow(&mut self, from: u64) -> Result<(), Stop> {
+    async fn follow(&mut self, from: u64, chain: Vec<u8>) -> Result<(), Stop> {
         let feed = self.service.feed.clone();
         let mut head_rx = feed.subscribe_head();
         let mut heartbeat = tokio::time::interval(self.service.config.heartbeat);
@@ -175,6 +175,16 @@ impl Follower {
         heartbeat.tick().await;
         let mut last = from;
         let mut snapshot = from == 0 || from < feed.compacted() || from > feed.head();
+        // Resume only into the same history: the subscriber's position at
+        // `from` must be the store's. A writer restored from a backup, or
+        // one that lost a tail, has another (or none): a full snapshot.
+        if !snapshot && !self.same_history(from, chain).await? {
+            tracing::warn!(
+                from,
+                "the subscriber's history differs from the store's at its revision; sending a full snapshot"
+            );
+            snapshot = true;
+        }
         loop {
             if snapshot {
                 last = self.send_snapshot().await?;
@@ -213,12 +223,30 @@ impl Follower {
             tokio::select! {
                 changed = head_rx.changed() => if changed.is_err() { return Err(Stop::Done) },
                 _ = heartbeat.tick() => {
-                    let beat = pb::Heartbeat { head_revision: feed.head(), time: Some(SystemTime::now().into()) };
+                    let beat = pb::Heartbeat {
+                        head_revision: feed.head(),
+                        time: Some(SystemTime::now().into()),
+                        history_id: self.service.store.history_id().to_string(),
+                    };
                     self.send(Wire::Heartbeat(beat.encode_to_vec().into())).await?;
                 }
                 _ = stopped(&mut shutdown) => return Err(Stop::Done),
                 _ = self.tx.closed() => return Err(Stop::Done),
             }
+        }
+    }
+
+    /// Whether the store's history position at `revision` is `chain`.
+    async fn same_history(&self, revision: u64, chain: Vec<u8>) -> Result<bool, Stop> {
+        let store = self.service.store.clone();
+        match tokio::task::spawn_blocking(move || store.position(revision)).await {
+            Ok(Ok(position)) => Ok(!chain.is_empty() && position.as_deref() == Some(&chain[..])),
+            Ok(Err(e)) => Err(Stop::Failed(Status::internal(format!(
+                "reading the history position: {e}"
+            )))),
+            Err(e) => Err(Stop::Failed(Status::internal(format!(
+                "reading the history position: {e}"
+            )))),
         }
     }
 
@@ -274,7 +302,14 @@ impl Follower {
         };
         let revision = snapshot.revision;
         let follows = |ns: &str| self.filter.as_ref().is_none_or(|f| f.contains(ns));
-        let begin = pb::SnapshotBegin { revision };
+        let mut namespaces: Vec<String> = self.filter.iter().flatten().cloned().collect();
+        namespaces.sort();
+        let begin = pb::SnapshotBegin {
+            revision,
+            history_id: self.service.store.history_id().to_string(),
+            chain: snapshot.chain,
+            namespaces,
+        };
         self.send(Wire::SnapshotBegin(begin.encode_to_vec().into()))
             .await?;
         let limit = self.service.config.chunk_bytes;

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use flagstream::kit::auth::{self, Identity, Scope};
-use flagstream::pb;
 use flagstream::pb::flag_admin_server::FlagAdmin;
+use flagstream::{model, pb};
 use tonic::{Request, Response, Status};
 
 use crate::checks;
@@ -113,6 +113,40 @@ fn reader<T>(request: &Request<T>) -> Result<Arc<Identity>, Status> {
         "read admin data (needs scope admin or admin-read)",
         Identity::can_admin_read,
     )
+}
+
+/// The digest of the durable state's `namespaces` (all when empty), with
+/// the revision and history position it was taken at.
+fn state_digest(store: &Store, namespaces: &[String]) -> Result<pb::StateDigest, Status> {
+    let snapshot = store.snapshot().map_err(Error::from)?;
+    let covered = |ns: &str| namespaces.is_empty() || namespaces.iter().any(|n| n == ns);
+    let corrupt = |e: flagstream::convert::FieldError| {
+        Status::internal(format!("a stored object does not convert: {e}"))
+    };
+    let mut digest = flagstream::digest::Digest::default();
+    for ns in snapshot.namespaces.into_iter().filter(|n| covered(&n.key)) {
+        digest.add_namespace(&model::Namespace::try_from(ns).map_err(corrupt)?);
+    }
+    for flag in snapshot.flags.into_iter().filter(|f| covered(&f.namespace)) {
+        digest.add_flag(&model::Flag::try_from(flag).map_err(corrupt)?);
+    }
+    for segment in snapshot
+        .segments
+        .into_iter()
+        .filter(|s| covered(&s.namespace))
+    {
+        digest.add_segment(&model::Segment::try_from(segment).map_err(corrupt)?);
+    }
+    Ok(pb::StateDigest {
+        revision: snapshot.revision,
+        history_id: store.history_id().to_string(),
+        chain: flagstream::digest::hex(&snapshot.chain),
+        digest: digest.hex(),
+        namespaces: Vec::new(),
+        namespace_count: digest.namespaces,
+        flag_count: digest.flags,
+        segment_count: digest.segments,
+    })
 }
 
 fn page_size(requested: u32) -> Result<usize, Status> {
@@ -487,6 +521,7 @@ impl FlagAdmin for Admin {
                 entry.actor = record.actor.clone();
                 entry.comment = record.comment.clone();
                 entry.operation = record.operation.clone();
+                entry.chain = record.chain.clone();
                 entries.push(entry);
             }
         }
@@ -595,6 +630,26 @@ impl FlagAdmin for Admin {
             .await?;
         Ok(Response::new(pb::WriteResponse {
             revision: outcome.revision,
+        }))
+    }
+
+    async fn get_state_digest(
+        &self,
+        request: Request<pb::GetStateDigestRequest>,
+    ) -> Result<Response<pb::StateDigest>, Status> {
+        reader(&request)?;
+        let mut namespaces = request.into_inner().namespaces;
+        namespaces.sort();
+        namespaces.dedup();
+        let store = self.store.clone();
+        let covered = namespaces.clone();
+        let digest = tokio::task::spawn_blocking(move || state_digest(&store, &covered))
+            .await
+            .map_err(|e| Status::internal(format!("computing the digest: {e}")))??;
+        self.settle().await?;
+        Ok(Response::new(pb::StateDigest {
+            namespaces,
+            ..digest
         }))
     }
 }

@@ -7,7 +7,9 @@
 //! - tree `changelog`: revision as 8 big-endian bytes → encoded [`LogRecord`]
 //!   (big-endian so byte order is revision order)
 //! - tree `meta`: `head` → the latest committed revision; `compacted` → the
-//!   highest revision removed from the change log by retention.
+//!   highest revision removed from the change log by retention;
+//!   `compacted_chain` → the history position at `compacted`; `history` →
+//!   the store's history identity (random, made when the store is created).
 //!
 //! Architecture Invariant: one write is one sled transaction over all five
 //! trees that checks the head counter, writes the objects and the change-log
@@ -54,6 +56,19 @@ pub struct LogRecord {
     /// (the rest is the record's and filled in when history is read).
     #[prost(message, repeated, tag = "7")]
     pub entries: Vec<pb::HistoryEntry>,
+    /// The history position after this record ([`flagstream::digest`]):
+    /// chained over the previous position and this record's encoding with
+    /// this field empty. Set by [`Store::commit`]; records written before
+    /// positions existed have none, and count as their history's origin.
+    #[prost(bytes = "vec", tag = "8")]
+    pub chain: Vec<u8>,
+}
+
+/// The position of a [`LogRecord`], decoded without the rest.
+#[derive(Clone, PartialEq, Message)]
+struct LogChain {
+    #[prost(bytes = "vec", tag = "8")]
+    chain: Vec<u8>,
 }
 
 /// The namespace of a [`LogRecord`], decoded without the rest: prost steps
@@ -86,6 +101,8 @@ struct EntryHead {
 pub struct Snapshot {
     /// The revision the copy reflects.
     pub revision: u64,
+    /// The history position at `revision`.
+    pub chain: Vec<u8>,
     pub namespaces: Vec<pb::Namespace>,
     pub flags: Vec<pb::Flag>,
     pub segments: Vec<pb::Segment>,
@@ -129,6 +146,8 @@ struct Inner {
     commit_lock: RwLock<()>,
     /// What `flush` syncs beyond sled's own writes.
     disk: Disk,
+    /// The history identity (`meta/history`).
+    history_id: String,
 }
 
 /// The files and directories of the sled database that `Store::flush`
@@ -150,6 +169,8 @@ struct Disk {
 
 const HEAD: &[u8] = b"head";
 const COMPACTED: &[u8] = b"compacted";
+const COMPACTED_CHAIN: &[u8] = b"compacted_chain";
+const HISTORY: &[u8] = b"history";
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
@@ -165,20 +186,60 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(None)
             .open()?;
+        let meta = db.open_tree("meta")?;
+        // A store made before history identities gets one now: replicas
+        // holding its state resync once.
+        let history_id = match meta.get(HISTORY)? {
+            Some(id) => String::from_utf8(id.to_vec())
+                .map_err(|_| StoreError::Corrupt("the history identity is not UTF-8".into()))?,
+            None => {
+                let id = flagstream::digest::new_history_id();
+                meta.insert(HISTORY, id.as_bytes())?;
+                db.flush()?;
+                id
+            }
+        };
         let disk = Disk::open(dir)?;
         let inner = Inner {
             disk,
+            history_id,
             namespaces: db.open_tree("namespaces")?,
             flags: db.open_tree("flags")?,
             segments: db.open_tree("segments")?,
             changelog: db.open_tree("changelog")?,
-            meta: db.open_tree("meta")?,
+            meta,
             commit_lock: RwLock::new(()),
             db,
         };
         Ok(Store {
             inner: Arc::new(inner),
         })
+    }
+
+    /// The store's history identity.
+    pub fn history_id(&self) -> &str {
+        &self.inner.history_id
+    }
+
+    /// The history position at `revision`; `None` when the store cannot
+    /// tell (compacted away, or beyond the head), which a subscriber must
+    /// treat as a mismatch.
+    pub fn position(&self, revision: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let origin = || flagstream::digest::origin(&self.inner.history_id, revision);
+        if revision == 0 {
+            return Ok(Some(origin()));
+        }
+        if let Some(bytes) = self.inner.changelog.get(revision.to_be_bytes())? {
+            let chain = decode::<LogChain>(&bytes)?.chain;
+            return Ok(Some(if chain.is_empty() { origin() } else { chain }));
+        }
+        if revision == self.compacted()? {
+            return Ok(Some(match self.inner.meta.get(COMPACTED_CHAIN)? {
+                Some(chain) => chain.to_vec(),
+                None => origin(),
+            }));
+        }
+        Ok(None)
     }
 
     /// The latest committed revision (0 for an empty store).
@@ -324,7 +385,18 @@ impl Store {
     /// is the head plus one, puts or deletes every object of its entries,
     /// appends the record to the change log and moves the head. Not yet
     /// durable: call [`Store::flush`] before acknowledging.
-    pub fn commit(&self, record: &LogRecord) -> Result<(), StoreError> {
+    /// Sets `record.chain` to the position after it.
+    pub fn commit(&self, record: &mut LogRecord) -> Result<(), StoreError> {
+        let previous = self
+            .position(record.revision.saturating_sub(1))?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "no history position at revision {}",
+                    record.revision.saturating_sub(1)
+                ))
+            })?;
+        record.chain.clear();
+        record.chain = flagstream::digest::next(&previous, &record.encode_to_vec());
         let mut writes: Vec<(u8, Vec<u8>, Option<Vec<u8>>)> =
             Vec::with_capacity(record.entries.len());
         for entry in &record.entries {
@@ -406,11 +478,16 @@ impl Store {
             return Ok(0);
         }
         let new_compacted = keep_from - 1;
-        // The watermark moves first: a crash half-way leaves some records
-        // below it, which readers never use and the next compaction removes.
-        self.inner
-            .meta
-            .insert(COMPACTED, &new_compacted.to_be_bytes()[..])?;
+        let chain = self.position(new_compacted)?.ok_or_else(|| {
+            StoreError::Corrupt(format!("no history position at revision {new_compacted}"))
+        })?;
+        // The watermark moves first (with the position there, in one
+        // batch): a crash half-way leaves some records below it, which
+        // readers never use and the next compaction removes.
+        let mut batch = sled::Batch::default();
+        batch.insert(COMPACTED, &new_compacted.to_be_bytes()[..]);
+        batch.insert(COMPACTED_CHAIN, chain);
+        self.inner.meta.apply_batch(batch)?;
         let mut removed = 0;
         for kv in self.inner.changelog.range(..keep_from.to_be_bytes()) {
             self.inner.changelog.remove(kv?.0)?;
@@ -425,11 +502,14 @@ impl Store {
         let (revision, raw) = {
             let _guard = inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
             let revision = self.head()?;
+            let chain = self.position(revision)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("no history position at the head {revision}"))
+            })?;
             // Copying `IVec`s is cheap (reference counts for large values);
             // decoding happens after the lock is released.
             let copy = |tree: &sled::Tree| tree.iter().values().collect::<Result<Vec<_>, _>>();
             (
-                revision,
+                (revision, chain),
                 (
                     copy(&inner.namespaces)?,
                     copy(&inner.flags)?,
@@ -437,8 +517,10 @@ impl Store {
                 ),
             )
         };
+        let (revision, chain) = revision;
         Ok(Snapshot {
             revision,
+            chain,
             namespaces: raw.0.iter().map(|v| decode(v)).collect::<Result<_, _>>()?,
             flags: raw.1.iter().map(|v| decode(v)).collect::<Result<_, _>>()?,
             segments: raw.2.iter().map(|v| decode(v)).collect::<Result<_, _>>()?,
@@ -446,7 +528,6 @@ impl Store {
     }
 }
 
-/// The key of a flag or segment: namespace keys never contain 0x00.
 impl Disk {
     /// Opens the log file for syncing and makes everything sled created or
     /// recovered durable once: each file, `blobs/`, the data directory and
@@ -528,6 +609,7 @@ fn sync_error(path: &Path, source: std::io::Error) -> StoreError {
     }
 }
 
+/// The key of a flag or segment: namespace keys never contain 0x00.
 fn object_key(namespace: &str, key: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(namespace.len() + 1 + key.len());
     out.extend_from_slice(namespace.as_bytes());

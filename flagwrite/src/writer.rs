@@ -296,7 +296,7 @@ fn apply(store: &Store, request: WriteRequest) -> Result<(Outcome, Option<LogRec
             None,
         ));
     }
-    let record = LogRecord {
+    let mut record = LogRecord {
         revision,
         time: Some(stamp_time),
         actor,
@@ -304,8 +304,9 @@ fn apply(store: &Store, request: WriteRequest) -> Result<(Outcome, Option<LogRec
         operation: operation.to_string(),
         namespace,
         entries,
+        chain: Vec::new(),
     };
-    store.commit(&record)?;
+    store.commit(&mut record)?;
     Ok((Outcome { revision, object }, Some(record)))
 }
 

@@ -918,6 +918,7 @@ async fn check(server: &Server, token: Option<&'static str>, rpc: &str, expected
             .subscribe(pb::SubscribeRequest {
                 from_revision: 1,
                 namespaces: vec![],
+                chain: vec![],
             })
             .await
         {

@@ -61,15 +61,55 @@ async fn changes(stream: &mut Streaming<pb::SyncMessage>, count: usize) -> Vec<(
     out
 }
 
+/// Subscribes from `from`, presenting the store's own history position there (as a replica
+/// that applied `from` does), so that the stream resumes instead of sending a snapshot.
 async fn subscribe(server: &Server, from: u64, namespaces: &[&str]) -> Streaming<pb::SyncMessage> {
+    let chain = chain_at(server, from).await;
+    subscribe_at(server, from, chain, namespaces).await
+}
+
+async fn subscribe_at(
+    server: &Server,
+    from: u64,
+    chain: Vec<u8>,
+    namespaces: &[&str],
+) -> Streaming<pb::SyncMessage> {
     let mut sync = server.sync(Some(SYNC)).await;
     sync.subscribe(pb::SubscribeRequest {
         from_revision: from,
         namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+        chain,
     })
     .await
     .unwrap()
     .into_inner()
+}
+
+/// The history position after revision `revision`, from ListHistory of the namespaces the tests
+/// write to; empty when no such entry is retained.
+async fn chain_at(server: &Server, revision: u64) -> Vec<u8> {
+    let mut admin = server.admin(Some(ADMIN)).await;
+    for namespace in ["prod", "dev"] {
+        let Ok(history) = admin
+            .list_history(pb::ListHistoryRequest {
+                namespace: namespace.into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+        else {
+            continue;
+        };
+        if let Some(entry) = history
+            .into_inner()
+            .entries
+            .into_iter()
+            .find(|e| e.revision == revision)
+        {
+            return entry.chain;
+        }
+    }
+    Vec::new()
 }
 
 /// Creates namespace `prod` (revision 1) and `n` flags (revisions 2..=n+1).

@@ -2,7 +2,7 @@
 //! like any client's): the "3 constraints + 50% rollout + 3 weighted variants"
 //! flag of the engine benchmarks, plain on/off flags, and a mixed namespace.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use flagstream::pb;
 use pb::serve::Kind as ServeKind;
@@ -48,8 +48,8 @@ fn constraint(
     }
 }
 
-fn metadata(owner: &str) -> HashMap<String, String> {
-    HashMap::from([("owner".to_string(), owner.to_string())])
+fn metadata(owner: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("owner".to_string(), owner.to_string())])
 }
 
 /// A string flag with one rule: `environment` IN (production, staging), the

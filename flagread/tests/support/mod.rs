@@ -167,7 +167,12 @@ pub fn snapshot(revision: u64, flags: Vec<model::Flag>) -> Vec<pb::SyncMessage> 
     namespaces.sort();
     namespaces.dedup();
     vec![
-        message(Kind::SnapshotBegin(pb::SnapshotBegin { revision })),
+        message(Kind::SnapshotBegin(pb::SnapshotBegin {
+            revision,
+            history_id: HISTORY.into(),
+            chain: chain(revision),
+            namespaces: vec![],
+        })),
         message(Kind::SnapshotChunk(pb::SnapshotChunk {
             namespaces: namespaces.iter().map(|n| namespace(n)).collect(),
             flags: flags.into_iter().map(pb::Flag::from).collect(),
@@ -189,7 +194,16 @@ pub fn put(revision: u64, flags: Vec<model::Flag>) -> pb::SyncMessage {
         revision,
         time: None,
         deltas,
+        chain: chain(revision),
     }))
+}
+
+/// The fake writer's history identity.
+pub const HISTORY: &str = "fake-history";
+
+/// The fake writer's history position at `revision` (one linear history).
+pub fn chain(revision: u64) -> Vec<u8> {
+    flagstream::digest::origin(HISTORY, revision)
 }
 
 /// A change at `revision` deleting flag `key` of `ns`.
@@ -204,6 +218,7 @@ pub fn delete(revision: u64, ns: &str, key: &str) -> pb::SyncMessage {
         deltas: vec![pb::Delta {
             kind: Some(pb::delta::Kind::DeleteFlag(r)),
         }],
+        chain: chain(revision),
     }))
 }
 
@@ -212,6 +227,7 @@ pub fn heartbeat(head_revision: u64) -> pb::SyncMessage {
     message(Kind::Heartbeat(pb::Heartbeat {
         head_revision,
         time: None,
+        history_id: HISTORY.into(),
     }))
 }
 
