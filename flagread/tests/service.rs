@@ -743,6 +743,60 @@ async fn a_replica_starts_from_its_snapshot_file_while_the_writer_is_away() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[tokio::test]
+async fn a_snapshot_file_serves_only_the_history_and_namespaces_it_covers() {
+    let dir = temp_dir("snapshot-covers");
+    let file = dir.join("state.pb");
+    let mut fake = FakeUpstream::start().await;
+    let mut config = Config::local(fake.url.clone());
+    config.namespaces = vec!["prod".into()];
+    config.snapshot_file = Some(file.clone());
+    config.snapshot_interval_ms = 10;
+    let (replica, sub) = serving(&mut fake, config.clone()).await;
+    eventually("the snapshot file", || file.exists()).await;
+    replica.stop().await;
+    drop(sub);
+    drop(fake);
+    config.upstream = "http://127.0.0.1:9".into();
+
+    // Made under `--namespaces prod`, it must not become the whole state of a replica serving
+    // prod and dev: that replica waits for the writer instead.
+    let mut wider = config.clone();
+    wider.namespaces = vec!["prod".into(), "dev".into()];
+    let replica = Replica::start(wider).await;
+    assert_eq!(replica.health().await, ServingStatus::NotServing);
+    replica.stop().await;
+
+    // The same namespaces (or fewer) may use it, with the history it recorded.
+    let replica = Replica::start(config.clone()).await;
+    assert_eq!(replica.health().await, ServingStatus::Serving);
+    let held = replica.handles.state.load();
+    assert_eq!(held.history.id, support::HISTORY);
+    assert_eq!(held.history.chain, support::chain(5));
+    replica.stop().await;
+
+    // An unreadable file is passed over: the replica starts and syncs from the writer.
+    std::fs::write(&file, b"not a snapshot").unwrap();
+    let replica = Replica::start(config).await;
+    assert_eq!(replica.health().await, ServingStatus::NotServing);
+    replica.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_resubscription_presents_the_history_position_held() {
+    let mut fake = FakeUpstream::start().await;
+    let config = Config::local(fake.url.clone());
+    let (replica, sub) = serving(&mut fake, config).await;
+    sub.send([put(6, vec![flag("prod", "late", 6)])]).await;
+    eventually("the change", || replica.handles.state.revision() == 6).await;
+    drop(sub);
+    let again = fake.next().await;
+    assert_eq!(again.request.from_revision, 6);
+    assert_eq!(again.request.chain, support::chain(6));
+    replica.stop().await;
+}
+
 /// A fresh temporary directory for one test.
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(

@@ -457,3 +457,63 @@ async fn a_subscriber_behind_the_retained_window_gets_a_fresh_snapshot() {
     assert_eq!(changes(&mut stream, 1).await[0].0, 203);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_subscriber_resumes_only_into_the_same_history() {
+    // Two stores with the same writes: the same revisions, different histories.
+    let server = Server::start().await;
+    populate(&server, 5).await;
+    let other = Server::start().await;
+    populate(&other, 5).await;
+    let own = chain_at(&server, 3).await;
+    let foreign = chain_at(&other, 3).await;
+    assert_eq!(own.len(), 16);
+    assert_ne!(own, foreign, "two stores never share a position");
+    other.stop().await;
+
+    // The store's own position resumes; another store's, a made-up one or none at all gets a
+    // full snapshot, as a replica of a writer restored from a backup does.
+    let mut stream = subscribe_at(&server, 3, own.clone(), &[]).await;
+    assert_eq!(changes(&mut stream, 3).await, [(4, 1), (5, 1), (6, 1)]);
+    for chain in [foreign, vec![0; 16], Vec::new()] {
+        let mut stream = subscribe_at(&server, 3, chain.clone(), &[]).await;
+        let (revision, flags) = snapshot(&mut stream).await;
+        assert_eq!((revision, flags.len()), (6, 5), "position {chain:?}");
+    }
+
+    // A restart keeps the history: the same position still resumes.
+    let dir = server.stop_keeping_data().await;
+    let server = Server::start_in(dir, |_| {}).await;
+    assert_eq!(chain_at(&server, 3).await, own);
+    let mut stream = subscribe_at(&server, 3, own, &[]).await;
+    assert_eq!(changes(&mut stream, 3).await, [(4, 1), (5, 1), (6, 1)]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn snapshots_and_changes_carry_the_history_position() {
+    let server = Server::start().await;
+    let mut admin = populate(&server, 2).await;
+    let mut stream = subscribe(&server, 0, &[]).await;
+    let Kind::SnapshotBegin(begin) = next(&mut stream).await else {
+        panic!("expected SnapshotBegin")
+    };
+    assert_eq!(begin.revision, 3);
+    assert_eq!(begin.chain, chain_at(&server, 3).await);
+    let digest = admin
+        .get_state_digest(pb::GetStateDigestRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(begin.history_id, digest.history_id);
+    assert_eq!(flagstream::digest::hex(&begin.chain), digest.chain);
+    while !matches!(next(&mut stream).await, Kind::SnapshotEnd(_)) {}
+    create_flag(&mut admin, flag("prod", "live")).await;
+    let Kind::Change(change) = next(&mut stream).await else {
+        panic!("expected a Change")
+    };
+    assert_eq!(change.revision, 4);
+    assert_eq!(change.chain, chain_at(&server, 4).await);
+    assert_ne!(change.chain, begin.chain);
+    server.stop().await;
+}
