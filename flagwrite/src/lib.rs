@@ -310,7 +310,13 @@ pub async fn run(
     // Every service (and with it every `Writer` handle) is dropped now, so the
     // writer drains its queue, flushes and ends.
     match tokio::time::timeout(grace, writer_task).await {
-        Ok(Ok(writer::Exit::FlushFailed(e))) => return Err(RunError::NotDurable(e)),
+        Ok(Ok(writer::Exit::FlushFailed(e))) => {
+            // No more I/O after a failed sync: dropping the last handle
+            // would make sled flush and sync again (and it panics when that
+            // fails). The process exits next; recovery runs at restart.
+            std::mem::forget(store);
+            return Err(RunError::NotDurable(e));
+        }
         Ok(_) => {}
         Err(_) => tracing::warn!("the writer did not finish within the grace period"),
     }

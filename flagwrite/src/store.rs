@@ -17,12 +17,10 @@
 //! matches the objects. Objects are derived from the log record (its entries'
 //! `after` images), so they cannot disagree.
 
-use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::{Mutex, RwLock};
+use std::sync::RwLock;
 
 use flagstream::pb;
 use prost::Message;
@@ -150,21 +148,16 @@ struct Inner {
     history_id: String,
 }
 
-/// The files and directories of the sled database that `Store::flush`
-/// fsyncs itself, because sled 0.34 does not: on Linux its flush ends in
-/// `sync_file_range`, which neither passes the device's volatile cache nor
-/// syncs metadata, and values above its blob threshold (a quarter of a log
-/// segment, 128 KiB) go to files under `blobs/` that it never fsyncs, nor
-/// their directory.
+/// The parts of the sled database that `Store::flush` syncs itself. sled
+/// 0.34's own flush ends in `sync_file_range` on Linux, which neither passes
+/// the device's volatile cache nor syncs metadata, so the log file gets an
+/// `fdatasync` of ours. Blob files (values above a quarter of a log segment,
+/// 128 KiB) are fsynced with their directory by sled itself when written,
+/// before the log points at them: a change of ours to the vendored sled
+/// (`vendor/sled/FLAGSTREAM.md`).
 struct Disk {
     /// sled's log file (`<dir>/db`), opened once for `fdatasync`.
     log: File,
-    /// `<dir>/blobs`.
-    blobs: PathBuf,
-    /// The blob files known to be durable (names under `blobs`); a blob
-    /// file is written once and never changed, so a name seen here before
-    /// needs no sync again.
-    synced_blobs: Mutex<HashSet<OsString>>,
 }
 
 const HEAD: &[u8] = b"head";
@@ -175,11 +168,8 @@ const HISTORY: &[u8] = b"history";
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
     ///
-    /// sled's periodic flusher is off: every sync is `flush`'s, which syncs
-    /// blob files before the log that points at them, and runs only while
-    /// nothing commits (the writer commits a group, then flushes it). With
-    /// the flusher on, its `fsync` of the log every 500 ms could make a
-    /// pointer to a blob durable before the blob.
+    /// sled's periodic flusher is off: every sync of the log is `flush`'s,
+    /// once per group of writes.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
@@ -456,17 +446,12 @@ impl Store {
         }
     }
 
-    /// Makes every commit so far durable: fsyncs every blob file written
-    /// since the last flush and then `blobs/`, then writes sled's buffers
-    /// and `fdatasync`s the log file. Blobs first: sled writes a blob when
-    /// it commits, but the log record that points at it only when its buffer
-    /// is written, so syncing blobs before that write keeps a log that
-    /// reached the disk from pointing at a blob that did not (recovery would
-    /// skip the pointer and tear the transaction). One round of syncs covers
-    /// every commit before it (group commit). Blocks: call it from the
-    /// writer thread or `spawn_blocking`, and only while no commit runs.
+    /// Makes every commit so far durable: writes sled's buffers and
+    /// `fdatasync`s the log file (blob files were synced by sled when it
+    /// wrote them, see [`Disk`]). One round of syncs covers every commit
+    /// before it (group commit). Blocks: call it from the writer thread or
+    /// `spawn_blocking`.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.inner.disk.sync_blobs()?;
         self.inner.db.flush()?;
         self.inner.disk.sync_log()
     }
@@ -534,70 +519,27 @@ impl Store {
 
 impl Disk {
     /// Opens the log file for syncing and makes everything sled created or
-    /// recovered durable once: each file, `blobs/`, the data directory and
-    /// its parent (which may have just made it).
+    /// recovered durable once: each file, each blob, `blobs/`, the data
+    /// directory and its parent (which may have just made it).
     fn open(dir: &Path) -> Result<Disk, StoreError> {
         let log_path = dir.join("db");
         let log = File::open(&log_path).map_err(|source| sync_error(&log_path, source))?;
         let blobs = dir.join("blobs");
-        let disk = Disk {
-            log,
-            blobs,
-            synced_blobs: Mutex::new(HashSet::new()),
-        };
-        let entries = std::fs::read_dir(dir).map_err(|source| sync_error(dir, source))?;
-        for entry in entries {
-            let path = entry.map_err(|source| sync_error(dir, source))?.path();
-            if path.is_file() {
-                sync_path(&path)?;
+        for folder in [dir, blobs.as_path()] {
+            let entries = std::fs::read_dir(folder).map_err(|source| sync_error(folder, source))?;
+            for entry in entries {
+                let path = entry.map_err(|source| sync_error(folder, source))?.path();
+                if path.is_file() {
+                    sync_path(&path)?;
+                }
             }
         }
-        disk.sync()?;
+        sync_path(&blobs)?;
         sync_path(dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             sync_path(parent)?;
         }
-        Ok(disk)
-    }
-
-    /// Fsyncs new blob files, then `blobs/` if any appeared, then the log.
-    fn sync(&self) -> Result<(), StoreError> {
-        self.sync_blobs()?;
-        self.sync_log()
-    }
-
-    /// Fsyncs the blob files not synced yet, then `blobs/` if any appeared.
-    fn sync_blobs(&self) -> Result<(), StoreError> {
-        let mut synced = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut present = HashSet::with_capacity(synced.len());
-        let mut new = false;
-        let entries =
-            std::fs::read_dir(&self.blobs).map_err(|source| sync_error(&self.blobs, source))?;
-        for entry in entries {
-            let name = entry
-                .map_err(|source| sync_error(&self.blobs, source))?
-                .file_name();
-            if !synced.contains(&name) {
-                let path = self.blobs.join(&name);
-                match File::open(&path) {
-                    Ok(file) => file
-                        .sync_all()
-                        .map_err(|source| sync_error(&path, source))?,
-                    // sled removed it again (a page rewritten since).
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(source) => return Err(sync_error(&path, source)),
-                }
-                new = true;
-            }
-            present.insert(name);
-        }
-        if new {
-            sync_path(&self.blobs)?;
-        }
-        // Names sled has removed are forgotten, so the set stays as small
-        // as the directory.
-        *synced = present;
-        Ok(())
+        Ok(Disk { log })
     }
 
     /// `fdatasync`s the log file.

@@ -104,7 +104,8 @@ struct Job {
 pub enum Exit {
     /// Every `Writer` was dropped and every queued write answered.
     Drained,
-    /// A flush failed: the writes of its group were answered UNAVAILABLE,
+    /// Writing to the store failed (a flush, or I/O inside a commit): the
+    /// writes of its group were answered UNAVAILABLE,
     /// every later one too, and the process must stop so that recovery
     /// runs on restart (fail-stop: after a failed fsync the kernel may
     /// have dropped the dirty pages, so retrying could report success for
@@ -184,10 +185,20 @@ fn run(
             return Exit::Drained;
         };
         let mut next = Some(job);
+        // An I/O error inside a commit (sled writing or syncing a blob)
+        // is as final as a failed flush.
+        let mut failed: Option<StoreError> = None;
         while let Some(job) = next.take() {
             let started = job.queued;
             let (result, record) = match apply(store, job.request) {
                 Ok((outcome, record)) => (Ok(outcome), record),
+                Err(Error::Store(StoreError::Sled(sled::Error::Io(source)))) => {
+                    failed = Some(StoreError::Sync {
+                        what: "a commit's write".into(),
+                        source,
+                    });
+                    (Err(Error::ShuttingDown), None)
+                }
                 Err(e) => (Err(e), None),
             };
             group.push(Pending {
@@ -196,24 +207,25 @@ fn run(
                 record,
                 started,
             });
-            if group.len() < MAX_GROUP {
+            if group.len() < MAX_GROUP && failed.is_none() {
                 next = rx.try_recv().ok();
             }
         }
-        if group.iter().any(|p| p.record.is_some()) {
+        if failed.is_none() && group.iter().any(|p| p.record.is_some()) {
             metrics.flushes.add(1);
-            if let Err(e) = store.flush() {
-                tracing::error!(error = %e, "flush failed: acknowledged nothing of the group; refusing every write and stopping so that recovery runs on restart");
-                let message = format!("the write may not be durable, flagwrite is stopping: {e}");
-                for pending in group.drain(..) {
-                    let _ = pending.reply.send(Err(Error::NotDurable(message.clone())));
-                }
-                rx.close();
-                while let Ok(job) = rx.try_recv() {
-                    let _ = job.reply.send(Err(Error::ShuttingDown));
-                }
-                return Exit::FlushFailed(e);
+            failed = store.flush().err();
+        }
+        if let Some(e) = failed {
+            tracing::error!(error = %e, "writing to the store failed: acknowledged nothing of the group; refusing every write and stopping so that recovery runs on restart");
+            let message = format!("the write may not be durable, flagwrite is stopping: {e}");
+            for pending in group.drain(..) {
+                let _ = pending.reply.send(Err(Error::NotDurable(message.clone())));
             }
+            rx.close();
+            while let Ok(job) = rx.try_recv() {
+                let _ = job.reply.send(Err(Error::ShuttingDown));
+            }
+            return Exit::FlushFailed(e);
         }
         let head = group
             .iter()

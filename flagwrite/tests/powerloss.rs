@@ -415,6 +415,104 @@ async fn a_crash_between_the_log_write_and_the_blob_sync() {
     }
 }
 
+/// A failed fsync is final (fail-stop, as PostgreSQL since fsyncgate): the
+/// write whose flush failed is not acknowledged, no later write is accepted,
+/// health stops saying SERVING, and flagwrite exits non-zero with a line
+/// saying why; restarted, it recovers and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_the_writer() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let work = TempDir::new("powerloss-eio");
+    let mountpoint = work.0.join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let Some(fs) = faultfs::mount_for_test(&mountpoint) else {
+        return;
+    };
+    let data = mountpoint.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mut flagwrite = Flagwrite::start(&data, work.0.join("first.log")).unwrap();
+    let channel = flagwrite.channel().await;
+    let mut admin = FlagAdminClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
+    let serving = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    timed(admin.create_namespace(pb::CreateNamespaceRequest {
+        namespace: Some(common::namespace("prod")),
+        options: None,
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        timed(health.check(serving(""))).await.unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    // Every sync of the log fails from now on.
+    fs.before_sync(Some(Box::new(|path: &str| path == "/data/db")));
+    let refused = tokio::time::timeout(
+        CALL_TIMEOUT,
+        admin.create_flag(pb::CreateFlagRequest {
+            flag: Some(common::flag("prod", "lost")),
+            options: None,
+        }),
+    )
+    .await
+    .expect("the refused write is answered")
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("may not be durable"),
+        "{refused:?}"
+    );
+    // The process ends on its own, non-zero, saying why; meanwhile it
+    // neither accepts a write nor reports SERVING.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = flagwrite.child.try_wait().unwrap() {
+            break status;
+        }
+        let write = admin
+            .create_flag(pb::CreateFlagRequest {
+                flag: Some(common::flag("prod", "after")),
+                options: None,
+            })
+            .await;
+        assert!(write.is_err(), "a write was accepted after a failed fsync");
+        if let Ok(answer) = health.check(serving("")).await {
+            assert_ne!(answer.into_inner().status, ServingStatus::Serving as i32);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "flagwrite did not stop after a failed fsync"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(&flagwrite.log).unwrap();
+    assert!(
+        log.contains("writes could not be made durable"),
+        "no clear last line: {log}"
+    );
+
+    // Syncs work again (a restart after the failure): recovery runs and the
+    // store serves; the refused write is either whole or absent.
+    fs.before_sync(None);
+    let flagwrite = Flagwrite::start(&data, work.0.join("second.log")).unwrap();
+    let mut admin = FlagAdminClient::new(flagwrite.channel().await);
+    let namespaces = timed(admin.list_namespaces(pb::ListNamespacesRequest {}))
+        .await
+        .unwrap();
+    assert_eq!(namespaces.namespaces.len(), 1);
+    timed(admin.create_flag(pb::CreateFlagRequest {
+        flag: Some(common::flag("prod", "later")),
+        options: None,
+    }))
+    .await
+    .unwrap();
+}
+
 /// Creates, then updates, this writer's keys until a call fails.
 async fn small_writer(
     mut admin: FlagAdminClient<Channel>,
