@@ -39,6 +39,8 @@ fn main() {
 struct Counts {
     evaluations: AtomicU64,
     evaluation_errors: AtomicU64,
+    /// Failed evaluations by status code, for the report.
+    evaluation_codes: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     writes: AtomicU64,
     write_errors: AtomicU64,
 }
@@ -104,8 +106,14 @@ async fn run(length: Duration) {
                         .map(|_| ())
                 };
                 counts.evaluations.fetch_add(1, Ordering::Relaxed);
-                if result.is_err() {
+                if let Err(status) = result {
                     counts.evaluation_errors.fetch_add(1, Ordering::Relaxed);
+                    *counts
+                        .evaluation_codes
+                        .lock()
+                        .unwrap()
+                        .entry(format!("{:?}: {}", status.code(), status.message()))
+                        .or_default() += 1;
                 }
             }
         }));
@@ -205,6 +213,9 @@ async fn run(length: Duration) {
         converged[0],
         converged[1],
     );
+    for (what, count) in c.evaluation_codes.lock().unwrap().iter() {
+        println!("  failed evaluations: {count} x {what}");
+    }
     for (name, column) in [("flagwrite", 1), ("flagread (steady)", 2)] {
         let series: Vec<(f64, f64)> = samples
             .iter()
