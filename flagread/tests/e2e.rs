@@ -4,13 +4,14 @@
 //! returns; a killed replica syncs again and turns SERVING; a replica starts from its snapshot
 //! file while the writer is down.
 
+mod cluster;
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
+use cluster::{flagwrite_bin, free_port};
 use flagstream::pb;
 use flagstream::pb::flag_admin_client::FlagAdminClient;
 use flagstream::pb::flag_eval_client::FlagEvalClient;
@@ -68,105 +69,6 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// The flagwrite binary beside flagread's. Cargo only builds the binaries of the package under
-/// test, so under `cargo test -p flagread` alone it may be missing or older than its sources;
-/// then it is built here (once per run). Under `cargo test --workspace` it is fresh and used as
-/// it is, so the nested build (with other features) does not rebuild the world.
-fn flagwrite_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let flagread = PathBuf::from(env!("CARGO_BIN_EXE_flagread"));
-        let profile_dir = flagread.parent().unwrap().to_path_buf();
-        let bin = profile_dir.join("flagwrite");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let sources = [
-            "flagwrite",
-            "src",
-            "proto",
-            "build.rs",
-            "Cargo.toml",
-            "Cargo.lock",
-        ]
-        .map(|p| root.join(p));
-        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-        if built.is_some_and(|built| sources.iter().all(|s| newest(s) <= built)) {
-            return bin;
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "flagwrite",
-                "--bin",
-                "flagwrite",
-                "--target-dir",
-            ])
-            .arg(profile_dir.parent().unwrap())
-            .current_dir(&root);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        // Cargo gives tests the variables of the package under test; some build scripts track
-        // them, so passing them on would rebuild the world on every run.
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            let per_package = [
-                "CARGO_PKG_",
-                "CARGO_BIN_EXE_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_NAME",
-            ]
-            .iter()
-            .any(|p| name.starts_with(p))
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&name.as_ref());
-            if per_package {
-                build.env_remove(name.as_ref());
-            }
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(status.success(), "building flagwrite failed");
-        assert!(bin.exists(), "{} missing", bin.display());
-        bin
-    })
-}
-
-/// The latest modification time of `path` or anything below it.
-fn newest(path: &Path) -> std::time::SystemTime {
-    let Ok(meta) = std::fs::metadata(path) else {
-        return std::time::SystemTime::UNIX_EPOCH;
-    };
-    let own = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
-    if !meta.is_dir() {
-        return own;
-    }
-    std::fs::read_dir(path)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| newest(&entry.path()))
-        .fold(own, std::cmp::max)
-}
-
-/// A loopback port nobody listens on (bound and released; the processes bind it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn spawn(name: &str, bin: &Path, args: &[String], log: &Path) -> Proc {
