@@ -199,7 +199,13 @@ pub async fn run(
     let (failed_tx, mut failed_rx) = watch::channel(false);
     // Ends when the writer thread does.
     let writer_task = tokio::spawn(async move {
-        let exit = writer_exit.await.unwrap_or(writer::Exit::Drained);
+        // A writer thread that ends without saying how has panicked: as
+        // final as a failed flush.
+        let exit = writer_exit.await.unwrap_or_else(|_| {
+            writer::Exit::FlushFailed(store::StoreError::Corrupt(
+                "the writer thread panicked".into(),
+            ))
+        });
         if matches!(exit, writer::Exit::FlushFailed(_)) {
             let _ = failed_tx.send(true);
         }

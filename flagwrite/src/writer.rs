@@ -105,9 +105,8 @@ pub enum Exit {
     /// Every `Writer` was dropped and every queued write answered.
     Drained,
     /// Writing to the store failed (a flush, or I/O inside a commit): the
-    /// writes of its group were answered UNAVAILABLE,
-    /// every later one too, and the process must stop so that recovery
-    /// runs on restart (fail-stop: after a failed fsync the kernel may
+    /// writes of its group were answered UNAVAILABLE, every later one too,
+    /// and the process must stop so that recovery runs on restart (fail-stop: after a failed fsync the kernel may
     /// have dropped the dirty pages, so retrying could report success for
     /// data that is gone).
     FlushFailed(StoreError),
@@ -168,8 +167,8 @@ const MAX_GROUP: usize = 1024;
 /// makes the whole group durable with one flush and only then answers and
 /// publishes it. Writes that arrive during a flush queue up and form the
 /// next group, so the cost stays one round of syncs per group however many
-/// writers there are. Nothing commits while a flush runs, which is what lets
-/// the flush sync sled's blob files before the log that points at them.
+/// writers there are. Nothing commits while a flush runs, so a flush covers
+/// exactly the group it answers.
 fn run(
     store: &Store,
     feed: &Feed,
