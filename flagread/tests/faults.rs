@@ -823,3 +823,150 @@ async fn restore_once(new_writes: usize) -> (Vec<String>, Vec<String>, i64) {
     writer.terminate();
     (divergent, ghosts, resynced)
 }
+
+/// A flag whose variant `on` serves `value` (of `kind`) and `off` serves `off`.
+fn valued_flag(
+    namespace: &str,
+    key: &str,
+    r#type: pb::FlagType,
+    on: pb::typed_value::Kind,
+    off: pb::typed_value::Kind,
+) -> pb::Flag {
+    let variant = |name: &str, kind| pb::Variant {
+        name: name.into(),
+        value: Some(pb::TypedValue { kind: Some(kind) }),
+        description: String::new(),
+    };
+    pb::Flag {
+        namespace: namespace.into(),
+        key: key.into(),
+        r#type: r#type as i32,
+        variants: vec![variant("on", on), variant("off", off)],
+        enabled: true,
+        disabled_variant: "off".into(),
+        default_variant: "on".into(),
+        ..Default::default()
+    }
+}
+
+/// JSON `depth` levels deep, objects and arrays as `shape` says, as a protobuf value.
+fn deep_json(depth: usize, objects: bool) -> prost_types::Value {
+    use prost_types::value::Kind;
+    (0..depth).fold(
+        prost_types::Value {
+            kind: Some(Kind::StringValue("bottom".into())),
+        },
+        |inner, _| prost_types::Value {
+            kind: Some(if objects {
+                Kind::StructValue(prost_types::Struct {
+                    fields: [("k".to_string(), inner)].into(),
+                })
+            } else {
+                Kind::ListValue(prost_types::ListValue {
+                    values: vec![inner],
+                })
+            }),
+        },
+    )
+}
+
+/// Whatever the writer accepts, every replica applies: the deepest JSON of both shapes and the
+/// longest string the limits allow, written through the real writer, reach a replica that
+/// follows the change stream and one that starts from a snapshot, and evaluate to exactly what
+/// was written. One level deeper is refused by name and stops nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_values_the_limits_allow_are_applied_on_every_replica() {
+    use pb::typed_value::Kind;
+    let _serial = SERIAL.lock().await;
+    let dir = Dir::new("limits");
+    let mut writer = dir.writer();
+    writer.start().await;
+    let mut admin = writer.admin().await;
+    create_namespace(&mut admin, "limits").await;
+    let mut live = dir.replica("live", &writer.url(), suite_options());
+    live.start();
+    live.serving().await;
+
+    let depth = flagstream::validate::MAX_JSON_DEPTH;
+    let long = "x".repeat(flagstream::validate::MAX_STRING_VALUE_BYTES);
+    let flags = [
+        valued_flag(
+            "limits",
+            "deep-objects",
+            pb::FlagType::Json,
+            Kind::JsonValue(deep_json(depth, true)),
+            Kind::JsonValue(deep_json(1, true)),
+        ),
+        valued_flag(
+            "limits",
+            "deep-arrays",
+            pb::FlagType::Json,
+            Kind::JsonValue(deep_json(depth, false)),
+            Kind::JsonValue(deep_json(1, false)),
+        ),
+        valued_flag(
+            "limits",
+            "long-string",
+            pb::FlagType::String,
+            Kind::StringValue(long.clone()),
+            Kind::StringValue(String::new()),
+        ),
+    ];
+    for flag in &flags {
+        admin
+            .create_flag(authed(
+                pb::CreateFlagRequest {
+                    flag: Some(flag.clone()),
+                    options: None,
+                },
+                ADMIN,
+            ))
+            .await
+            .unwrap_or_else(|s| panic!("{} refused: {s}", flag.key));
+    }
+    let too_deep = valued_flag(
+        "limits",
+        "too-deep",
+        pb::FlagType::Json,
+        Kind::JsonValue(deep_json(depth + 1, true)),
+        Kind::JsonValue(deep_json(1, true)),
+    );
+    let refused = admin
+        .create_flag(authed(
+            pb::CreateFlagRequest {
+                flag: Some(too_deep),
+                options: None,
+            },
+            ADMIN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("json_value"), "{refused:?}");
+
+    let mut fresh = dir.replica("fresh", &writer.url(), suite_options());
+    fresh.start();
+    fresh.serving().await;
+    converged(&writer, &[&live, &fresh], Duration::from_secs(10))
+        .await
+        .unwrap();
+    for replica in [&live, &fresh] {
+        assert_eq!(replica.metric("flagread_stuck_revision").await, 0);
+        let mut eval = replica.eval().await;
+        for flag in &flags {
+            let answer = eval
+                .evaluate(authed(
+                    pb::EvaluateRequest {
+                        namespace: "limits".into(),
+                        flag_key: flag.key.clone(),
+                        ..Default::default()
+                    },
+                    EVAL,
+                ))
+                .await
+                .unwrap_or_else(|s| panic!("{}: {s}", flag.key))
+                .into_inner();
+            assert_eq!(answer.value, flag.variants[0].value, "{}", flag.key);
+        }
+    }
+}
