@@ -98,7 +98,7 @@ async fn run(length: Duration) {
                     client
                         .evaluate(pb::EvaluateRequest {
                             namespace: NAMESPACE.into(),
-                            flag_key: format!("flag-{:05}", n % 350),
+                            flag_key: format!("flag-{:05}", 1 + n % 349),
                             context: Some(fixtures::context()),
                             ..Default::default()
                         })
