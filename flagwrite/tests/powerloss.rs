@@ -83,6 +83,36 @@ struct Totals {
     reverted_files: usize,
 }
 
+/// A faultfs mounted for one test, with flagwrite's data directory on it.
+/// The file system must be unmounted before the work directory holding its
+/// mount point is removed: destructure it as `Volume { work, data, fs }`, so
+/// that `fs` (bound last) is dropped first.
+struct Volume {
+    fs: faultfs::Mounted,
+    /// `<mount>/data`, made durable before flagwrite first starts: it stands
+    /// for the volume an operator provides, as an installer would make it.
+    data: PathBuf,
+    work: TempDir,
+}
+
+impl Volume {
+    /// `None` when FUSE is missing and the tests are skipped knowingly (see
+    /// `faultfs::mount_for_test`).
+    fn mount(tag: &str) -> Option<Volume> {
+        let work = TempDir::new(tag);
+        let mountpoint = work.0.join("mnt");
+        std::fs::create_dir(&mountpoint).unwrap();
+        let fs = faultfs::mount_for_test(&mountpoint)?;
+        let data = mountpoint.join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::File::open(&mountpoint)
+            .unwrap()
+            .sync_all()
+            .unwrap();
+        Some(Volume { fs, data, work })
+    }
+}
+
 /// flagwrite as a child process, its log in a file off the faultfs mount.
 struct Flagwrite {
     child: Child,
@@ -170,20 +200,9 @@ async fn acknowledged_writes_survive_power_loss() {
     );
     let mut rng = fastrand::Rng::with_seed(seed);
 
-    let work = TempDir::new("powerloss");
-    let mountpoint = work.0.join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
-    let Some(fs) = faultfs::mount_for_test(&mountpoint) else {
+    let Some(Volume { work, data, fs }) = Volume::mount("powerloss") else {
         return;
     };
-    // The data directory stands for the volume an operator provides: it is
-    // made durable before flagwrite first starts, as an installer would.
-    let data = mountpoint.join("data");
-    std::fs::create_dir(&data).unwrap();
-    std::fs::File::open(&mountpoint)
-        .unwrap()
-        .sync_all()
-        .unwrap();
 
     let started = Instant::now();
     let mut acks: Vec<Ack> = Vec::new();
@@ -338,18 +357,9 @@ async fn acknowledged_writes_survive_power_loss() {
 /// sled writes the log that points at them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_log_write_and_the_blob_sync() {
-    let work = TempDir::new("powerloss-order");
-    let mountpoint = work.0.join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
-    let Some(fs) = faultfs::mount_for_test(&mountpoint) else {
+    let Some(Volume { work, data, fs }) = Volume::mount("powerloss-order") else {
         return;
     };
-    let data = mountpoint.join("data");
-    std::fs::create_dir(&data).unwrap();
-    std::fs::File::open(&mountpoint)
-        .unwrap()
-        .sync_all()
-        .unwrap();
     let flagwrite = Flagwrite::start(&data, work.0.join("first.log")).unwrap();
     let mut admin = FlagAdminClient::new(flagwrite.channel().await);
     let mut acks = Vec::new();
@@ -422,14 +432,9 @@ async fn a_crash_between_the_log_write_and_the_blob_sync() {
 async fn a_failed_fsync_stops_the_writer() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let work = TempDir::new("powerloss-eio");
-    let mountpoint = work.0.join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
-    let Some(fs) = faultfs::mount_for_test(&mountpoint) else {
+    let Some(Volume { work, data, fs }) = Volume::mount("powerloss-eio") else {
         return;
     };
-    let data = mountpoint.join("data");
-    std::fs::create_dir(&data).unwrap();
     let mut flagwrite = Flagwrite::start(&data, work.0.join("first.log")).unwrap();
     let channel = flagwrite.channel().await;
     let mut admin = FlagAdminClient::new(channel.clone());
