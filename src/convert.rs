@@ -68,7 +68,7 @@ impl FieldError {
     /// Places this error inside entry `key` of map field `field` (`field` may
     /// be empty for nested JSON objects). The key is quoted and escaped.
     pub fn at_key(mut self, field: &str, key: &str) -> FieldError {
-        self.prepend(format!("{field}[{key:?}]"));
+        self.prepend(format!("{field}[{}]", crate::validate::shown(key)));
         self
     }
 
@@ -878,12 +878,24 @@ pub fn evaluation(key: &str, eval: &engine::Evaluation<'_>, revision: u64) -> pb
     let flag = eval.flag;
     let error_message = match eval.error {
         None => String::new(),
-        Some(engine::ErrorCode::FlagNotFound) => format!("flag {key:?} not found"),
+        Some(engine::ErrorCode::FlagNotFound) => {
+            format!("flag {} not found", crate::validate::shown(key))
+        }
         Some(engine::ErrorCode::TypeMismatch) => match flag {
-            Some(f) => format!("flag {key:?} is a {} flag", flag_type_name(f.flag_type())),
-            None => format!("flag {key:?} is not of the expected type"),
+            Some(f) => format!(
+                "flag {} is a {} flag",
+                crate::validate::shown(key),
+                flag_type_name(f.flag_type())
+            ),
+            None => format!(
+                "flag {} is not of the expected type",
+                crate::validate::shown(key)
+            ),
         },
-        Some(engine::ErrorCode::General) => format!("flag {key:?} could not be evaluated"),
+        Some(engine::ErrorCode::General) => format!(
+            "flag {} could not be evaluated",
+            crate::validate::shown(key)
+        ),
     };
     pb::EvaluateResponse {
         flag_key: key.to_string(),

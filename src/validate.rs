@@ -87,6 +87,48 @@ pub const MAX_CONTEXT_VALUE_BYTES: usize = 4096;
 /// Most flag keys in one `EvaluateBatch` call.
 pub const MAX_BATCH_KEYS: usize = 1000;
 
+/// Longest part of a caller's value an error message quotes, in bytes: a message echoes a short
+/// prefix of a long key, not all of it (a status over 8 KiB of headers is refused by default
+/// gRPC clients).
+pub const MAX_SHOWN_BYTES: usize = 64;
+
+/// A caller's value as error messages quote it: quoted and escaped like `{:?}`, and cut to its
+/// first [`MAX_SHOWN_BYTES`] bytes (at a character boundary) with its full length when longer,
+/// e.g. `"kkkk…" (10000 bytes)`.
+pub fn shown(value: &str) -> Shown<'_> {
+    Shown(value)
+}
+
+/// See [`shown`].
+#[derive(Clone, Copy)]
+pub struct Shown<'a>(&'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = self.0;
+        if value.len() <= MAX_SHOWN_BYTES {
+            return write!(f, "{value:?}");
+        }
+        let mut cut = MAX_SHOWN_BYTES;
+        while !value.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let quoted = format!("{:?}", &value[..cut]);
+        write!(
+            f,
+            "{}…\" ({} bytes)",
+            &quoted[..quoted.len() - 1],
+            value.len()
+        )
+    }
+}
+
+impl std::fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The namespace a write lands in.
 
@@ -183,7 +225,10 @@ pub fn object_key(key: &str) -> Result<(), FieldError> {
     {
         return Err(FieldError::new(
             "",
-            format!("{key:?} is not a key: whitespace, control characters and '/' are not allowed"),
+            format!(
+                "{} is not a key: whitespace, control characters and '/' are not allowed",
+                shown(key)
+            ),
         ));
     }
     Ok(())
@@ -273,13 +318,13 @@ pub fn bundle_named(
     for (i, s) in segments.iter().enumerate() {
         segment(s).map_err(|e| place(e, "segments", i, &s.key))?;
         if !view.segments.insert(s.key.clone()) {
-            let e = FieldError::new("key", format!("duplicate segment key {:?}", s.key));
+            let e = FieldError::new("key", format!("duplicate segment key {}", shown(&s.key)));
             return Err(place(e, "segments", i, &s.key));
         }
     }
     for (i, f) in flags.iter().enumerate() {
         if view.flags.insert(f.key.clone(), f.clone()).is_some() {
-            let e = FieldError::new("key", format!("duplicate flag key {:?}", f.key));
+            let e = FieldError::new("key", format!("duplicate flag key {}", shown(&f.key)));
             return Err(place(e, "flags", i, &f.key));
         }
     }
@@ -377,7 +422,7 @@ fn variant(flag_type: model::FlagType, v: &model::Variant) -> Result<(), FieldEr
     if v.name.chars().any(char::is_control) {
         return Err(FieldError::new(
             "name",
-            format!("{:?} contains a control character", v.name),
+            format!("{} contains a control character", shown(&v.name)),
         ));
     }
     value(flag_type, &v.value).map_err(|e| e.at("value"))?;
@@ -430,7 +475,7 @@ fn variant_ref(flag: &model::Flag, name: &str) -> Result<(), FieldError> {
     } else {
         Err(FieldError::new(
             "",
-            format!("{name:?} is not a variant of this flag"),
+            format!("{} is not a variant of this flag", shown(name)),
         ))
     }
 }
@@ -444,7 +489,11 @@ fn rule(flag: &model::Flag, rule: &model::Rule, ns: &dyn NamespaceView) -> Resul
         if !ns.segment_exists(key) {
             return Err(FieldError::new(
                 "",
-                format!("no segment {key:?} in namespace {:?}", flag.namespace),
+                format!(
+                    "no segment {} in namespace {}",
+                    shown(key),
+                    shown(&flag.namespace)
+                ),
             )
             .at_index("segments", i));
         }
@@ -527,7 +576,11 @@ fn prerequisite(
     let Some(parent) = ns.flag(&p.flag) else {
         return Err(FieldError::new(
             "flag",
-            format!("no flag {:?} in namespace {:?}", p.flag, flag.namespace),
+            format!(
+                "no flag {} in namespace {}",
+                shown(&p.flag),
+                shown(&flag.namespace)
+            ),
         ));
     };
     if p.expect_off && !p.variants.is_empty() {
@@ -540,7 +593,11 @@ fn prerequisite(
         if !parent.variants.iter().any(|v| &v.name == name) {
             return Err(FieldError::new(
                 "",
-                format!("{name:?} is not a variant of flag {:?}", p.flag),
+                format!(
+                    "{} is not a variant of flag {}",
+                    shown(name),
+                    shown(&p.flag)
+                ),
             )
             .at_index("variants", i));
         }
@@ -716,7 +773,7 @@ fn operand(op: &model::Operator) -> Result<Operand, FieldError> {
         O::Unknown(name) => {
             return Err(FieldError::new(
                 "operator",
-                format!("unknown operator {name:?}"),
+                format!("unknown operator {}", shown(name)),
             ));
         }
     })
@@ -748,16 +805,16 @@ fn constraint(c: &model::Constraint) -> Result<(), FieldError> {
             }),
             Operand::Cidrs => parse::cidr(v)
                 .is_none()
-                .then(|| format!("{v:?} is not an IP address or CIDR range")),
+                .then(|| format!("{} is not an IP address or CIDR range", shown(v))),
             Operand::Number => parse::number(v)
                 .is_none()
-                .then(|| format!("{v:?} is not a number")),
+                .then(|| format!("{} is not a number", shown(v))),
             Operand::Date => parse::date_ms(v)
                 .is_none()
-                .then(|| format!("{v:?} is not an RFC 3339 date")),
+                .then(|| format!("{} is not an RFC 3339 date", shown(v))),
             Operand::Semver => parse::semver(v)
                 .is_none()
-                .then(|| format!("{v:?} is not a semantic version")),
+                .then(|| format!("{} is not a semantic version", shown(v))),
         };
         if let Some(reason) = problem {
             return Err(FieldError::new("", reason).at_index("values", i));
@@ -830,5 +887,27 @@ fn max_items(count: usize, max: usize, noun: &str) -> Result<(), FieldError> {
         ))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_quotes_short_values_whole_and_long_ones_by_a_prefix() {
+        assert_eq!(shown("beta-\"x\"").to_string(), r#""beta-\"x\"""#);
+        let long = "k".repeat(10_000);
+        assert_eq!(
+            shown(&long).to_string(),
+            format!("\"{}…\" (10000 bytes)", "k".repeat(MAX_SHOWN_BYTES))
+        );
+        // Cut at a character boundary: 'é' is two bytes.
+        let accented = "é".repeat(100);
+        let text = shown(&accented).to_string();
+        assert!(
+            text.starts_with(&format!("\"{}…\"", "é".repeat(32))),
+            "{text}"
+        );
     }
 }

@@ -400,6 +400,7 @@ pub async fn run_with(
         server = server.tls_config(tls)?;
     }
     let router = server
+        .layer(flagstream::kit::grpc::MalformedRequests)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -10,6 +10,7 @@ use flagstream::engine::{self, CompiledFlag, Evaluation};
 use flagstream::kit::auth;
 use flagstream::pb;
 use flagstream::pb::flag_eval_server::FlagEval;
+use flagstream::validate::shown;
 use flagstream::{convert, validate};
 use tokio::sync::{Semaphore, SemaphorePermit, broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -45,13 +46,13 @@ pub struct EvalService {
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     /// The namespace is not held by this replica.
-    #[error("namespace {0:?} not found")]
+    #[error("namespace {} not found", shown(.0))]
     NamespaceNotFound(String),
     /// The flag does not exist in the namespace.
-    #[error("flag {flag:?} not found in namespace {namespace:?}")]
+    #[error("flag {} not found in namespace {}", shown(flag), shown(namespace))]
     FlagNotFound { namespace: String, flag: String },
     /// `expected_type` is not the flag's type.
-    #[error("flag {flag:?} is of type {actual}, not {expected}")]
+    #[error("flag {} is of type {actual}, not {expected}", shown(flag))]
     TypeMismatch {
         flag: String,
         actual: &'static str,
@@ -465,7 +466,10 @@ impl Watcher {
                         flag_key: key.clone(),
                         reason: pb::Reason::Error.into(),
                         error_code: pb::ErrorCode::FlagNotFound.into(),
-                        error_message: format!("namespace {:?} not found", self.request.namespace),
+                        error_message: format!(
+                            "namespace {} not found",
+                            shown(&self.request.namespace)
+                        ),
                         rule_index: -1,
                         revision: replica.revision,
                         ..Default::default()
@@ -577,7 +581,7 @@ fn replica_digest(replica: &Replica) -> pb::StateDigest {
 fn authorize<T>(request: &Request<T>, namespace: &str) -> Result<(), Status> {
     auth::check(
         request,
-        format_args!("evaluate flags of namespace {namespace:?}"),
+        format_args!("evaluate flags of namespace {}", shown(namespace)),
         |identity| identity.can_eval(namespace),
     )?;
     Ok(())

@@ -281,6 +281,7 @@ pub async fn run(
     }
     let router = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(flagstream::kit::grpc::MalformedRequests)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -95,7 +95,11 @@ impl Admin {
             Some(_) => Ok(()),
             None => {
                 self.settle().await?;
-                Err(Error::NotFound(format!("namespace {namespace:?} not found")).into())
+                Err(Error::NotFound(format!(
+                    "namespace {} not found",
+                    flagstream::validate::shown(namespace)
+                ))
+                .into())
             }
         }
     }
@@ -323,8 +327,9 @@ impl FlagAdmin for Admin {
         match found {
             Some(flag) => Ok(Response::new(flag)),
             None => Err(Error::NotFound(format!(
-                "flag {:?} not found in namespace {:?}",
-                req.key, req.namespace
+                "flag {} not found in namespace {}",
+                flagstream::validate::shown(&req.key),
+                flagstream::validate::shown(&req.namespace)
             ))
             .into()),
         }
@@ -432,8 +437,9 @@ impl FlagAdmin for Admin {
         match found {
             Some(segment) => Ok(Response::new(segment)),
             None => Err(Error::NotFound(format!(
-                "segment {:?} not found in namespace {:?}",
-                req.key, req.namespace
+                "segment {} not found in namespace {}",
+                flagstream::validate::shown(&req.key),
+                flagstream::validate::shown(&req.namespace)
             ))
             .into()),
         }
@@ -547,7 +553,11 @@ impl FlagAdmin for Admin {
         self.settle().await?;
         let ns = snapshot.namespaces.into_iter().find(|n| n.key == namespace);
         let Some(ns) = ns else {
-            return Err(Error::NotFound(format!("namespace {namespace:?} not found")).into());
+            return Err(Error::NotFound(format!(
+                "namespace {} not found",
+                flagstream::validate::shown(&namespace)
+            ))
+            .into());
         };
         let bundle = pb::NamespaceBundle {
             namespace: Some(ns),

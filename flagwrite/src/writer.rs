@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use flagstream::validate::Element;
+use flagstream::validate::{Element, shown};
 use flagstream::{model, pb};
 use tokio::sync::{mpsc, oneshot};
 
@@ -355,8 +355,8 @@ impl Plan<'_> {
                 let mut ns = pb::Namespace::from(checks::namespace(ns, "namespace")?);
                 if self.store.namespace(&ns.key)?.is_some() {
                     return Err(Error::AlreadyExists(format!(
-                        "namespace {:?} already exists",
-                        ns.key
+                        "namespace {} already exists",
+                        shown(&ns.key)
                     )));
                 }
                 ns.stamp = Some(self.stamp(None));
@@ -368,7 +368,8 @@ impl Plan<'_> {
                 let (flags, segments) = self.store.object_keys(&key)?;
                 if !flags.is_empty() || !segments.is_empty() {
                     return Err(Error::FailedPrecondition(format!(
-                        "namespace {key:?} is not empty: it holds flags [{}] and segments [{}]",
+                        "namespace {} is not empty: it holds flags [{}] and segments [{}]",
+                        shown(&key),
                         list_names(&flags),
                         list_names(&segments)
                     )));
@@ -381,8 +382,9 @@ impl Plan<'_> {
                 self.namespace_required(&model.namespace)?;
                 if self.store.flag(&model.namespace, &model.key)?.is_some() {
                     return Err(Error::AlreadyExists(format!(
-                        "flag {:?} already exists in namespace {:?}",
-                        model.key, model.namespace
+                        "flag {} already exists in namespace {}",
+                        shown(&model.key),
+                        shown(&model.namespace)
                     )));
                 }
                 let view = self.view_for(&model)?;
@@ -392,7 +394,11 @@ impl Plan<'_> {
             Op::UpdateFlag { flag, expected } => {
                 let model = checks::flag_model(flag, "flag")?;
                 let stored = self.flag_required(&model.namespace, &model.key)?;
-                check_expected(&format!("flag {:?}", model.key), &stored.stamp, expected)?;
+                check_expected(
+                    &format!("flag {}", shown(&model.key)),
+                    &stored.stamp,
+                    expected,
+                )?;
                 let stored_type =
                     pb::FlagType::try_from(stored.r#type).unwrap_or(pb::FlagType::Unspecified);
                 if pb::FlagType::from(model.flag_type) != stored_type {
@@ -413,7 +419,7 @@ impl Plan<'_> {
                 expected,
             } => {
                 let stored = self.flag_required(&namespace, &key)?;
-                check_expected(&format!("flag {key:?}"), &stored.stamp, expected)?;
+                check_expected(&format!("flag {}", shown(&key)), &stored.stamp, expected)?;
                 let mut flag = stored.clone();
                 flag.enabled = enabled;
                 flag.stamp = Some(self.stamp(stored.stamp.as_ref()));
@@ -426,7 +432,7 @@ impl Plan<'_> {
                 expected,
             } => {
                 let stored = self.flag_required(&namespace, &key)?;
-                check_expected(&format!("flag {key:?}"), &stored.stamp, expected)?;
+                check_expected(&format!("flag {}", shown(&key)), &stored.stamp, expected)?;
                 let mut dependents = Vec::new();
                 for flag in self.store.flags_after(&namespace, "") {
                     let flag = flag?;
@@ -436,7 +442,8 @@ impl Plan<'_> {
                 }
                 if !dependents.is_empty() {
                     return Err(Error::FailedPrecondition(format!(
-                        "flag {key:?} is a prerequisite of flags [{}]",
+                        "flag {} is a prerequisite of flags [{}]",
+                        shown(&key),
                         list_names(&dependents)
                     )));
                 }
@@ -448,8 +455,9 @@ impl Plan<'_> {
                 self.namespace_required(&model.namespace)?;
                 if self.store.segment(&model.namespace, &model.key)?.is_some() {
                     return Err(Error::AlreadyExists(format!(
-                        "segment {:?} already exists in namespace {:?}",
-                        model.key, model.namespace
+                        "segment {} already exists in namespace {}",
+                        shown(&model.key),
+                        shown(&model.namespace)
                     )));
                 }
                 self.store_segment(model, None);
@@ -461,11 +469,16 @@ impl Plan<'_> {
                     .segment(&model.namespace, &model.key)?
                     .ok_or_else(|| {
                         Error::NotFound(format!(
-                            "segment {:?} not found in namespace {:?}",
-                            model.key, model.namespace
+                            "segment {} not found in namespace {}",
+                            shown(&model.key),
+                            shown(&model.namespace)
                         ))
                     })?;
-                check_expected(&format!("segment {:?}", model.key), &stored.stamp, expected)?;
+                check_expected(
+                    &format!("segment {}", shown(&model.key)),
+                    &stored.stamp,
+                    expected,
+                )?;
                 self.store_segment(model, Some(stored));
             }
             Op::DeleteSegment {
@@ -475,10 +488,12 @@ impl Plan<'_> {
             } => {
                 let stored = self.store.segment(&namespace, &key)?.ok_or_else(|| {
                     Error::NotFound(format!(
-                        "segment {key:?} not found in namespace {namespace:?}"
+                        "segment {} not found in namespace {}",
+                        shown(&key),
+                        shown(&namespace)
                     ))
                 })?;
-                check_expected(&format!("segment {key:?}"), &stored.stamp, expected)?;
+                check_expected(&format!("segment {}", shown(&key)), &stored.stamp, expected)?;
                 let mut users = Vec::new();
                 for flag in self.store.flags_after(&namespace, "") {
                     let flag = flag?;
@@ -488,7 +503,8 @@ impl Plan<'_> {
                 }
                 if !users.is_empty() {
                     return Err(Error::FailedPrecondition(format!(
-                        "segment {key:?} is used by flags [{}]",
+                        "segment {} is used by flags [{}]",
+                        shown(&key),
                         list_names(&users)
                     )));
                 }
@@ -645,12 +661,16 @@ impl Plan<'_> {
     fn namespace_required(&self, key: &str) -> Result<pb::Namespace, Error> {
         self.store
             .namespace(key)?
-            .ok_or_else(|| Error::NotFound(format!("namespace {key:?} not found")))
+            .ok_or_else(|| Error::NotFound(format!("namespace {} not found", shown(key))))
     }
 
     fn flag_required(&self, namespace: &str, key: &str) -> Result<pb::Flag, Error> {
         self.store.flag(namespace, key)?.ok_or_else(|| {
-            Error::NotFound(format!("flag {key:?} not found in namespace {namespace:?}"))
+            Error::NotFound(format!(
+                "flag {} not found in namespace {}",
+                shown(key),
+                shown(namespace)
+            ))
         })
     }
 
@@ -690,7 +710,7 @@ impl Plan<'_> {
                 .filter(|p| p.flag == flag.key)
             {
                 for variant in p.variants.iter().filter(|v| dropped.contains(v.as_str())) {
-                    named.push(format!("{variant:?} by {:?}", dependent.key));
+                    named.push(format!("{} by {}", shown(variant), shown(&dependent.key)));
                 }
             }
         }
