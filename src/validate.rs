@@ -86,6 +86,8 @@ pub const MAX_CONTEXT_KEY_BYTES: usize = 256;
 pub const MAX_CONTEXT_VALUE_BYTES: usize = 4096;
 /// Most flag keys in one `EvaluateBatch` call.
 pub const MAX_BATCH_KEYS: usize = 1000;
+/// Most flag keys one `Watch` stream follows.
+pub const MAX_WATCH_KEYS: usize = 1000;
 
 /// Longest part of a caller's value an error message quotes, in bytes: a message echoes a short
 /// prefix of a long key, not all of it (a status over 8 KiB of headers is refused by default

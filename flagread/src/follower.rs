@@ -55,8 +55,9 @@ pub struct SyncStatus {
     /// Milliseconds after `base` when the writer was last heard from (any message); `u64::MAX`
     /// before the first.
     heard_ms: AtomicU64,
-    /// The writer's head revision, from heartbeats and changes.
-    head: AtomicU64,
+    /// The writer's head revision, from heartbeats and changes; a `watch` so that a
+    /// `min_revision` call can wait for news of its revision.
+    head: watch::Sender<u64>,
     /// Whether a subscription is currently open.
     connected: AtomicBool,
     /// Subscriptions opened, for metrics.
@@ -124,7 +125,7 @@ impl SyncStatus {
         SyncStatus {
             base: Instant::now(),
             heard_ms: AtomicU64::new(u64::MAX),
-            head: AtomicU64::new(0),
+            head: watch::channel(0).0,
             connected: AtomicBool::new(false),
             subscriptions: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
@@ -155,7 +156,15 @@ impl SyncStatus {
 
     /// The writer's head revision as last heard.
     pub fn head(&self) -> u64 {
-        self.head.load(Ordering::Relaxed)
+        *self.head.borrow()
+    }
+
+    /// Waits until the writer's head, as heard, is at least `revision`. The caller bounds the
+    /// wait.
+    pub async fn wait_for_head(&self, revision: u64) {
+        let mut head = self.head.subscribe();
+        // Fails only when the sender is dropped, and `self` owns it.
+        let _ = head.wait_for(|head| *head >= revision).await;
     }
 
     /// Whether a subscription is open.
@@ -189,7 +198,13 @@ impl SyncStatus {
             .saturating_duration_since(self.base)
             .as_millis() as u64;
         self.heard_ms.store(ms, Ordering::Relaxed);
-        self.head.fetch_max(head, Ordering::Relaxed);
+        self.head.send_if_modified(|heard| {
+            let newer = head > *heard;
+            if newer {
+                *heard = head;
+            }
+            newer
+        });
     }
 }
 

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod follower;
+pub mod holds;
 pub mod metrics;
 pub mod service;
 pub mod state;
@@ -104,6 +105,31 @@ pub struct Config {
     /// Unary calls in flight beyond which calls are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "FLAGREAD_CONCURRENCY_LIMIT", default_value_t = 10_000)]
     pub concurrency_limit: usize,
+    /// `min_revision` waits open at once on the replica; beyond, calls that would wait are
+    /// refused with RESOURCE_EXHAUSTED. Waits hold no concurrency permit.
+    #[arg(long, env = "FLAGREAD_MAX_REVISION_WAITS", default_value_t = 10_000)]
+    pub max_revision_waits: usize,
+    /// `min_revision` waits open at once per token.
+    #[arg(
+        long,
+        env = "FLAGREAD_MAX_REVISION_WAITS_PER_TOKEN",
+        default_value_t = 1_000
+    )]
+    pub max_revision_waits_per_token: usize,
+    /// How long, in milliseconds, a `min_revision` beyond the writer's head (as last heard)
+    /// waits for news of that revision before it is refused with OUT_OF_RANGE.
+    #[arg(long, env = "FLAGREAD_REVISION_HORIZON_MS", default_value_t = 1_000)]
+    pub revision_horizon_ms: u64,
+    /// `Watch` streams open at once on the replica; beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FLAGREAD_MAX_WATCH_STREAMS", default_value_t = 10_000)]
+    pub max_watch_streams: usize,
+    /// `Watch` streams open at once per token.
+    #[arg(
+        long,
+        env = "FLAGREAD_MAX_WATCH_STREAMS_PER_TOKEN",
+        default_value_t = 1_000
+    )]
+    pub max_watch_streams_per_token: usize,
     /// HTTP/2 streams per connection.
     #[arg(long, env = "FLAGREAD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
@@ -248,6 +274,8 @@ pub struct Handles {
     pub status: Arc<SyncStatus>,
     /// Where `/metrics` is served.
     pub metrics_listen: SocketAddr,
+    /// The FlagEval service, for what its callers hold.
+    pub eval: EvalService,
 }
 
 /// Runs a replica on `listener` until `shutdown` completes, then drains (bounded by
@@ -370,18 +398,26 @@ pub async fn run_with(
         source,
     })?;
     tracing::info!(listen = %local, metrics = %metrics_listen, upstream = %config.upstream, "flagread serving");
+    let eval = EvalService::new(
+        state.clone(),
+        status.clone(),
+        metrics.clone(),
+        service::Limits {
+            concurrency: config.concurrency_limit,
+            revision_waits: config.max_revision_waits,
+            revision_waits_per_token: config.max_revision_waits_per_token,
+            revision_horizon: Duration::from_millis(config.revision_horizon_ms),
+            watch_streams: config.max_watch_streams,
+            watch_streams_per_token: config.max_watch_streams_per_token,
+        },
+        stopped.clone(),
+    );
     started(Handles {
         state: state.clone(),
         status: status.clone(),
         metrics_listen,
+        eval: eval.clone(),
     });
-
-    let eval = EvalService::new(
-        state.clone(),
-        metrics.clone(),
-        config.concurrency_limit.max(1),
-        stopped.clone(),
-    );
     let eval = tonic::service::interceptor::InterceptedService::new(
         FlagEvalServer::new(eval)
             .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),

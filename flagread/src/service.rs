@@ -1,6 +1,7 @@
 //! The FlagEval gRPC service: evaluates flags from the published replica state, waits for
 //! `min_revision` within the call's deadline, and streams applied changes to `Watch` clients.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,6 +17,8 @@ use tokio::sync::{Semaphore, SemaphorePermit, broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::follower::SyncStatus;
+use crate::holds::{Hold, Holds, Refused};
 use crate::metrics::Metrics;
 use crate::state::{Applied, FlagExtras, NamespaceState, Replica, State};
 
@@ -26,11 +29,45 @@ pub const MAX_REVISION_WAIT: Duration = Duration::from_secs(30);
 /// subscriber gets a full-refresh event instead.
 const WATCH_QUEUE: usize = 64;
 
+/// What a replica lets its callers hold; eval.proto and the README's limits table document
+/// them.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Unary calls evaluating at once; more are refused with RESOURCE_EXHAUSTED.
+    pub concurrency: usize,
+    /// `min_revision` waits open at once on the replica.
+    pub revision_waits: usize,
+    /// `min_revision` waits open at once per token.
+    pub revision_waits_per_token: usize,
+    /// How long a `min_revision` beyond the writer's head, as this replica last heard it, waits
+    /// to hear of it before it is refused with OUT_OF_RANGE.
+    pub revision_horizon: Duration,
+    /// `Watch` streams open at once on the replica.
+    pub watch_streams: usize,
+    /// `Watch` streams open at once per token.
+    pub watch_streams_per_token: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            concurrency: 10_000,
+            revision_waits: 10_000,
+            revision_waits_per_token: 1_000,
+            revision_horizon: Duration::from_secs(1),
+            watch_streams: 10_000,
+            watch_streams_per_token: 1_000,
+        }
+    }
+}
+
 /// The FlagEval implementation.
 #[derive(Clone)]
 pub struct EvalService {
     /// The replica state evaluated.
     state: Arc<State>,
+    /// The follower's view of the writer: its head revision as last heard.
+    status: Arc<SyncStatus>,
     /// Latency histogram and shed counter.
     metrics: Arc<Metrics>,
     /// Permits for unary calls in flight; when none is left a call is refused at once with
@@ -38,6 +75,12 @@ pub struct EvalService {
     inflight: Arc<Semaphore>,
     /// The concurrency limit, for the refusal message.
     limit: usize,
+    /// `min_revision` waits open, bounded per replica and per token; they hold no permit.
+    revision_waits: Arc<Holds>,
+    /// `Watch` streams open, bounded per replica and per token.
+    watch_streams: Arc<Holds>,
+    /// See [`Limits::revision_horizon`].
+    horizon: Duration,
     /// Closes at shutdown, ending every `Watch` stream so the server can drain.
     shutdown: watch::Receiver<()>,
 }
@@ -74,6 +117,19 @@ pub enum EvalError {
     /// `min_revision` was not reached before the deadline.
     #[error("revision {wanted} not applied yet: this replica has applied revision {applied}")]
     RevisionNotReached { wanted: u64, applied: u64 },
+    /// `min_revision` is beyond the writer's head as this replica knows it, and no news of it
+    /// came within the horizon.
+    #[error(
+        "min_revision: revision {wanted} is beyond the writer's head revision {head} as this replica last heard it (waited {horizon:?} for news of it)"
+    )]
+    RevisionBeyondHead {
+        wanted: u64,
+        head: u64,
+        horizon: Duration,
+    },
+    /// A bound on what callers hold is reached.
+    #[error("{0}")]
+    Held(#[from] Refused),
     /// No full state is held yet (the replica is starting).
     #[error("this replica holds no full state yet (applied revision {0})")]
     NotReady(u64),
@@ -96,7 +152,8 @@ impl From<EvalError> for Status {
             EvalError::RevisionNotReached { .. } | EvalError::NotReady(_) => {
                 Status::unavailable(message)
             }
-            EvalError::Overloaded(_) => Status::resource_exhausted(message),
+            EvalError::RevisionBeyondHead { .. } => Status::out_of_range(message),
+            EvalError::Overloaded(_) | EvalError::Held(_) => Status::resource_exhausted(message),
         }
     }
 }
@@ -104,20 +161,44 @@ impl From<EvalError> for Status {
 type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
 impl EvalService {
-    /// A service evaluating `state`, with at most `limit` unary calls in flight.
+    /// A service evaluating `state`, followed under `status`, within `limits`.
     pub fn new(
         state: Arc<State>,
+        status: Arc<SyncStatus>,
         metrics: Arc<Metrics>,
-        limit: usize,
+        limits: Limits,
         shutdown: watch::Receiver<()>,
     ) -> EvalService {
+        let limit = limits.concurrency.max(1);
         EvalService {
             state,
+            status,
             metrics,
             inflight: Arc::new(Semaphore::new(limit)),
             limit,
+            revision_waits: Holds::new(
+                "min_revision waits",
+                limits.revision_waits.max(1),
+                limits.revision_waits_per_token.max(1),
+            ),
+            watch_streams: Holds::new(
+                "Watch streams",
+                limits.watch_streams.max(1),
+                limits.watch_streams_per_token.max(1),
+            ),
+            horizon: limits.revision_horizon,
             shutdown,
         }
+    }
+
+    /// `min_revision` waits open now.
+    pub fn revision_waits(&self) -> usize {
+        self.revision_waits.held()
+    }
+
+    /// `Watch` streams open now.
+    pub fn watch_streams(&self) -> usize {
+        self.watch_streams.held()
     }
 
     /// A permit for one unary call, or RESOURCE_EXHAUSTED at once.
@@ -130,6 +211,10 @@ impl EvalService {
 
     /// The state to answer from: at least at `min_revision`, waiting for it until shortly
     /// before the call's deadline (so the answer, not tonic's timeout, reaches the client).
+    ///
+    /// A wait holds no concurrency permit (the permit is taken after it, to evaluate), but a
+    /// slot of the replica's and the token's bounded waits; a revision beyond the writer's head
+    /// as last heard waits only [`Limits::revision_horizon`] for news of it.
     async fn replica_at<T>(
         &self,
         request: &Request<T>,
@@ -145,17 +230,41 @@ impl EvalService {
                 };
             }
         }
+        // Every call here passed `authorize`, so it has an identity.
+        let token =
+            auth::identity(request).map_or_else(|_| Arc::from(""), |i| i.name.as_str().into());
+        let _hold: Hold = self.revision_waits.take(&token)?;
         let budget = wait_budget(
             request
                 .metadata()
                 .get("grpc-timeout")
                 .and_then(|v| v.to_str().ok()),
         );
+        let deadline = tokio::time::Instant::now() + budget;
         let mut shutdown = self.shutdown.clone();
+        let head = self.status.head().max(self.state.revision());
+        if min_revision > head && self.horizon < budget {
+            // The writer had not reached this revision when last heard from: a client that just
+            // wrote it is about to be told of it by the stream; any other will never be.
+            let heard = tokio::select! {
+                heard = tokio::time::timeout(self.horizon, self.status.wait_for_head(min_revision)) => heard.is_ok(),
+                _ = shutdown.changed() => return Err(EvalError::RevisionNotReached {
+                    wanted: min_revision,
+                    applied: self.state.revision(),
+                }),
+            };
+            if !heard && self.state.revision() < min_revision {
+                return Err(EvalError::RevisionBeyondHead {
+                    wanted: min_revision,
+                    head: self.status.head().max(self.state.revision()),
+                    horizon: self.horizon,
+                });
+            }
+        }
         // At shutdown the wait ends at once (UNAVAILABLE), so waiting calls do not hold up the
         // drain.
         let reached = tokio::select! {
-            reached = tokio::time::timeout(budget, self.state.wait_for_revision(min_revision)) => reached.is_ok(),
+            reached = tokio::time::timeout_at(deadline, self.state.wait_for_revision(min_revision)) => reached.is_ok(),
             _ = shutdown.changed() => false,
         };
         if reached {
@@ -241,11 +350,11 @@ impl FlagEval for EvalService {
         &self,
         request: Request<pb::EvaluateRequest>,
     ) -> Result<Response<pb::EvaluateResponse>, Status> {
-        let _permit = self.admit()?;
         authorize(&request, &request.get_ref().namespace)?;
         let replica = self
             .replica_at(&request, request.get_ref().min_revision)
             .await?;
+        let _permit = self.admit()?;
         let request = request.into_inner();
         let ctx = context_of(request.context.as_ref())?;
         let expected = expected_type(request.expected_type)?;
@@ -278,7 +387,6 @@ impl FlagEval for EvalService {
         &self,
         request: Request<pb::EvaluateBatchRequest>,
     ) -> Result<Response<pb::EvaluateBatchResponse>, Status> {
-        let _permit = self.admit()?;
         authorize(&request, &request.get_ref().namespace)?;
         let keys = request.get_ref().flag_keys.len();
         if keys > validate::MAX_BATCH_KEYS {
@@ -292,6 +400,7 @@ impl FlagEval for EvalService {
         let replica = self
             .replica_at(&request, request.get_ref().min_revision)
             .await?;
+        let _permit = self.admit()?;
         let request = request.into_inner();
         let ctx = context_of(request.context.as_ref())?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
@@ -306,11 +415,11 @@ impl FlagEval for EvalService {
         &self,
         request: Request<pb::EvaluateAllRequest>,
     ) -> Result<Response<pb::EvaluateBatchResponse>, Status> {
-        let _permit = self.admit()?;
         authorize(&request, &request.get_ref().namespace)?;
         let replica = self
             .replica_at(&request, request.get_ref().min_revision)
             .await?;
+        let _permit = self.admit()?;
         let request = request.into_inner();
         let ctx = context_of(request.context.as_ref())?;
         let ns = namespace_of(&replica, &request.namespace, &self.metrics)?;
@@ -325,10 +434,24 @@ impl FlagEval for EvalService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         authorize(&request, &request.get_ref().namespace)?;
+        let token = auth::identity(&request)?;
         let request = request.into_inner();
+        let keys = request.flag_keys.len();
+        if keys > validate::MAX_WATCH_KEYS {
+            return Err(EvalError::Limit {
+                field: "flag_keys".into(),
+                detail: format!("{keys} keys asked for"),
+                limit: validate::MAX_WATCH_KEYS,
+            }
+            .into());
+        }
         if let Some(context) = &request.context {
             check_context(context)?;
         }
+        let hold = self
+            .watch_streams
+            .take(&token.name)
+            .map_err(EvalError::from)?;
         // Subscribe before reading the state, so that no change falls between the two.
         let changes = self.state.subscribe_changes();
         let replica = self.state.load();
@@ -344,10 +467,15 @@ impl FlagEval for EvalService {
         // Cannot fail: the channel is new and has room.
         let _ = tx.try_send(Ok(first));
         let watcher = Watcher {
-            service: self.clone(),
-            request,
+            state: self.state.clone(),
+            subscription: Arc::new(Subscription {
+                keys: request.flag_keys.into_iter().collect(),
+                context: request.context,
+                namespace: request.namespace,
+            }),
             from: replica.revision,
             tx,
+            _hold: hold,
         };
         tokio::spawn(watcher.run(changes, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -392,12 +520,27 @@ impl FlagEval for EvalService {
 /// Exit: when the client goes away (the receiver is dropped), when the state's change channel
 /// closes, or at shutdown (so that the server's drain is not held up by open streams).
 struct Watcher {
-    service: EvalService,
-    request: pb::WatchRequest,
+    state: Arc<State>,
+    subscription: Arc<Subscription>,
     /// Changes at or below this revision were already reported by the first event.
     from: u64,
     tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+    /// The stream's slot among the replica's and the token's bounded streams.
+    _hold: Hold,
 }
+
+/// What a `Watch` stream asked for.
+struct Subscription {
+    namespace: String,
+    /// The flags followed; empty follows every flag of the namespace.
+    keys: HashSet<String>,
+    /// When set, each event carries the changed flags' results for this context.
+    context: Option<pb::Context>,
+}
+
+/// Events whose results take more evaluations than this are computed on the blocking pool, not
+/// on the async workers (a change to every flag of a large namespace, with a context).
+const INLINE_EVALUATIONS: usize = 64;
 
 impl Watcher {
     async fn run(
@@ -406,53 +549,79 @@ impl Watcher {
         mut shutdown: watch::Receiver<()>,
     ) {
         loop {
-            let event = tokio::select! {
+            let applied = tokio::select! {
                 _ = self.tx.closed() => return,
                 _ = shutdown.changed() => return,
                 change = changes.recv() => match change {
                     Ok(applied) if applied.revision <= self.from && !applied.full_refresh => continue,
-                    Ok(applied) => self.event(&applied),
+                    Ok(applied) => applied,
                     // The subscriber fell behind the backlog: tell it to refresh everything.
-                    Err(broadcast::error::RecvError::Lagged(_)) => Some(pb::WatchEvent {
-                        revision: self.service.state.revision(),
+                    Err(broadcast::error::RecvError::Lagged(_)) => Arc::new(Applied {
+                        revision: self.state.revision(),
                         full_refresh: true,
-                        ..Default::default()
+                        changed: Default::default(),
                     }),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
             };
-            if let Some(event) = event
-                && self.tx.send(Ok(event)).await.is_err()
+            let Some(changed) = self.subscription.changed(&applied) else {
+                continue;
+            };
+            let event = if self.subscription.context.is_some() && changed.len() > INLINE_EVALUATIONS
             {
+                let (state, subscription) = (self.state.clone(), self.subscription.clone());
+                let evaluate = move || subscription.event(&state, applied.revision, changed);
+                tokio::select! {
+                    _ = self.tx.closed() => return,
+                    event = tokio::task::spawn_blocking(evaluate) => match event {
+                        Ok(event) => event,
+                        Err(_) => return,
+                    },
+                }
+            } else {
+                self.subscription
+                    .event(&self.state, applied.revision, changed)
+            };
+            if self.tx.send(Ok(event)).await.is_err() {
                 return;
             }
         }
     }
+}
 
-    /// The event for one applied change, or `None` when it does not concern this subscriber.
-    fn event(&self, applied: &Applied) -> Option<pb::WatchEvent> {
+impl Subscription {
+    /// The flags of `applied` this subscription follows; `Some(empty)` for a full refresh,
+    /// `None` when the change does not concern it.
+    fn changed(&self, applied: &Applied) -> Option<Vec<String>> {
         if applied.full_refresh {
-            return Some(pb::WatchEvent {
-                revision: applied.revision,
-                full_refresh: true,
-                ..Default::default()
-            });
+            return Some(Vec::new());
         }
-        let keys = applied.changed.get(&self.request.namespace)?;
+        let keys = applied.changed.get(&self.namespace)?;
         let changed: Vec<String> = keys
             .iter()
-            .filter(|key| self.request.flag_keys.is_empty() || self.request.flag_keys.contains(key))
+            .filter(|key| self.keys.is_empty() || self.keys.contains(key.as_str()))
             .cloned()
             .collect();
+        (!changed.is_empty()).then_some(changed)
+    }
+
+    /// The event for a change of `changed` at `revision` (a full refresh when empty), with
+    /// their results when a context was given.
+    fn event(&self, state: &State, revision: u64, changed: Vec<String>) -> pb::WatchEvent {
         if changed.is_empty() {
-            return None;
+            return pb::WatchEvent {
+                revision,
+                full_refresh: true,
+                ..Default::default()
+            };
         }
         let mut results = Vec::new();
-        if let Some(context) = &self.request.context {
+        if let Some(context) = &self.context {
             // The newest state: at least this change, perhaps more (the next event repeats them).
-            let replica = self.service.state.load();
+            let replica = state.load();
             let ctx = convert::context(context);
-            let ns = replica.namespaces.get(&self.request.namespace);
+            let ns = replica.namespaces.get(&self.namespace);
+            results.reserve(changed.len());
             for key in &changed {
                 results.push(match ns {
                     Some(ns) => EvalService::evaluate_one(
@@ -466,10 +635,7 @@ impl Watcher {
                         flag_key: key.clone(),
                         reason: pb::Reason::Error.into(),
                         error_code: pb::ErrorCode::FlagNotFound.into(),
-                        error_message: format!(
-                            "namespace {} not found",
-                            shown(&self.request.namespace)
-                        ),
+                        error_message: format!("namespace {} not found", shown(&self.namespace)),
                         rule_index: -1,
                         revision: replica.revision,
                         ..Default::default()
@@ -477,12 +643,12 @@ impl Watcher {
                 });
             }
         }
-        Some(pb::WatchEvent {
-            revision: applied.revision,
+        pb::WatchEvent {
+            revision,
             changed_flags: changed,
             results,
             full_refresh: false,
-        })
+        }
     }
 }
 

@@ -473,7 +473,7 @@ async fn min_revision_waits_for_the_write_or_fails_naming_the_revision_held() {
         min_revision: 7,
         ..Default::default()
     });
-    batch.set_timeout(Duration::from_millis(100));
+    batch.set_timeout(Duration::from_millis(500));
     assert_eq!(
         client.evaluate_batch(batch).await.unwrap_err().code(),
         Code::Unavailable
@@ -678,40 +678,242 @@ async fn eval_tokens_are_checked_and_limited_to_their_namespaces() {
     replica.stop().await;
 }
 
-#[tokio::test]
-async fn calls_beyond_the_concurrency_limit_are_shed_not_queued() {
-    let mut fake = FakeUpstream::start().await;
+/// A request for `ns`/`key` with `token`, waiting for `min_revision` within `timeout`.
+fn waiting(
+    token: &str,
+    ns: &str,
+    key: &str,
+    min_revision: u64,
+    timeout: Duration,
+) -> tonic::Request<pb::EvaluateRequest> {
+    let mut request = tonic::Request::new(pb::EvaluateRequest {
+        min_revision,
+        ..evaluate(ns, key)
+    });
+    request.set_timeout(timeout);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+const NOISY: &str = "noisy-secret-0123456789";
+const WEB: &str = "web-secret-0123456789";
+
+/// A config with tokens `noisy` (eval:dev, secret [`NOISY`]) and `web` (eval:prod, [`WEB`]).
+fn with_tokens(fake: &FakeUpstream, name: &str) -> Config {
+    let dir = temp_dir(name);
+    let tokens = dir.join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("noisy eval:dev {NOISY}\nweb eval:prod {WEB}\n"),
+    )
+    .unwrap();
     let mut config = Config::local(fake.url.clone());
-    config.concurrency_limit = 1;
-    let (replica, _sub) = serving(&mut fake, config).await;
-    let mut waiting = replica.client().await;
-    let pending = tokio::spawn(async move {
-        let mut request = tonic::Request::new(pb::EvaluateRequest {
-            min_revision: 99,
-            ..evaluate("prod", "a")
+    config.dev_no_auth = false;
+    config.tokens_file = Some(tokens);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unreachable_min_revision_calls_leaves_other_callers_served() {
+    let mut fake = FakeUpstream::start().await;
+    let mut config = with_tokens(&fake, "flood");
+    config.concurrency_limit = 100;
+    config.max_revision_waits_per_token = 200;
+    config.revision_horizon_ms = 2_000;
+    let (replica, sub) = serving(&mut fake, config).await;
+    let client = replica.client().await;
+
+    // A token limited to another namespace asks for a revision that will never come, 1,000
+    // times at once: before, each call held a concurrency permit for up to 30 s.
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..1_000 {
+        let mut client = client.clone();
+        flood.spawn(async move {
+            client
+                .evaluate(waiting(
+                    NOISY,
+                    "dev",
+                    "x",
+                    1_000_000_000_000,
+                    Duration::from_secs(30),
+                ))
+                .await
         });
-        request.set_timeout(Duration::from_millis(500));
-        waiting.evaluate(request).await
+    }
+    eventually("the token's waits fill its bound", || {
+        replica.handles.eval.revision_waits() == 200
+    })
+    .await;
+
+    // Meanwhile another team's calls are answered, and its own min_revision waits work.
+    let mut web = client.clone();
+    for _ in 0..50 {
+        web.evaluate(waiting(WEB, "prod", "a", 0, Duration::from_secs(5)))
+            .await
+            .expect("another namespace's caller is served during the flood");
+    }
+    let pending = tokio::spawn({
+        let mut web = client.clone();
+        async move {
+            web.evaluate(waiting(WEB, "prod", "a", 6, Duration::from_secs(5)))
+                .await
+        }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let status = replica
-        .client()
-        .await
-        .evaluate(evaluate("prod", "a"))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    sub.send([put(6, vec![flag("prod", "c", 6)])]).await;
+    assert_eq!(pending.await.unwrap().unwrap().into_inner().revision, 6);
+
+    // The flood is refused: beyond the token's bound at once, the rest when the horizon ends.
+    let mut codes = std::collections::BTreeMap::new();
+    while let Some(result) = flood.join_next().await {
+        let status = result.unwrap().expect_err("revision 10^12 never comes");
+        *codes.entry(format!("{:?}", status.code())).or_insert(0) += 1;
+        if status.code() == Code::ResourceExhausted {
+            assert!(
+                status
+                    .message()
+                    .contains("token \"noisy\" holds its limit of 200 min_revision waits"),
+                "{status:?}"
+            );
+        }
+    }
     assert_eq!(
-        pending.await.unwrap().unwrap_err().code(),
-        Code::Unavailable
+        codes,
+        [
+            ("OutOfRange".to_string(), 200),
+            ("ResourceExhausted".to_string(), 800)
+        ]
+        .into(),
+        "{codes:?}"
     );
-    // With the slot free again, calls go through.
-    replica
-        .client()
-        .await
-        .evaluate(evaluate("prod", "a"))
-        .await
-        .unwrap();
+    assert_eq!(
+        replica.handles.eval.revision_waits(),
+        0,
+        "every wait gave its slot back"
+    );
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn min_revision_beyond_the_writers_head_waits_only_the_horizon() {
+    let mut fake = FakeUpstream::start().await;
+    let mut config = Config::local(fake.url.clone());
+    config.revision_horizon_ms = 300;
+    let (replica, sub) = serving(&mut fake, config).await;
+    let mut client = replica.client().await;
+
+    // A revision the writer has not announced: refused once the horizon ends, long before the
+    // call's deadline.
+    let started = std::time::Instant::now();
+    let mut request = tonic::Request::new(pb::EvaluateRequest {
+        min_revision: 1_000_000_000_000,
+        ..evaluate("prod", "a")
+    });
+    request.set_timeout(Duration::from_secs(20));
+    let status = client.evaluate(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().starts_with(
+            "min_revision: revision 1000000000000 is beyond the writer's head revision 5"
+        ),
+        "{status:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+
+    // A revision announced within the horizon (a client that just wrote it) is waited for until
+    // it is applied, past the horizon.
+    let pending = tokio::spawn({
+        let mut client = client.clone();
+        async move {
+            let mut request = tonic::Request::new(pb::EvaluateRequest {
+                min_revision: 7,
+                ..evaluate("prod", "a")
+            });
+            request.set_timeout(Duration::from_secs(10));
+            client.evaluate(request).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sub.send([heartbeat(7)]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !pending.is_finished(),
+        "revision 7 is announced, not applied"
+    );
+    sub.send([
+        put(6, vec![flag("prod", "c", 6)]),
+        put(7, vec![flag("prod", "d", 7)]),
+    ])
+    .await;
+    assert_eq!(pending.await.unwrap().unwrap().into_inner().revision, 7);
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn watch_streams_and_their_keys_are_bounded() {
+    let mut fake = FakeUpstream::start().await;
+    let mut config = with_tokens(&fake, "watch-bounds");
+    config.max_watch_streams_per_token = 2;
+    config.max_watch_streams = 3;
+    let (replica, _sub) = serving(&mut fake, config).await;
+    let mut client = replica.client().await;
+    let watch = |token: &str, ns: &str, keys: usize| {
+        let mut request = tonic::Request::new(pb::WatchRequest {
+            namespace: ns.into(),
+            context: None,
+            flag_keys: (0..keys).map(|i| format!("flag-{i}")).collect(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+
+    // Too many keys: refused before anything is held.
+    let status = client.watch(watch(NOISY, "dev", 1_001)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("flag_keys: 1001 keys asked for (limit 1000)"),
+        "{status:?}"
+    );
+    assert_eq!(replica.handles.eval.watch_streams(), 0);
+
+    // Two streams per token, three in all.
+    let first = client.watch(watch(NOISY, "dev", 1_000)).await.unwrap();
+    let _second = client.watch(watch(NOISY, "dev", 0)).await.unwrap();
+    let status = client.watch(watch(NOISY, "dev", 0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("token \"noisy\" holds its limit of 2 Watch streams"),
+        "{status:?}"
+    );
+    let _web = client.watch(watch(WEB, "prod", 0)).await.unwrap();
+    let status = client.watch(watch(WEB, "prod", 0)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("this replica holds its limit of 3 Watch streams"),
+        "{status:?}"
+    );
+
+    // A stream the client drops gives its slot back.
+    drop(first);
+    eventually("the dropped stream's slot is free", || {
+        replica.handles.eval.watch_streams() == 2
+    })
+    .await;
+    client.watch(watch(NOISY, "dev", 0)).await.unwrap();
     replica.stop().await;
 }
 
