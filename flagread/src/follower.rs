@@ -6,6 +6,11 @@
 //! of protocol, ends the subscription and the follower subscribes again from the applied
 //! revision: it never skips a revision and never publishes half of a change or snapshot.
 //!
+//! Receiving and applying are split: the task only reads the stream's messages, undecoded, and
+//! notes the revision each names; a thread of the subscription's own decodes them, converts them
+//! and compiles them into the state, in order. Nothing of that CPU work (a 20,000-flag import is
+//! one change) runs on the async workers that answer evaluations.
+//!
 //! Exit: the task returns when the shutdown channel closes (its sender is dropped).
 
 use std::sync::Arc;
@@ -13,10 +18,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use flagstream::pb;
-use flagstream::pb::replication_client::ReplicationClient;
 use flagstream::pb::sync_message::Kind;
-use tokio::sync::watch;
+use prost::Message;
+use prost::bytes::{Buf, Bytes};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Endpoint;
 
 use crate::state::{ApplyError, SnapshotBuilder, State};
@@ -97,6 +104,9 @@ pub enum FollowError {
     /// An object that does not convert into the model.
     #[error("{0}")]
     Wire(#[from] WireError),
+    /// A message that does not decode.
+    #[error("a message from the writer does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
 }
 
 impl Default for Backoff {
@@ -222,14 +232,15 @@ pub async fn follow(
     mut shutdown: watch::Receiver<()>,
 ) {
     let mut failures = 0u32;
+    let progressed = Arc::new(AtomicBool::new(false));
     loop {
-        let mut progressed = false;
+        progressed.store(false, Ordering::Relaxed);
         let result = tokio::select! {
-            result = subscribe(&upstream, &state, &status, &mut progressed) => result,
+            result = subscribe(&upstream, &state, &status, &progressed) => result,
             _ = shutdown.changed() => break,
         };
         status.connected.store(false, Ordering::Relaxed);
-        if progressed {
+        if progressed.load(Ordering::Relaxed) {
             failures = 0;
         }
         failures += 1;
@@ -244,7 +255,10 @@ pub async fn follow(
             );
         }
         match &result {
-            FollowError::Apply(_) | FollowError::Protocol(_) | FollowError::Wire(_) => {
+            FollowError::Apply(_)
+            | FollowError::Protocol(_)
+            | FollowError::Wire(_)
+            | FollowError::Decode(_) => {
                 status.resyncs.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %result, applied = state.revision(), ?delay, "resyncing with the writer");
             }
@@ -277,23 +291,61 @@ pub async fn follow(
 fn unappliable(error: &FollowError, applied: u64) -> Option<u64> {
     match error {
         FollowError::Wire(WireError::Convert { revision, .. }) => Some(*revision),
-        FollowError::Stream(status)
-            if status.code() == tonic::Code::Internal
-                && status.message().contains("failed to decode") =>
-        {
-            Some(applied + 1)
-        }
+        FollowError::Decode(_) => Some(applied + 1),
         _ => None,
     }
 }
 
-/// One subscription: opens the stream from the applied revision and applies what arrives until
-/// it fails. Sets `progressed` once anything was applied, so that backoff starts over.
+/// Messages received and not yet applied, at most: the reader waits for the apply thread
+/// beyond this (snapshot chunks are up to about 1 MiB each).
+const APPLY_QUEUE: usize = 16;
+
+/// The Subscribe method, called without generated code so that messages arrive undecoded.
+const SUBSCRIBE_PATH: &str = "/flagstream.v1.Replication/Subscribe";
+
+/// One subscription: opens the stream from the applied revision and hands what arrives to an
+/// apply thread until either fails; returns once the thread has applied everything received,
+/// so the next subscription resumes from the right revision. Sets `progressed` once anything
+/// was applied, so that backoff starts over.
 async fn subscribe(
     upstream: &Upstream,
     state: &Arc<State>,
+    status: &Arc<SyncStatus>,
+    progressed: &Arc<AtomicBool>,
+) -> FollowError {
+    let (messages, received) = mpsc::channel(APPLY_QUEUE);
+    let (done, mut finished) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("flagread-apply".into())
+        .spawn({
+            let (state, status, progressed) = (state.clone(), status.clone(), progressed.clone());
+            move || {
+                let _ = done.send(apply_all(received, &state, &status, &progressed));
+            }
+        });
+    if let Err(error) = spawned {
+        return FollowError::Protocol(format!("cannot start the apply thread: {error}"));
+    }
+    let ended = tokio::select! {
+        ended = receive(upstream, state, status, messages) => ended,
+        // The thread ends early only when it cannot apply something.
+        failed = &mut finished => return failed.unwrap_or(FollowError::Ended),
+    };
+    // What was received is applied before the next subscription; a failure to apply it is the
+    // more telling error.
+    match finished.await {
+        Ok(FollowError::Ended) | Err(_) => ended,
+        Ok(failed) => failed,
+    }
+}
+
+/// Opens the stream and passes its messages, undecoded, to `messages` until the stream fails or
+/// the apply thread stops taking them.
+async fn receive(
+    upstream: &Upstream,
+    state: &Arc<State>,
     status: &SyncStatus,
-    progressed: &mut bool,
+    messages: mpsc::Sender<Bytes>,
 ) -> FollowError {
     // Opening the subscription is bounded by the silence limit too: a connection that lands on
     // a dead path (half-open, or a listener that accepts and never answers) is given up as soon
@@ -324,8 +376,21 @@ async fn subscribe(
             Err(_) => return FollowError::Protocol("the sync token is not valid metadata".into()),
         }
     }
-    let mut client = ReplicationClient::new(channel).max_decoding_message_size(64 << 20);
-    let mut stream = match tokio::time::timeout(upstream.silence, client.subscribe(request)).await {
+    let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
+    let opened = async {
+        client
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("the connection is not ready: {e}")))?;
+        client
+            .server_streaming(
+                request,
+                tonic::codegen::http::uri::PathAndQuery::from_static(SUBSCRIBE_PATH),
+                RawCodec,
+            )
+            .await
+    };
+    let mut stream = match tokio::time::timeout(upstream.silence, opened).await {
         Ok(Ok(response)) => response.into_inner(),
         Ok(Err(status)) => return status.into(),
         Err(_) => return FollowError::Silent(upstream.silence),
@@ -333,7 +398,6 @@ async fn subscribe(
     status.connected.store(true, Ordering::Relaxed);
     status.subscriptions.fetch_add(1, Ordering::Relaxed);
     tracing::info!(from_revision, "subscribed to the writer");
-    let mut snapshot: Option<SnapshotBuilder> = None;
     loop {
         let message = match tokio::time::timeout(upstream.silence, stream.message()).await {
             Ok(Ok(Some(message))) => message,
@@ -341,27 +405,113 @@ async fn subscribe(
             Ok(Err(status)) => return status.into(),
             Err(_) => return FollowError::Silent(upstream.silence),
         };
+        // The writer's head is known as soon as a message names it, before it is applied: a
+        // `min_revision` call for it waits for it instead of being refused as beyond the head.
+        status.heard(named_revision(&message).unwrap_or(0));
+        if messages.send(message).await.is_err() {
+            // The apply thread stopped: it says why.
+            return FollowError::Ended;
+        }
+    }
+}
+
+/// Applies the messages of one subscription in order, on the calling (apply) thread, until the
+/// channel closes (`Ended`) or one cannot be applied.
+fn apply_all(
+    mut received: mpsc::Receiver<Bytes>,
+    state: &State,
+    status: &SyncStatus,
+    progressed: &AtomicBool,
+) -> FollowError {
+    let mut snapshot: Option<SnapshotBuilder> = None;
+    while let Some(message) = received.blocking_recv() {
+        let message = match pb::SyncMessage::decode(message) {
+            Ok(message) => message,
+            Err(error) => return error.into(),
+        };
         match handle(message, state, status, &mut snapshot, progressed) {
             Ok(None) => {}
             Ok(Some(done)) => {
-                // Compiling a large snapshot takes a while: off the async workers, so that
-                // evaluations of the current state go on meanwhile.
                 let (revision, flags) = (done.revision, done.flags.len());
-                let installer = state.clone();
-                if let Err(error) =
-                    tokio::task::spawn_blocking(move || installer.install(done)).await
-                {
-                    return FollowError::Protocol(format!(
-                        "installing the snapshot failed: {error}"
-                    ));
-                }
+                state.install(done);
                 status.snapshots.fetch_add(1, Ordering::Relaxed);
                 status.applied();
-                *progressed = true;
+                progressed.store(true, Ordering::Relaxed);
                 tracing::info!(revision, flags, "snapshot applied");
             }
             Err(error) => return error,
         }
+    }
+    FollowError::Ended
+}
+
+/// The revision a stream message names, read without decoding it: field 1 of the message inside
+/// `SnapshotBegin`, `SnapshotEnd`, `Change` and `Heartbeat` (their revision or head revision).
+/// `None` for a chunk or anything unexpected; decoding proper happens on the apply thread.
+fn named_revision(mut message: &[u8]) -> Option<u64> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    let (field, wire_type) = decode_key(&mut message).ok()?;
+    if !matches!(field, 1 | 3..=5) || wire_type != WireType::LengthDelimited {
+        return None;
+    }
+    let len = usize::try_from(decode_varint(&mut message).ok()?).ok()?;
+    let mut inner = message.get(..len)?;
+    if inner.is_empty() {
+        return Some(0);
+    }
+    // prost writes fields in number order, so a non-zero field 1 comes first.
+    match decode_key(&mut inner).ok()? {
+        (1, WireType::Varint) => decode_varint(&mut inner).ok(),
+        _ => Some(0),
+    }
+}
+
+/// Encodes the subscription request with prost and passes the stream's messages on as they
+/// came, undecoded.
+#[derive(Clone, Copy, Debug, Default)]
+struct RawCodec;
+
+#[derive(Debug)]
+struct RequestEncoder;
+
+#[derive(Debug)]
+struct RawDecoder;
+
+impl Codec for RawCodec {
+    type Encode = pb::SubscribeRequest;
+    type Decode = Bytes;
+    type Encoder = RequestEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RequestEncoder {
+        RequestEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl Encoder for RequestEncoder {
+    type Item = pb::SubscribeRequest;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: pb::SubscribeRequest,
+        buf: &mut EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        item.encode(buf)
+            .map_err(|e| tonic::Status::internal(format!("encoding the subscription: {e}")))
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
     }
 }
 
@@ -372,7 +522,7 @@ fn handle(
     state: &State,
     status: &SyncStatus,
     snapshot: &mut Option<SnapshotBuilder>,
-    progressed: &mut bool,
+    progressed: &AtomicBool,
 ) -> Result<Option<SnapshotBuilder>, FollowError> {
     let protocol = |what: &str| Err(FollowError::Protocol(what.to_string()));
     match message.kind {
@@ -411,7 +561,7 @@ fn handle(
             let revision = change.revision;
             state.apply_change(wire::change(change)?)?;
             status.applied();
-            *progressed = true;
+            progressed.store(true, Ordering::Relaxed);
             tracing::debug!(revision, "change applied");
         }
     }
@@ -444,6 +594,39 @@ mod tests {
         check(5, 800, 1600);
         check(6, 1000, 2000);
         check(40, 1000, 2000);
+    }
+
+    #[test]
+    fn the_revision_a_message_names_is_read_without_decoding_it() {
+        let encode = |kind: Kind| pb::SyncMessage { kind: Some(kind) }.encode_to_vec();
+        let change = encode(Kind::Change(pb::Change {
+            revision: 300_000,
+            deltas: vec![pb::Delta::default(); 3],
+            chain: vec![7; 16],
+            time: None,
+        }));
+        assert_eq!(named_revision(&change), Some(300_000));
+        let beat = encode(Kind::Heartbeat(pb::Heartbeat {
+            head_revision: u64::MAX,
+            time: None,
+            history_id: "h".into(),
+        }));
+        assert_eq!(named_revision(&beat), Some(u64::MAX));
+        let begin = encode(Kind::SnapshotBegin(pb::SnapshotBegin {
+            revision: 9,
+            ..Default::default()
+        }));
+        assert_eq!(named_revision(&begin), Some(9));
+        let end = encode(Kind::SnapshotEnd(pb::SnapshotEnd { revision: 9 }));
+        assert_eq!(named_revision(&end), Some(9));
+        let chunk = encode(Kind::SnapshotChunk(pb::SnapshotChunk::default()));
+        assert_eq!(named_revision(&chunk), None);
+        assert_eq!(
+            named_revision(&encode(Kind::SnapshotEnd(pb::SnapshotEnd { revision: 0 }))),
+            Some(0)
+        );
+        assert_eq!(named_revision(&[0xff, 0xff]), None);
+        assert_eq!(named_revision(&change[..4]), None, "cut short");
     }
 
     #[tokio::test(start_paused = true)]

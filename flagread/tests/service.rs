@@ -1096,3 +1096,36 @@ async fn shutdown_ends_min_revision_waits_at_once() {
         "the wait ended with the shutdown, not the deadline: {waited:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn evaluations_are_answered_while_a_large_change_is_applied() {
+    // One async worker: were the change decoded, converted or compiled on it, no call could be
+    // answered until it was applied.
+    let mut fake = FakeUpstream::start().await;
+    let config = Config::local(fake.url.clone());
+    let (replica, sub) = serving(&mut fake, config).await;
+    let mut client = replica.client().await;
+    let import: Vec<_> = (0..20_000)
+        .map(|i| flag("bulk", &format!("imported-{i}"), 6))
+        .collect();
+    sub.send([put(6, import)]).await;
+    // Received (the replica has heard of revision 6) but not applied yet.
+    eventually("the change is received", || {
+        replica.handles.status.head() == 6
+    })
+    .await;
+    let mut answered_meanwhile = 0;
+    while replica.handles.state.revision() == 5 {
+        let response = client.evaluate(evaluate("prod", "a")).await.unwrap();
+        if response.into_inner().revision == 5 && replica.handles.state.revision() == 5 {
+            answered_meanwhile += 1;
+        }
+    }
+    assert!(
+        answered_meanwhile > 0,
+        "no evaluation was answered while the change was applied"
+    );
+    let flags = replica.handles.state.load().flag_count();
+    assert_eq!(flags, 4 + 20_000);
+    replica.stop().await;
+}
