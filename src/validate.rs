@@ -345,8 +345,8 @@ pub fn bundle_named(
     };
     let mut view = MemoryView::default();
     for (i, s) in segments.iter().enumerate() {
-        view.regex_bytes += segment_measured(s, view.regex_bytes)
-            .map_err(|e| place(e, "segments", i, &s.key))?;
+        view.regex_bytes +=
+            segment_measured(s, view.regex_bytes).map_err(|e| place(e, "segments", i, &s.key))?;
         if !view.segments.insert(s.key.clone()) {
             let e = FieldError::new("key", format!("duplicate segment key {:?}", s.key));
             return Err(place(e, "segments", i, &s.key));
@@ -866,7 +866,10 @@ fn operand(op: &model::Operator) -> Result<Operand, FieldError> {
     })
 }
 
-fn constraint<'a>(c: &'a model::Constraint, budget: &mut RegexBudget<'a>) -> Result<(), FieldError> {
+fn constraint<'a>(
+    c: &'a model::Constraint,
+    budget: &mut RegexBudget<'a>,
+) -> Result<(), FieldError> {
     attribute_name(&c.attribute).map_err(|e| e.at("attribute"))?;
     let kind = operand(&c.operator)?;
     value_list(&c.values)?;

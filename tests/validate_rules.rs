@@ -878,9 +878,8 @@ fn regex_budgets() {
 
     // Distinct patterns of about 170 KiB each: the seventh or so is over the
     // budget per flag, and nothing after it is compiled.
-    let heavy = |tag: &str| -> Vec<String> {
-        (0..1000).map(|i| format!(r"\w{{3}}{tag}{i}")).collect()
-    };
+    let heavy =
+        |tag: &str| -> Vec<String> { (0..1000).map(|i| format!(r"\w{{3}}{tag}{i}")).collect() };
     let mut fx = base();
     set(heavy("f"))(&mut fx);
     let message = validate::flag(&fx.flag, &fx.view).unwrap_err().to_string();

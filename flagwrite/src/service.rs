@@ -465,12 +465,17 @@ impl FlagAdmin for Admin {
         let namespace = req.namespace.clone();
         let page = self
             .read(move |store| {
-                if store.namespace(&req.namespace).map_err(Error::from)?.is_none() {
+                if store
+                    .namespace(&req.namespace)
+                    .map_err(Error::from)?
+                    .is_none()
+                {
                     return Ok(None);
                 }
                 let mut flags = Vec::new();
                 let mut next_page_token = String::new();
-                for flag in store.flags_with_prefix(&req.namespace, &req.key_prefix, &req.page_token)
+                for flag in
+                    store.flags_with_prefix(&req.namespace, &req.key_prefix, &req.page_token)
                 {
                     let flag = flag.map_err(Error::from)?;
                     if !req.tag.is_empty() && !flag.tags.contains(&req.tag) {
@@ -579,7 +584,11 @@ impl FlagAdmin for Admin {
         let namespace = req.namespace.clone();
         let page = self
             .read(move |store| {
-                if store.namespace(&req.namespace).map_err(Error::from)?.is_none() {
+                if store
+                    .namespace(&req.namespace)
+                    .map_err(Error::from)?
+                    .is_none()
+                {
                     return Ok(None);
                 }
                 let mut segments: Vec<pb::Segment> = Vec::new();

@@ -650,12 +650,7 @@ impl Plan<'_> {
             0
         };
         let bytes = checks::segment(&model, elsewhere, "segment")?;
-        self.regex_set(
-            pb::ObjectKind::Segment,
-            &model.namespace,
-            &model.key,
-            bytes,
-        );
+        self.regex_set(pb::ObjectKind::Segment, &model.namespace, &model.key, bytes);
         Ok(model)
     }
 

@@ -139,7 +139,10 @@ async fn a_namespace_has_a_regex_budget() {
             }
         }
     };
-    assert!(created > fit / 2, "refused after {created} flags: {message}");
+    assert!(
+        created > fit / 2,
+        "refused after {created} flags: {message}"
+    );
     assert!(
         message.starts_with("flag.rules[0].constraints[0].values[")
             && message.contains(r#"namespace "full" uses"#)
@@ -160,7 +163,9 @@ async fn a_namespace_has_a_regex_budget() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
-        status.message().starts_with("segment.constraints[0].values["),
+        status
+            .message()
+            .starts_with("segment.constraints[0].values["),
         "{status:?}"
     );
 
@@ -184,7 +189,12 @@ async fn a_namespace_has_a_regex_budget() {
     let dir = server.stop_keeping_data().await;
     let server = Server::start_in(dir, |_| {}).await;
     let mut admin = server.admin(Some(ADMIN)).await;
-    let (message, _) = refusal(&mut admin, regex_flag("full", "again", patterns(2000)), true).await;
+    let (message, _) = refusal(
+        &mut admin,
+        regex_flag("full", "again", patterns(2000)),
+        true,
+    )
+    .await;
     assert!(message.contains(r#"namespace "full" uses"#), "{message}");
 }
 
@@ -253,7 +263,10 @@ async fn reads_answer_while_a_heavy_dry_run_is_in_progress() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let import_took = import.await.unwrap();
-    assert!(reads >= 3, "only {reads} reads during a {import_took:?} import");
+    assert!(
+        reads >= 3,
+        "only {reads} reads during a {import_took:?} import"
+    );
     assert!(
         slowest < Duration::from_millis(250),
         "{slowest:?} between two reads while a {import_took:?} dry run was in progress"

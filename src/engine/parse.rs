@@ -192,7 +192,7 @@ pub fn regex(pattern: &str, case_insensitive: bool) -> Result<Regex, RegexError>
 pub fn kib(bytes: usize) -> String {
     if bytes >= 1024 * 1024 {
         let tenths = (bytes * 10).div_ceil(1024 * 1024);
-        if tenths % 10 == 0 {
+        if tenths.is_multiple_of(10) {
             format!("{} MiB", tenths / 10)
         } else {
             format!("{}.{} MiB", tenths / 10, tenths % 10)

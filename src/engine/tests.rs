@@ -1144,10 +1144,13 @@ fn regex_memory_follows_the_flags_holding_it() {
         _ => unreachable!("a REGEX constraint compiles to Op::Regex"),
     };
     assert!(Arc::ptr_eq(&held("memory-0")[0], &held("memory-shared")[0]));
-    with_context(&[("email", "memory-test-3-abcdefghijklmnopqrst42")], |ctx| {
-        assert!(set.evaluate("memory-0", ctx).is_on());
-        assert!(!set.evaluate("memory-1", ctx).is_on());
-    });
+    with_context(
+        &[("email", "memory-test-3-abcdefghijklmnopqrst42")],
+        |ctx| {
+            assert!(set.evaluate("memory-0", ctx).is_on());
+            assert!(!set.evaluate("memory-1", ctx).is_on());
+        },
+    );
 
     // Dropping one of two holders keeps the pattern; dropping both frees it.
     set.remove_flag("memory-0");
@@ -1178,5 +1181,8 @@ fn regex_cache_prunes_dead_entries() {
     }
     let entries = compile::regex_cache_entries();
     // 1,000 patterns were compiled and dropped; other tests hold a few dozen.
-    assert!(entries < 500, "{entries} cache entries after all were dropped");
+    assert!(
+        entries < 500,
+        "{entries} cache entries after all were dropped"
+    );
 }
