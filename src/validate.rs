@@ -91,7 +91,8 @@ pub const MAX_OBJECT_REGEX_BYTES: usize = 1024 * 1024;
 /// Most memory the compiled regexes of one namespace's flags and segments may
 /// take together, in bytes (32 MiB), each object's distinct patterns counted
 /// as in [`MAX_OBJECT_REGEX_BYTES`]. It bounds what one namespace costs every
-/// replica, and what the writer compiles to check it (well under a second).
+/// replica, and what the writer compiles to count it (about two seconds in a
+/// debug build, once per namespace after a start).
 pub const MAX_NAMESPACE_REGEX_BYTES: usize = 32 * 1024 * 1024;
 
 /// Most free properties in an evaluation context.
@@ -292,9 +293,11 @@ pub fn segment_measured(segment: &model::Segment, elsewhere: usize) -> Result<us
     Ok(budget.bytes)
 }
 
-/// The memory a flag's compiled regexes take: each distinct pattern (with its
-/// case-insensitivity) once, as [`parse::Regex::memory_usage`] measures it;
-/// patterns that do not compile count nothing. What the budgets count.
+/// The memory a stored flag's compiled regexes take: each distinct pattern
+/// (with its case-insensitivity) once, as [`parse::Regex::memory_usage`]
+/// measures it, compiled as the engine compiles stored patterns
+/// ([`parse::stored_regex`]); patterns that do not compile count nothing.
+/// What the budgets count.
 pub fn flag_regex_bytes(flag: &model::Flag) -> usize {
     regex_bytes(flag.rules.iter().flat_map(|r| &r.constraints))
 }
@@ -311,7 +314,7 @@ fn regex_bytes<'a>(constraints: impl IntoIterator<Item = &'a model::Constraint>)
         .filter(|c| c.operator == model::Operator::Regex)
         .flat_map(|c| c.values.iter().map(|v| (v.as_str(), c.case_insensitive)))
         .filter(|pattern| seen.insert(*pattern))
-        .filter_map(|(v, ci)| parse::regex(v, ci).ok())
+        .filter_map(|(v, ci)| parse::stored_regex(v, ci).ok())
         .map(|r| r.memory_usage())
         .sum()
 }

@@ -494,7 +494,10 @@ pub(super) fn compile_constraint(c: &model::Constraint) -> CompiledConstraint {
 /// pattern gives its memory back. Dead entries are pruned whenever the map has
 /// doubled since the last pruning, which keeps it within about twice the live
 /// patterns at a constant cost per insert. Patterns that do not compile are not
-/// cached (validation refuses them before they are stored).
+/// cached (validation refuses them before they are stored). Stored patterns
+/// compile within the limit they were written under
+/// ([`parse::stored_regex`]), so lowering the limit for writes changes no
+/// stored flag's evaluation.
 fn cached_regex(pattern: &str, case_insensitive: bool) -> Option<Arc<parse::Regex>> {
     let cache = regex_cache();
     let key = (Box::<str>::from(pattern), case_insensitive);
@@ -507,7 +510,7 @@ fn cached_regex(pattern: &str, case_insensitive: bool) -> Option<Arc<parse::Rege
     }
     // Compiled outside the lock: another thread may compile the same pattern
     // meanwhile, and the entry written last wins; both copies are correct.
-    let compiled = Arc::new(parse::regex(pattern, case_insensitive).ok()?);
+    let compiled = Arc::new(parse::stored_regex(pattern, case_insensitive).ok()?);
     if let Ok(mut c) = cache.lock() {
         c.insert(key, &compiled);
     }

@@ -141,15 +141,41 @@ pub fn context_ip(s: &str) -> Option<IpAddr> {
 
 /// Compiles a regular expression (Rust `regex` syntax, unanchored), as the
 /// `regex` crate would, but without capture groups and within
-/// [`REGEX_SIZE_LIMIT`].
+/// [`REGEX_SIZE_LIMIT`]: what a write may store.
 pub fn regex(pattern: &str, case_insensitive: bool) -> Result<Regex, RegexError> {
+    let regex = build(pattern, case_insensitive, REGEX_SIZE_LIMIT)?;
+    if regex.bytes > REGEX_SIZE_LIMIT {
+        return Err(RegexError::TooLarge(format!(
+            "regex compiles to {}, over the {} limit",
+            kib(regex.bytes),
+            kib(REGEX_SIZE_LIMIT)
+        )));
+    }
+    Ok(regex)
+}
+
+/// Compiles a regular expression that is already stored, within the limit
+/// writes had before [`REGEX_SIZE_LIMIT`] ([`STORED_REGEX_NFA_LIMIT`] per
+/// automaton): a flag written then keeps evaluating as it did, and counts
+/// what it takes. Only the engine and the accounting of stored objects use
+/// this; writes are held to [`regex`].
+pub fn stored_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, RegexError> {
+    build(pattern, case_insensitive, STORED_REGEX_NFA_LIMIT)
+}
+
+/// The size limit of each automaton of a regex that is already stored
+/// (1 MiB, what writes were held to before [`REGEX_SIZE_LIMIT`]).
+pub const STORED_REGEX_NFA_LIMIT: usize = 1 << 20;
+
+/// Builds a regex whose automata each stay within `nfa_limit` bytes.
+fn build(pattern: &str, case_insensitive: bool, nfa_limit: usize) -> Result<Regex, RegexError> {
     use regex_automata::meta;
     use regex_automata::util::syntax;
     let config = meta::Config::new()
         .match_kind(regex_automata::MatchKind::LeftmostFirst)
         .utf8_empty(true)
         .which_captures(regex_automata::nfa::thompson::WhichCaptures::None)
-        .nfa_size_limit(Some(REGEX_SIZE_LIMIT))
+        .nfa_size_limit(Some(nfa_limit))
         .onepass_size_limit(Some(REGEX_SIZE_LIMIT / 4))
         .dfa_size_limit(Some(REGEX_SIZE_LIMIT / 4))
         .hybrid_cache_capacity(REGEX_DFA_CACHE_LIMIT);
@@ -161,30 +187,20 @@ pub fn regex(pattern: &str, case_insensitive: bool) -> Result<Regex, RegexError>
                 .case_insensitive(case_insensitive),
         )
         .build(pattern);
-    let inner = match built {
-        Ok(inner) => inner,
-        Err(e) if e.size_limit().is_some() => {
-            return Err(RegexError::TooLarge(format!(
-                "regex compiles to more than the {} limit (Unicode classes such as \\w are large; (?-u) makes them ASCII)",
-                kib(REGEX_SIZE_LIMIT)
-            )));
+    match built {
+        Ok(inner) => {
+            let bytes = inner.memory_usage() + pattern.len() + REGEX_OVERHEAD_BYTES;
+            Ok(Regex { inner, bytes })
         }
-        Err(e) => {
-            return Err(RegexError::Invalid(match e.syntax_error() {
-                Some(syntax) => one_line(&syntax.to_string()).to_string(),
-                None => one_line(&e.to_string()).to_string(),
-            }));
-        }
-    };
-    let bytes = inner.memory_usage() + pattern.len() + REGEX_OVERHEAD_BYTES;
-    if bytes > REGEX_SIZE_LIMIT {
-        return Err(RegexError::TooLarge(format!(
-            "regex compiles to {}, over the {} limit",
-            kib(bytes),
-            kib(REGEX_SIZE_LIMIT)
-        )));
+        Err(e) if e.size_limit().is_some() => Err(RegexError::TooLarge(format!(
+            "regex compiles to more than the {} limit (Unicode classes such as \\w are large; (?-u) makes them ASCII)",
+            kib(nfa_limit)
+        ))),
+        Err(e) => Err(RegexError::Invalid(match e.syntax_error() {
+            Some(syntax) => one_line(&syntax.to_string()).to_string(),
+            None => one_line(&e.to_string()).to_string(),
+        })),
     }
-    Ok(Regex { inner, bytes })
 }
 
 /// A size in bytes for messages: `300 KiB` or `2.1 MiB` (rounded up, so a
@@ -353,5 +369,29 @@ mod tests {
         assert_eq!(is_match("(regex", false, "x"), Err("error"));
         assert_eq!(is_match("^(?=a)b$", false, "ab"), Err("error"));
         assert_eq!(is_match(r"^(a)\1$", false, "aa"), Err("error"));
+    }
+
+    /// Writes are held to the lower limit; a pattern stored under the former
+    /// one still compiles for evaluation, and both are measured.
+    #[test]
+    fn regex_limits() {
+        assert!(matches!(
+            regex(r"\w{10}", false),
+            Err(RegexError::TooLarge(_))
+        ));
+        let stored = stored_regex(r"\w{10}", false).unwrap();
+        assert!(stored.is_match("déjà_vu_1234"));
+        assert!(!stored.is_match("déjà vu"));
+        assert!(stored.memory_usage() > REGEX_SIZE_LIMIT);
+        assert!(matches!(
+            stored_regex(r"\w{50}", false),
+            Err(RegexError::TooLarge(_))
+        ));
+        let everyday = regex(r"^[a-z]+@example\.com$", false).unwrap();
+        assert!(everyday.memory_usage() < 16 * 1024);
+        assert_eq!(kib(REGEX_SIZE_LIMIT), "256 KiB");
+        assert_eq!(kib(REGEX_SIZE_LIMIT + 1), "257 KiB");
+        assert_eq!(kib((1 << 20) + 1), "1.1 MiB");
+        assert_eq!(kib(32 << 20), "32 MiB");
     }
 }
