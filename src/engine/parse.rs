@@ -31,8 +31,9 @@ use ipnet::IpNet;
 /// takes about 10 KiB, `\w+@\w+\.com` about 110 KiB); Unicode classes
 /// repeated many times are not (`\w` alone is 56 KiB, so `\w{5}` is over,
 /// while the ASCII `(?-u)\w{50}` takes 7 KiB). The `regex` crate's default
-/// is 10 MiB, and this crate's limit was 1 MiB, which let one 2.8 MB pattern
-/// through and thousands per request.
+/// is 10 MiB per automaton; this crate's limit was 1 MiB per automaton (a
+/// regex has two or more), with nothing bounding how many a flag held, and
+/// 2,000 such patterns in one request grew every replica by 2.7 GB.
 pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 
 /// The most memory the lazy DFA of one regex may use for its transition
