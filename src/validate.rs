@@ -77,6 +77,23 @@ pub const MAX_PERCENTAGE: u32 = 100;
 pub const MAX_TOTAL_WEIGHT: u64 = 1_000_000;
 /// Longest write comment (`WriteOptions.comment`), in bytes.
 pub const MAX_COMMENT_BYTES: usize = 1024;
+/// Most memory one compiled regular expression (a REGEX constraint value)
+/// may take, in bytes (256 KiB); [`parse::REGEX_SIZE_LIMIT`] says how it is
+/// measured and why this much.
+pub const MAX_REGEX_BYTES: usize = parse::REGEX_SIZE_LIMIT;
+/// Most memory the distinct compiled regexes of one flag or segment may take
+/// together, in bytes (1 MiB: four regexes at the limit, or about a hundred
+/// everyday ones). Every replica holds them; before this budget one 22 KB
+/// request of 2,000 regexes grew each replica by 2.7 GB. Identical patterns
+/// (and case-insensitivity) in one object count once, as they are compiled
+/// once.
+pub const MAX_OBJECT_REGEX_BYTES: usize = 1024 * 1024;
+/// Most memory the compiled regexes of one namespace's flags and segments may
+/// take together, in bytes (32 MiB), each object's distinct patterns counted
+/// as in [`MAX_OBJECT_REGEX_BYTES`]. It bounds what one namespace costs every
+/// replica, and what the writer compiles to count it (about two seconds in a
+/// debug build, once per namespace after a start).
+pub const MAX_NAMESPACE_REGEX_BYTES: usize = 32 * 1024 * 1024;
 
 /// Most free properties in an evaluation context.
 pub const MAX_CONTEXT_PROPERTIES: usize = 64;
@@ -146,6 +163,13 @@ pub trait NamespaceView {
     /// The flag with this key, if it exists. A `Cow` lets in-memory views lend
     /// their flags and stores hand out decoded copies.
     fn flag(&self, key: &str) -> Option<Cow<'_, model::Flag>>;
+    /// The memory the compiled regexes of the namespace's other flags and
+    /// segments take (all but the object being validated), counted as
+    /// [`flag_regex_bytes`] counts it, for [`MAX_NAMESPACE_REGEX_BYTES`].
+    /// A view that does not know says 0.
+    fn regex_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// A namespace held in memory: the view for tests, dry runs and imports.
@@ -155,6 +179,9 @@ pub struct MemoryView {
     pub flags: HashMap<String, model::Flag>,
     /// Keys of the segments that exist.
     pub segments: HashSet<String>,
+    /// What [`NamespaceView::regex_bytes`] answers: set by whoever knows the
+    /// rest of the namespace.
+    pub regex_bytes: usize,
 }
 
 impl NamespaceView for MemoryView {
@@ -164,6 +191,10 @@ impl NamespaceView for MemoryView {
 
     fn flag(&self, key: &str) -> Option<Cow<'_, model::Flag>> {
         self.flags.get(key).map(Cow::Borrowed)
+    }
+
+    fn regex_bytes(&self) -> usize {
+        self.regex_bytes
     }
 }
 
@@ -238,6 +269,17 @@ pub fn object_key(key: &str) -> Result<(), FieldError> {
 
 /// Checks a flag before it is stored, against the namespace it lands in.
 pub fn flag(flag: &model::Flag, ns: &dyn NamespaceView) -> Result<(), FieldError> {
+    flag_measured(flag, ns).map(drop)
+}
+
+/// [`flag`], returning the memory its compiled regexes take (as
+/// [`flag_regex_bytes`] counts it), for a store that keeps the namespace's
+/// total. Refuses a flag over [`MAX_OBJECT_REGEX_BYTES`], or one that would
+/// take the namespace over [`MAX_NAMESPACE_REGEX_BYTES`] (with
+/// [`NamespaceView::regex_bytes`]), at the first value that does, without
+/// compiling the rest.
+pub fn flag_measured(flag: &model::Flag, ns: &dyn NamespaceView) -> Result<usize, FieldError> {
+    let mut budget = RegexBudget::new("flag", &flag.namespace, ns.regex_bytes());
     namespace_key(&flag.namespace).map_err(|e| e.at("namespace"))?;
     object_key(&flag.key).map_err(|e| e.at("key"))?;
     max_bytes(&flag.description, MAX_DESCRIPTION_BYTES).map_err(|e| e.at("description"))?;
@@ -246,7 +288,7 @@ pub fn flag(flag: &model::Flag, ns: &dyn NamespaceView) -> Result<(), FieldError
     variant_ref(flag, &flag.default_variant).map_err(|e| e.at("default_variant"))?;
     max_items(flag.rules.len(), MAX_RULES, "rules").map_err(|e| e.at("rules"))?;
     for (i, r) in flag.rules.iter().enumerate() {
-        rule(flag, r, ns).map_err(|e| e.at_index("rules", i))?;
+        rule(flag, r, ns, &mut budget).map_err(|e| e.at_index("rules", i))?;
     }
     max_items(flag.prerequisites.len(), MAX_PREREQUISITES, "prerequisites")
         .map_err(|e| e.at("prerequisites"))?;
@@ -277,16 +319,51 @@ pub fn flag(flag: &model::Flag, ns: &dyn NamespaceView) -> Result<(), FieldError
         }
         max_bytes(value, MAX_METADATA_VALUE_BYTES).map_err(|e| e.at_key("metadata", key))?;
     }
-    Ok(())
+    Ok(budget.bytes)
 }
 
 /// Checks a segment before it is stored. Segments reference nothing, so no
 /// namespace view is needed.
 pub fn segment(segment: &model::Segment) -> Result<(), FieldError> {
+    segment_measured(segment, 0).map(drop)
+}
+
+/// [`segment`], returning the memory its compiled regexes take; the rest of
+/// its namespace holds `elsewhere` bytes of them. The budgets apply as in
+/// [`flag_measured`].
+pub fn segment_measured(segment: &model::Segment, elsewhere: usize) -> Result<usize, FieldError> {
+    let mut budget = RegexBudget::new("segment", &segment.namespace, elsewhere);
     namespace_key(&segment.namespace).map_err(|e| e.at("namespace"))?;
     object_key(&segment.key).map_err(|e| e.at("key"))?;
     max_bytes(&segment.description, MAX_DESCRIPTION_BYTES).map_err(|e| e.at("description"))?;
-    constraints(&segment.constraints)
+    constraints(&segment.constraints, &mut budget)?;
+    Ok(budget.bytes)
+}
+
+/// The memory a stored flag's compiled regexes take: each distinct pattern
+/// (with its case-insensitivity) once, as [`parse::Regex::memory_usage`]
+/// measures it, compiled as the engine compiles stored patterns
+/// ([`parse::stored_regex`]); patterns that do not compile count nothing.
+/// What the budgets count.
+pub fn flag_regex_bytes(flag: &model::Flag) -> usize {
+    regex_bytes(flag.rules.iter().flat_map(|r| &r.constraints))
+}
+
+/// [`flag_regex_bytes`] for a segment.
+pub fn segment_regex_bytes(segment: &model::Segment) -> usize {
+    regex_bytes(&segment.constraints)
+}
+
+fn regex_bytes<'a>(constraints: impl IntoIterator<Item = &'a model::Constraint>) -> usize {
+    let mut seen = HashSet::new();
+    constraints
+        .into_iter()
+        .filter(|c| c.operator == model::Operator::Regex)
+        .flat_map(|c| c.values.iter().map(|v| (v.as_str(), c.case_insensitive)))
+        .filter(|pattern| seen.insert(*pattern))
+        .filter_map(|(v, ci)| parse::stored_regex(v, ci).ok())
+        .map(|r| r.memory_usage())
+        .sum()
 }
 
 /// Checks a whole namespace written at once (an import): every segment and
@@ -318,7 +395,8 @@ pub fn bundle_named(
     };
     let mut view = MemoryView::default();
     for (i, s) in segments.iter().enumerate() {
-        segment(s).map_err(|e| place(e, "segments", i, &s.key))?;
+        view.regex_bytes +=
+            segment_measured(s, view.regex_bytes).map_err(|e| place(e, "segments", i, &s.key))?;
         if !view.segments.insert(s.key.clone()) {
             let e = FieldError::new("key", format!("duplicate segment key {}", shown(&s.key)));
             return Err(place(e, "segments", i, &s.key));
@@ -331,7 +409,7 @@ pub fn bundle_named(
         }
     }
     for (i, f) in flags.iter().enumerate() {
-        flag(f, &view).map_err(|e| place(e, "flags", i, &f.key))?;
+        view.regex_bytes += flag_measured(f, &view).map_err(|e| place(e, "flags", i, &f.key))?;
     }
     Ok(())
 }
@@ -482,9 +560,14 @@ fn variant_ref(flag: &model::Flag, name: &str) -> Result<(), FieldError> {
     }
 }
 
-fn rule(flag: &model::Flag, rule: &model::Rule, ns: &dyn NamespaceView) -> Result<(), FieldError> {
+fn rule<'a>(
+    flag: &model::Flag,
+    rule: &'a model::Rule,
+    ns: &dyn NamespaceView,
+    budget: &mut RegexBudget<'a>,
+) -> Result<(), FieldError> {
     max_bytes(&rule.name, MAX_RULE_NAME_BYTES).map_err(|e| e.at("name"))?;
-    constraints(&rule.constraints)?;
+    constraints(&rule.constraints, budget)?;
     max_items(rule.segments.len(), MAX_RULE_SEGMENTS, "segments").map_err(|e| e.at("segments"))?;
     for (i, key) in rule.segments.iter().enumerate() {
         required(key).map_err(|e| e.at_index("segments", i))?;
@@ -737,13 +820,77 @@ fn cost_of(
 // ---------------------------------------------------------------------------
 // Constraints.
 
-fn constraints(constraints: &[model::Constraint]) -> Result<(), FieldError> {
+fn constraints<'a>(
+    constraints: &'a [model::Constraint],
+    budget: &mut RegexBudget<'a>,
+) -> Result<(), FieldError> {
     max_items(constraints.len(), MAX_CONSTRAINTS, "constraints")
         .map_err(|e| e.at("constraints"))?;
     for (i, c) in constraints.iter().enumerate() {
-        constraint(c).map_err(|e| e.at_index("constraints", i))?;
+        constraint(c, budget).map_err(|e| e.at_index("constraints", i))?;
     }
     Ok(())
+}
+
+/// The compiled regexes of the flag or segment being checked, against
+/// [`MAX_OBJECT_REGEX_BYTES`] and [`MAX_NAMESPACE_REGEX_BYTES`].
+struct RegexBudget<'a> {
+    /// `flag` or `segment`, for messages.
+    what: &'static str,
+    /// The namespace, for messages.
+    namespace: &'a str,
+    /// What the rest of the namespace holds.
+    elsewhere: usize,
+    /// The distinct patterns seen so far (an identical one is compiled once,
+    /// here and in the engine).
+    seen: HashSet<(&'a str, bool)>,
+    /// What the distinct patterns seen so far take.
+    bytes: usize,
+}
+
+impl<'a> RegexBudget<'a> {
+    fn new(what: &'static str, namespace: &'a str, elsewhere: usize) -> RegexBudget<'a> {
+        RegexBudget {
+            what,
+            namespace,
+            elsewhere,
+            seen: HashSet::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Compiles `pattern` unless seen already and charges it; the error is the
+    /// reason, for the value's path.
+    fn charge(&mut self, pattern: &'a str, case_insensitive: bool) -> Result<(), String> {
+        if !self.seen.insert((pattern, case_insensitive)) {
+            return Ok(());
+        }
+        let regex = parse::regex(pattern, case_insensitive).map_err(|e| match e {
+            parse::RegexError::Invalid(reason) => {
+                format!("{pattern:?} is not a valid regular expression: {reason}")
+            }
+            parse::RegexError::TooLarge(reason) => reason,
+        })?;
+        self.bytes += regex.memory_usage();
+        let what = self.what;
+        if self.bytes > MAX_OBJECT_REGEX_BYTES {
+            return Err(format!(
+                "with this regex the {what} uses {} of compiled regexes, over the {} budget per {what}",
+                parse::kib(self.bytes),
+                parse::kib(MAX_OBJECT_REGEX_BYTES)
+            ));
+        }
+        let total = self.elsewhere.saturating_add(self.bytes);
+        if total > MAX_NAMESPACE_REGEX_BYTES {
+            return Err(format!(
+                "with this regex namespace {:?} uses {} of compiled regexes, over the {} budget per namespace",
+                self.namespace,
+                parse::kib(total),
+                parse::kib(MAX_NAMESPACE_REGEX_BYTES)
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The kind of operand an operator takes, which decides how its values parse
@@ -781,7 +928,10 @@ fn operand(op: &model::Operator) -> Result<Operand, FieldError> {
     })
 }
 
-fn constraint(c: &model::Constraint) -> Result<(), FieldError> {
+fn constraint<'a>(
+    c: &'a model::Constraint,
+    budget: &mut RegexBudget<'a>,
+) -> Result<(), FieldError> {
     attribute_name(&c.attribute).map_err(|e| e.at("attribute"))?;
     let kind = operand(&c.operator)?;
     value_list(&c.values)?;
@@ -799,12 +949,7 @@ fn constraint(c: &model::Constraint) -> Result<(), FieldError> {
     for (i, v) in c.values.iter().enumerate() {
         let problem = match kind {
             Operand::Strings => None,
-            Operand::Regexes => parse::regex(v, c.case_insensitive).err().map(|e| {
-                format!(
-                    "{v:?} is not a valid regular expression: {}",
-                    regex_error_summary(&e)
-                )
-            }),
+            Operand::Regexes => budget.charge(v, c.case_insensitive).err(),
             Operand::Cidrs => parse::cidr(v)
                 .is_none()
                 .then(|| format!("{} is not an IP address or CIDR range", shown(v))),
@@ -823,17 +968,6 @@ fn constraint(c: &model::Constraint) -> Result<(), FieldError> {
         }
     }
     Ok(())
-}
-
-/// The regex crate explains syntax errors over several lines (pattern, caret,
-/// `error: …`); the last line is the part that fits in a one-line message.
-fn regex_error_summary(message: &str) -> &str {
-    let last = message
-        .lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty())
-        .unwrap_or(message);
-    last.strip_prefix("error: ").unwrap_or(last)
 }
 
 /// Checks a list of constraint or override values: 1 to 1,000 values of at

@@ -858,3 +858,86 @@ fn a_compiled_namespace_is_a_view() {
         r#"rules[0].segments[0]: no segment "beta" in namespace "production""#
     );
 }
+
+#[test]
+fn regex_budgets() {
+    use validate::{MAX_NAMESPACE_REGEX_BYTES, MAX_OBJECT_REGEX_BYTES};
+    let set = |values: Vec<String>| {
+        move |fx: &mut Fixture| {
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            rule0(fx).constraints[0] = constraint("email", Operator::Regex, &values);
+        }
+    };
+    check(
+        set(vec![r"\w{10}".into()]),
+        r"rules[0].constraints[0].values[0]: regex compiles to more than the 256 KiB limit (Unicode classes such as \w are large; (?-u) makes them ASCII)",
+    );
+    check(set(vec![r"(?-u)\w{50}".into()]), ACCEPTED);
+    // Identical patterns count once.
+    check(set(vec![r"\w{3}".into(); 1000]), ACCEPTED);
+
+    // Distinct patterns of about 170 KiB each: the seventh or so is over the
+    // budget per flag, and nothing after it is compiled.
+    let heavy =
+        |tag: &str| -> Vec<String> { (0..1000).map(|i| format!(r"\w{{3}}{tag}{i}")).collect() };
+    let mut fx = base();
+    set(heavy("f"))(&mut fx);
+    let message = validate::flag(&fx.flag, &fx.view).unwrap_err().to_string();
+    assert!(
+        message.starts_with("rules[0].constraints[0].values[")
+            && message.contains("over the 1 MiB budget per flag"),
+        "{message}"
+    );
+    fx.segment.constraints[0] = constraint("email", Operator::Regex, &[r"\w{3}"; 1]);
+    let one = validate::segment_measured(&fx.segment, 0).unwrap();
+    assert_eq!(one, validate::segment_regex_bytes(&fx.segment));
+    assert!((100 * 1024..256 * 1024).contains(&one), "{one} bytes");
+    let values = heavy("s");
+    fx.segment.constraints[0].values = values;
+    let message = validate::segment(&fx.segment).unwrap_err().to_string();
+    assert!(
+        message.starts_with("constraints[0].values[")
+            && message.contains("over the 1 MiB budget per segment"),
+        "{message}"
+    );
+
+    // The rest of the namespace's regexes count against the namespace budget;
+    // the value that crosses it is named (the base's last regex here).
+    let mut fx = base();
+    set(vec![r"\w{3}".into()])(&mut fx);
+    let bytes = validate::flag_measured(&fx.flag, &fx.view).unwrap();
+    assert_eq!(bytes, validate::flag_regex_bytes(&fx.flag));
+    fx.view.regex_bytes = MAX_NAMESPACE_REGEX_BYTES - bytes;
+    assert_eq!(validate::flag_measured(&fx.flag, &fx.view), Ok(bytes));
+    fx.view.regex_bytes += 1;
+    let message = validate::flag(&fx.flag, &fx.view).unwrap_err().to_string();
+    assert!(
+        message.starts_with(r#"rules[0].constraints[6].values[1]: with this regex namespace "production" uses 32.1 MiB"#)
+            && message.ends_with("over the 32 MiB budget per namespace"),
+        "{message}"
+    );
+
+    // A bundle is a whole namespace: its flags share the budget.
+    let flags: Vec<Flag> = (0..MAX_NAMESPACE_REGEX_BYTES / MAX_OBJECT_REGEX_BYTES * 2)
+        .map(|f| {
+            let mut flag = simple_flag(&format!("f{f}"), &[]);
+            let values: Vec<String> = (0..4).map(|i| format!(r"\w{{3}}b{f}-{i}")).collect();
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            flag.rules.push(Rule {
+                name: String::new(),
+                constraints: vec![constraint("email", Operator::Regex, &values)],
+                segments: vec![],
+                rollout: None,
+                serve: Serve::Variant("a".into()),
+            });
+            flag
+        })
+        .collect();
+    let message = validate::bundle(&flags, &[]).unwrap_err().to_string();
+    assert!(
+        message.starts_with("flags[")
+            && message.contains(r#"namespace "production" uses"#)
+            && message.ends_with("over the 32 MiB budget per namespace"),
+        "{message}"
+    );
+}

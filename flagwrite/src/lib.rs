@@ -181,11 +181,14 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let prepared = config.prepare()?;
     let dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
-        .await
-        .map_err(|e| RunError::Config(format!("opening the store: {e}")))??;
-    let head = store.head()?;
-    let feed = Arc::new(Feed::new(head, store.compacted()?, config.feed_capacity));
+    let (store, head, compacted) = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&dir)?;
+        let (head, compacted) = (store.head()?, store.compacted()?);
+        Ok::<_, store::StoreError>((store, head, compacted))
+    })
+    .await
+    .map_err(|e| RunError::Config(format!("opening the store: {e}")))??;
+    let feed = Arc::new(Feed::new(head, compacted, config.feed_capacity));
     let metrics = Arc::new(Metrics::default());
     metrics.head_revision.set(head as i64);
     let (writer, writer_exit) = Writer::spawn(

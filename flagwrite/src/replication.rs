@@ -287,8 +287,18 @@ impl Follower {
     /// Sends a snapshot of the followed namespaces; returns its revision.
     async fn send_snapshot(&mut self) -> Result<u64, Stop> {
         let store = self.service.store.clone();
-        let snapshot: Snapshot = match tokio::task::spawn_blocking(move || store.snapshot()).await {
-            Ok(Ok(s)) => s,
+        let filter = self.filter.clone();
+        let limit = self.service.config.chunk_bytes;
+        // Reading every object and encoding the chunks is heavy (seconds for
+        // a large store): it runs on the blocking pool, not on a worker.
+        let taken = tokio::task::spawn_blocking(move || {
+            store
+                .snapshot()
+                .map(|snapshot| encode_snapshot(snapshot, filter.as_ref(), limit))
+        })
+        .await;
+        let (begin, chunks) = match taken {
+            Ok(Ok(encoded)) => encoded,
             Ok(Err(e)) => {
                 return Err(Stop::Failed(Status::internal(format!(
                     "taking a snapshot: {e}"
@@ -300,51 +310,13 @@ impl Follower {
                 ))));
             }
         };
-        let revision = snapshot.revision;
-        let follows = |ns: &str| self.filter.as_ref().is_none_or(|f| f.contains(ns));
-        let mut namespaces: Vec<String> = self.filter.iter().flatten().cloned().collect();
-        namespaces.sort();
+        let revision = begin.revision;
         let begin = pb::SnapshotBegin {
-            revision,
             history_id: self.service.store.history_id().to_string(),
-            chain: snapshot.chain,
-            namespaces,
+            ..begin
         };
         self.send(Wire::SnapshotBegin(begin.encode_to_vec().into()))
             .await?;
-        let limit = self.service.config.chunk_bytes;
-        let mut chunk = pb::SnapshotChunk::default();
-        let mut size = 0;
-        let mut chunks = Vec::new();
-        let mut add = |chunk: &mut pb::SnapshotChunk, len: usize| {
-            size += len + 4;
-            if size >= limit {
-                chunks.push(std::mem::take(chunk).encode_to_vec());
-                size = 0;
-            }
-        };
-        for ns in snapshot.namespaces.into_iter().filter(|n| follows(&n.key)) {
-            let len = ns.encoded_len();
-            chunk.namespaces.push(ns);
-            add(&mut chunk, len);
-        }
-        for segment in snapshot
-            .segments
-            .into_iter()
-            .filter(|s| follows(&s.namespace))
-        {
-            let len = segment.encoded_len();
-            chunk.segments.push(segment);
-            add(&mut chunk, len);
-        }
-        for flag in snapshot.flags.into_iter().filter(|f| follows(&f.namespace)) {
-            let len = flag.encoded_len();
-            chunk.flags.push(flag);
-            add(&mut chunk, len);
-        }
-        if chunk != pb::SnapshotChunk::default() {
-            chunks.push(chunk.encode_to_vec());
-        }
         for chunk in chunks {
             self.send(Wire::SnapshotChunk(chunk.into())).await?;
         }
@@ -379,6 +351,58 @@ impl Follower {
             _ = stopped(&mut shutdown) => Err(Stop::Done),
         }
     }
+}
+
+/// A snapshot's `SnapshotBegin` (without the history identity) and its
+/// chunks, encoded, of the namespaces in `filter` (all when `None`), each
+/// chunk about `limit` encoded bytes.
+fn encode_snapshot(
+    snapshot: Snapshot,
+    filter: Option<&HashSet<String>>,
+    limit: usize,
+) -> (pb::SnapshotBegin, Vec<Vec<u8>>) {
+    let follows = |ns: &str| filter.is_none_or(|f| f.contains(ns));
+    let mut namespaces: Vec<String> = filter.into_iter().flatten().cloned().collect();
+    namespaces.sort();
+    let begin = pb::SnapshotBegin {
+        revision: snapshot.revision,
+        history_id: String::new(),
+        chain: snapshot.chain,
+        namespaces,
+    };
+    let mut chunk = pb::SnapshotChunk::default();
+    let mut size = 0;
+    let mut chunks = Vec::new();
+    let mut add = |chunk: &mut pb::SnapshotChunk, len: usize| {
+        size += len + 4;
+        if size >= limit {
+            chunks.push(std::mem::take(chunk).encode_to_vec());
+            size = 0;
+        }
+    };
+    for ns in snapshot.namespaces.into_iter().filter(|n| follows(&n.key)) {
+        let len = ns.encoded_len();
+        chunk.namespaces.push(ns);
+        add(&mut chunk, len);
+    }
+    for segment in snapshot
+        .segments
+        .into_iter()
+        .filter(|s| follows(&s.namespace))
+    {
+        let len = segment.encoded_len();
+        chunk.segments.push(segment);
+        add(&mut chunk, len);
+    }
+    for flag in snapshot.flags.into_iter().filter(|f| follows(&f.namespace)) {
+        let len = flag.encoded_len();
+        chunk.flags.push(flag);
+        add(&mut chunk, len);
+    }
+    if chunk != pb::SnapshotChunk::default() {
+        chunks.push(chunk.encode_to_vec());
+    }
+    (begin, chunks)
 }
 
 /// Completes once the shutdown flag is set (or its sender is gone).

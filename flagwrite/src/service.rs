@@ -1,6 +1,12 @@
 //! The FlagAdmin service: authorization, request decoding and responses.
 //! Writes go to the single [`Writer`]; reads go straight to the [`Store`] and
 //! answer once what they read is durable.
+//!
+//! Nothing here reads sled or does heavy work on the async runtime's workers:
+//! reads run on the blocking pool ([`Admin::read`]), validation and commits on
+//! the writer thread, and decoding an import on the blocking pool. A read
+//! that waits on the disk or decodes a page of objects then holds up no other
+//! call.
 
 use std::sync::Arc;
 
@@ -45,14 +51,33 @@ impl Admin {
         }
     }
 
+    /// Runs `read` on the blocking pool (sled may wait on the disk, and a page of objects takes
+    /// decoding), then waits until everything it can have seen is durable (see
+    /// [`Admin::settle`]) and returns what it read.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        let (value, committed) = tokio::task::spawn_blocking(move || {
+            let value = read(&store)?;
+            // Read after the read: the committed head covers everything it saw.
+            let committed = store.head().map_err(Error::from)?;
+            Ok::<_, Status>((value, committed))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the store: {e}")))??;
+        self.settle(committed).await?;
+        Ok(value)
+    }
+
     /// Called after a read, before answering: waits until everything the read can have seen is
     /// durable. The writer commits a group of writes, then flushes them once and only then
     /// acknowledges them; a read in between sees writes nobody was told about, which a crash
-    /// would undo. Waiting until the durable head reaches the committed head as it is now (after
-    /// the read) covers every object and every absence the read saw. Returns at once unless
-    /// writes are in flight, then within one flush.
-    async fn settle(&self) -> Result<(), Status> {
-        let committed = self.store.head().map_err(Error::from)?;
+    /// would undo. Waiting until the durable head reaches `committed`, the committed head read
+    /// after the read, covers every object and every absence the read saw. Returns at once
+    /// unless writes are in flight, then within one flush.
+    async fn settle(&self, committed: u64) -> Result<(), Status> {
         if self.feed.wait_durable(committed, SETTLE_LIMIT).await {
             Ok(())
         } else {
@@ -88,21 +113,15 @@ impl Admin {
         }
         result.map_err(Status::from)
     }
+}
 
-    /// NOT_FOUND unless the namespace exists (once the absence is durable, see [`Admin::settle`]).
-    async fn namespace_exists(&self, namespace: &str) -> Result<(), Status> {
-        match self.store.namespace(namespace).map_err(Error::from)? {
-            Some(_) => Ok(()),
-            None => {
-                self.settle().await?;
-                Err(Error::NotFound(format!(
-                    "namespace {} not found",
-                    flagstream::validate::shown(namespace)
-                ))
-                .into())
-            }
-        }
-    }
+/// NOT_FOUND for a namespace that does not exist.
+fn namespace_not_found(namespace: &str) -> Status {
+    Error::NotFound(format!(
+        "namespace {} not found",
+        flagstream::validate::shown(namespace)
+    ))
+    .into()
 }
 
 fn admin<T>(request: &Request<T>) -> Result<Arc<Identity>, Status> {
@@ -150,6 +169,110 @@ fn state_digest(store: &Store, namespaces: &[String]) -> Result<pb::StateDigest,
         namespace_count: digest.namespaces,
         flag_count: digest.flags,
         segment_count: digest.segments,
+    })
+}
+
+/// One page of `ListHistory`: the entries before revision `before` (skipping
+/// the first `skip` entries of the record at `before - 1`) that match the
+/// request's kind and key, newest first.
+fn history_page(
+    store: &Store,
+    req: &pb::ListHistoryRequest,
+    kind: pb::ObjectKind,
+    size: usize,
+    before: u64,
+    skip: usize,
+) -> Result<pb::ListHistoryResponse, Status> {
+    let mut entries = Vec::new();
+    let mut next_page_token = String::new();
+    let records = store.history_before(before, &req.namespace, kind as i32, &req.key);
+    'records: for record in records {
+        let record = record.map_err(Error::from)?;
+        let first = if record.revision.saturating_add(1) == before {
+            skip
+        } else {
+            0
+        };
+        for (index, entry) in record.entries.iter().enumerate().skip(first) {
+            if kind != pb::ObjectKind::Unspecified && entry.kind != kind as i32 {
+                continue;
+            }
+            if !req.key.is_empty() && entry.key != req.key {
+                continue;
+            }
+            if entries.len() == size {
+                next_page_token = format!("{}.{index}", record.revision);
+                break 'records;
+            }
+            let mut entry = entry.clone();
+            entry.revision = record.revision;
+            entry.time = record.time;
+            entry.actor = record.actor.clone();
+            entry.comment = record.comment.clone();
+            entry.operation = record.operation.clone();
+            entry.chain = record.chain.clone();
+            entries.push(entry);
+        }
+    }
+    Ok(pb::ListHistoryResponse {
+        entries,
+        next_page_token,
+    })
+}
+
+/// The write an `ImportNamespace` request asks for: its bundle converted, or
+/// its Unleash export read, into the model.
+fn import_op(req: pb::ImportNamespaceRequest) -> Result<Op, Status> {
+    Ok(match req.source {
+        Some(pb::import_namespace_request::Source::Bundle(bundle)) => {
+            // The objects' namespace fields are ignored in favour of the
+            // request's, so they are replaced before conversion.
+            let flags = bundle
+                .flags
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut f)| {
+                    f.namespace = req.namespace.clone();
+                    checks::flag_model(f, &format!("bundle.flags[{i}]"))
+                })
+                .collect::<Result<_, _>>()?;
+            let segments = bundle
+                .segments
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut s)| {
+                    s.namespace = req.namespace.clone();
+                    checks::segment_model(s, &format!("bundle.segments[{i}]"))
+                })
+                .collect::<Result<_, _>>()?;
+            Op::Import {
+                namespace: req.namespace,
+                description: bundle.namespace.map(|n| n.description),
+                flags,
+                segments,
+                path: "bundle",
+            }
+        }
+        Some(pb::import_namespace_request::Source::UnleashJson(json)) => {
+            // The importer keeps what Unleash would silently turn off (an
+            // unknown operator, a bad regex) so evaluation matches
+            // Unleash; write-time validation then refuses it, naming the
+            // feature and the field.
+            let import = flagstream::unleash::import_features(&json, &req.namespace)
+                .map_err(|e| Status::invalid_argument(format!("unleash_json: {e}")))?;
+            Op::Import {
+                namespace: req.namespace,
+                description: None,
+                flags: import.flags,
+                segments: import.segments,
+                path: "unleash_json",
+            }
+        }
+        None => {
+            return Err(Status::invalid_argument(
+                "source: one of bundle or unleash_json is required",
+            ));
+        }
     })
 }
 
@@ -221,9 +344,12 @@ impl FlagAdmin for Admin {
         request: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
         reader(&request)?;
-        let revision = self.store.head().map_err(Error::from)?;
-        let namespaces = self.store.namespaces().map_err(Error::from)?;
-        self.settle().await?;
+        let (revision, namespaces) = self
+            .read(|store| {
+                let revision = store.head().map_err(Error::from)?;
+                Ok((revision, store.namespaces().map_err(Error::from)?))
+            })
+            .await?;
         Ok(Response::new(pb::ListNamespacesResponse {
             namespaces,
             revision,
@@ -319,11 +445,10 @@ impl FlagAdmin for Admin {
     ) -> Result<Response<pb::Flag>, Status> {
         reader(&request)?;
         let req = request.into_inner();
+        let (namespace, key) = (req.namespace.clone(), req.key.clone());
         let found = self
-            .store
-            .flag(&req.namespace, &req.key)
-            .map_err(Error::from)?;
-        self.settle().await?;
+            .read(move |store| Ok(store.flag(&namespace, &key).map_err(Error::from)?))
+            .await?;
         match found {
             Some(flag) => Ok(Response::new(flag)),
             None => Err(Error::NotFound(format!(
@@ -342,31 +467,42 @@ impl FlagAdmin for Admin {
         reader(&request)?;
         let req = request.into_inner();
         let size = page_size(req.page_size)?;
-        self.namespace_exists(&req.namespace).await?;
-        let mut flags = Vec::new();
-        let mut next_page_token = String::new();
-        for flag in self
-            .store
-            .flags_with_prefix(&req.namespace, &req.key_prefix, &req.page_token)
-        {
-            let flag = flag.map_err(Error::from)?;
-            if !req.tag.is_empty() && !flag.tags.contains(&req.tag) {
-                continue;
-            }
-            if flags.len() == size {
-                next_page_token = flags
-                    .last()
-                    .map(|f: &pb::Flag| f.key.clone())
-                    .unwrap_or_default();
-                break;
-            }
-            flags.push(flag);
-        }
-        self.settle().await?;
-        Ok(Response::new(pb::ListFlagsResponse {
-            flags,
-            next_page_token,
-        }))
+        let namespace = req.namespace.clone();
+        let page = self
+            .read(move |store| {
+                if store
+                    .namespace(&req.namespace)
+                    .map_err(Error::from)?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+                let mut flags = Vec::new();
+                let mut next_page_token = String::new();
+                for flag in
+                    store.flags_with_prefix(&req.namespace, &req.key_prefix, &req.page_token)
+                {
+                    let flag = flag.map_err(Error::from)?;
+                    if !req.tag.is_empty() && !flag.tags.contains(&req.tag) {
+                        continue;
+                    }
+                    if flags.len() == size {
+                        next_page_token = flags
+                            .last()
+                            .map(|f: &pb::Flag| f.key.clone())
+                            .unwrap_or_default();
+                        break;
+                    }
+                    flags.push(flag);
+                }
+                Ok(Some(pb::ListFlagsResponse {
+                    flags,
+                    next_page_token,
+                }))
+            })
+            .await?;
+        page.map(Response::new)
+            .ok_or_else(|| namespace_not_found(&namespace))
     }
 
     async fn create_segment(
@@ -429,11 +565,10 @@ impl FlagAdmin for Admin {
     ) -> Result<Response<pb::Segment>, Status> {
         reader(&request)?;
         let req = request.into_inner();
+        let (namespace, key) = (req.namespace.clone(), req.key.clone());
         let found = self
-            .store
-            .segment(&req.namespace, &req.key)
-            .map_err(Error::from)?;
-        self.settle().await?;
+            .read(move |store| Ok(store.segment(&namespace, &key).map_err(Error::from)?))
+            .await?;
         match found {
             Some(segment) => Ok(Response::new(segment)),
             None => Err(Error::NotFound(format!(
@@ -452,22 +587,35 @@ impl FlagAdmin for Admin {
         reader(&request)?;
         let req = request.into_inner();
         let size = page_size(req.page_size)?;
-        self.namespace_exists(&req.namespace).await?;
-        let mut segments: Vec<pb::Segment> = Vec::new();
-        let mut next_page_token = String::new();
-        for segment in self.store.segments_after(&req.namespace, &req.page_token) {
-            let segment = segment.map_err(Error::from)?;
-            if segments.len() == size {
-                next_page_token = segments.last().map(|s| s.key.clone()).unwrap_or_default();
-                break;
-            }
-            segments.push(segment);
-        }
-        self.settle().await?;
-        Ok(Response::new(pb::ListSegmentsResponse {
-            segments,
-            next_page_token,
-        }))
+        let namespace = req.namespace.clone();
+        let page = self
+            .read(move |store| {
+                if store
+                    .namespace(&req.namespace)
+                    .map_err(Error::from)?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+                let mut segments: Vec<pb::Segment> = Vec::new();
+                let mut next_page_token = String::new();
+                for segment in store.segments_after(&req.namespace, &req.page_token) {
+                    let segment = segment.map_err(Error::from)?;
+                    if segments.len() == size {
+                        next_page_token =
+                            segments.last().map(|s| s.key.clone()).unwrap_or_default();
+                        break;
+                    }
+                    segments.push(segment);
+                }
+                Ok(Some(pb::ListSegmentsResponse {
+                    segments,
+                    next_page_token,
+                }))
+            })
+            .await?;
+        page.map(Response::new)
+            .ok_or_else(|| namespace_not_found(&namespace))
     }
 
     async fn list_history(
@@ -498,44 +646,10 @@ impl FlagAdmin for Admin {
             })?;
             (revision.saturating_add(1), index)
         };
-        let mut entries = Vec::new();
-        let mut next_page_token = String::new();
-        let records = self
-            .store
-            .history_before(before, &req.namespace, kind as i32, &req.key);
-        'records: for record in records {
-            let record = record.map_err(Error::from)?;
-            let first = if record.revision.saturating_add(1) == before {
-                skip
-            } else {
-                0
-            };
-            for (index, entry) in record.entries.iter().enumerate().skip(first) {
-                if kind != pb::ObjectKind::Unspecified && entry.kind != kind as i32 {
-                    continue;
-                }
-                if !req.key.is_empty() && entry.key != req.key {
-                    continue;
-                }
-                if entries.len() == size {
-                    next_page_token = format!("{}.{index}", record.revision);
-                    break 'records;
-                }
-                let mut entry = entry.clone();
-                entry.revision = record.revision;
-                entry.time = record.time;
-                entry.actor = record.actor.clone();
-                entry.comment = record.comment.clone();
-                entry.operation = record.operation.clone();
-                entry.chain = record.chain.clone();
-                entries.push(entry);
-            }
-        }
-        self.settle().await?;
-        Ok(Response::new(pb::ListHistoryResponse {
-            entries,
-            next_page_token,
-        }))
+        let page = self
+            .read(move |store| history_page(store, &req, kind, size, before, skip))
+            .await?;
+        Ok(Response::new(page))
     }
 
     async fn export_namespace(
@@ -544,38 +658,37 @@ impl FlagAdmin for Admin {
     ) -> Result<Response<pb::ExportNamespaceResponse>, Status> {
         reader(&request)?;
         let namespace = request.into_inner().namespace;
-        let store = self.store.clone();
-        // A snapshot gives one consistent revision for the whole bundle.
-        let snapshot = tokio::task::spawn_blocking(move || store.snapshot())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(Error::from)?;
-        self.settle().await?;
-        let ns = snapshot.namespaces.into_iter().find(|n| n.key == namespace);
-        let Some(ns) = ns else {
-            return Err(Error::NotFound(format!(
-                "namespace {} not found",
-                flagstream::validate::shown(&namespace)
-            ))
-            .into());
-        };
-        let bundle = pb::NamespaceBundle {
-            namespace: Some(ns),
-            flags: snapshot
-                .flags
-                .into_iter()
-                .filter(|f| f.namespace == namespace)
-                .collect(),
-            segments: snapshot
-                .segments
-                .into_iter()
-                .filter(|s| s.namespace == namespace)
-                .collect(),
-        };
-        Ok(Response::new(pb::ExportNamespaceResponse {
-            revision: snapshot.revision,
-            bundle: Some(bundle),
-        }))
+        let wanted = namespace.clone();
+        let exported = self
+            .read(move |store| {
+                // A snapshot gives one consistent revision for the whole bundle.
+                let snapshot = store.snapshot().map_err(Error::from)?;
+                let ns = snapshot.namespaces.into_iter().find(|n| n.key == wanted);
+                let Some(ns) = ns else {
+                    return Ok(None);
+                };
+                let bundle = pb::NamespaceBundle {
+                    namespace: Some(ns),
+                    flags: snapshot
+                        .flags
+                        .into_iter()
+                        .filter(|f| f.namespace == wanted)
+                        .collect(),
+                    segments: snapshot
+                        .segments
+                        .into_iter()
+                        .filter(|s| s.namespace == wanted)
+                        .collect(),
+                };
+                Ok(Some(pb::ExportNamespaceResponse {
+                    revision: snapshot.revision,
+                    bundle: Some(bundle),
+                }))
+            })
+            .await?;
+        exported
+            .map(Response::new)
+            .ok_or_else(|| namespace_not_found(&namespace))
     }
 
     async fn import_namespace(
@@ -584,59 +697,14 @@ impl FlagAdmin for Admin {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let identity = admin(&request)?;
         let req = request.into_inner();
-        let op = match req.source {
-            Some(pb::import_namespace_request::Source::Bundle(bundle)) => {
-                // The objects' namespace fields are ignored in favour of the
-                // request's, so they are replaced before conversion.
-                let flags = bundle
-                    .flags
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, mut f)| {
-                        f.namespace = req.namespace.clone();
-                        checks::flag_model(f, &format!("bundle.flags[{i}]"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                let segments = bundle
-                    .segments
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, mut s)| {
-                        s.namespace = req.namespace.clone();
-                        checks::segment_model(s, &format!("bundle.segments[{i}]"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                Op::Import {
-                    namespace: req.namespace,
-                    description: bundle.namespace.map(|n| n.description),
-                    flags,
-                    segments,
-                    path: "bundle",
-                }
-            }
-            Some(pb::import_namespace_request::Source::UnleashJson(json)) => {
-                // The importer keeps what Unleash would silently turn off (an
-                // unknown operator, a bad regex) so evaluation matches
-                // Unleash; write-time validation then refuses it, naming the
-                // feature and the field.
-                let import = flagstream::unleash::import_features(&json, &req.namespace)
-                    .map_err(|e| Status::invalid_argument(format!("unleash_json: {e}")))?;
-                Op::Import {
-                    namespace: req.namespace,
-                    description: None,
-                    flags: import.flags,
-                    segments: import.segments,
-                    path: "unleash_json",
-                }
-            }
-            None => {
-                return Err(Status::invalid_argument(
-                    "source: one of bundle or unleash_json is required",
-                ));
-            }
-        };
+        let options = req.options.clone();
+        // Decoding up to 4 MiB of JSON or converting thousands of objects is
+        // heavy: it runs on the blocking pool.
+        let op = tokio::task::spawn_blocking(move || import_op(req))
+            .await
+            .map_err(|e| Status::internal(format!("decoding the import: {e}")))??;
         let outcome = self
-            .write("ImportNamespace", &identity, op, req.options)
+            .write("ImportNamespace", &identity, op, options)
             .await?;
         Ok(Response::new(pb::WriteResponse {
             revision: outcome.revision,
@@ -651,12 +719,10 @@ impl FlagAdmin for Admin {
         let mut namespaces = request.into_inner().namespaces;
         namespaces.sort();
         namespaces.dedup();
-        let store = self.store.clone();
         let covered = namespaces.clone();
-        let digest = tokio::task::spawn_blocking(move || state_digest(&store, &covered))
-            .await
-            .map_err(|e| Status::internal(format!("computing the digest: {e}")))??;
-        self.settle().await?;
+        let digest = self
+            .read(move |store| state_digest(store, &covered))
+            .await?;
         Ok(Response::new(pb::StateDigest {
             namespaces,
             ..digest

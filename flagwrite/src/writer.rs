@@ -14,7 +14,7 @@ use flagstream::validate::{Element, shown};
 use flagstream::{model, pb};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::checks::{self, View};
+use crate::checks::{self, RegexChange, RegexUse, View};
 use crate::error::Error;
 use crate::feed::Feed;
 use crate::metrics::Metrics;
@@ -177,6 +177,7 @@ fn run(
     mut rx: mpsc::Receiver<Job>,
 ) -> Exit {
     let mut group: Vec<Pending> = Vec::new();
+    let mut regexes = RegexUse::default();
     loop {
         // Wait for the first write of a group; `None` means every handle is
         // dropped and the queue is empty.
@@ -189,7 +190,7 @@ fn run(
         let mut failed: Option<StoreError> = None;
         while let Some(job) = next.take() {
             let started = job.queued;
-            let (result, record) = match apply(store, job.request) {
+            let (result, record) = match apply(store, &mut regexes, job.request) {
                 Ok((outcome, record)) => (Ok(outcome), record),
                 Err(Error::Store(StoreError::Sled(sled::Error::Io(source)))) => {
                     failed = Some(StoreError::Sync {
@@ -269,8 +270,13 @@ fn compact(store: &Store, feed: &Feed, retention: u64, head: u64) {
 }
 
 /// Plans one write against the current state and commits it (unless
-/// validate-only). Returns the outcome and the committed record.
-fn apply(store: &Store, request: WriteRequest) -> Result<(Outcome, Option<LogRecord>), Error> {
+/// validate-only), keeping `regexes` in step with what is committed. Returns
+/// the outcome and the committed record.
+fn apply(
+    store: &Store,
+    regexes: &mut RegexUse,
+    request: WriteRequest,
+) -> Result<(Outcome, Option<LogRecord>), Error> {
     let WriteRequest {
         op,
         actor,
@@ -290,12 +296,15 @@ fn apply(store: &Store, request: WriteRequest) -> Result<(Outcome, Option<LogRec
         entries: Vec::new(),
         object: None,
         namespace: String::new(),
+        regexes,
+        regex_changes: Vec::new(),
     };
     plan.build(op)?;
     let Plan {
         entries,
         object,
         namespace,
+        regex_changes,
         ..
     } = plan;
     if validate_only {
@@ -318,6 +327,7 @@ fn apply(store: &Store, request: WriteRequest) -> Result<(Outcome, Option<LogRec
         chain: Vec::new(),
     };
     store.commit(&mut record)?;
+    regexes.apply(regex_changes);
     Ok((Outcome { revision, object }, Some(record)))
 }
 
@@ -346,6 +356,10 @@ struct Plan<'a> {
     entries: Vec<pb::HistoryEntry>,
     object: Option<pb::Object>,
     namespace: String,
+    /// What each namespace's regexes take before this write.
+    regexes: &'a mut RegexUse,
+    /// What this write changes in `regexes` once committed.
+    regex_changes: Vec<RegexChange>,
 }
 
 impl Plan<'_> {
@@ -374,6 +388,7 @@ impl Plan<'_> {
                         list_names(&segments)
                     )));
                 }
+                self.regex_changes.push(RegexChange::Forget(key.clone()));
                 self.namespace = key;
                 self.put(Some(obj_ns(ns)), None, false);
             }
@@ -387,8 +402,10 @@ impl Plan<'_> {
                         shown(&model.namespace)
                     )));
                 }
-                let view = self.view_for(&model)?;
-                checks::flag(&model, &view, "flag")?;
+                let mut view = self.view_for(&model)?;
+                view.regex_bytes = self.regexes_elsewhere_flag(&model)?;
+                let bytes = checks::flag(&model, &view, "flag")?;
+                self.regex_set(pb::ObjectKind::Flag, &model.namespace, &model.key, bytes);
                 self.store_flag(model, None)?;
             }
             Op::UpdateFlag { flag, expected } => {
@@ -407,8 +424,10 @@ impl Plan<'_> {
                         stored_type.as_str_name()
                     )));
                 }
-                let view = self.view_for(&model)?;
-                checks::flag(&model, &view, "flag")?;
+                let mut view = self.view_for(&model)?;
+                view.regex_bytes = self.regexes_elsewhere_flag(&model)?;
+                let bytes = checks::flag(&model, &view, "flag")?;
+                self.regex_set(pb::ObjectKind::Flag, &model.namespace, &model.key, bytes);
                 self.check_dependents(&model, &stored)?;
                 self.store_flag(model, Some(stored))?;
             }
@@ -447,11 +466,16 @@ impl Plan<'_> {
                         list_names(&dependents)
                     )));
                 }
+                self.regex_changes.push(RegexChange::Removed {
+                    namespace: namespace.clone(),
+                    kind: pb::ObjectKind::Flag,
+                    key: key.clone(),
+                });
                 self.namespace = namespace;
                 self.put(Some(obj_flag(stored)), None, false);
             }
             Op::CreateSegment(segment) => {
-                let model = checks::segment(segment, "segment")?;
+                let model = self.checked_segment(segment)?;
                 self.namespace_required(&model.namespace)?;
                 if self.store.segment(&model.namespace, &model.key)?.is_some() {
                     return Err(Error::AlreadyExists(format!(
@@ -463,7 +487,7 @@ impl Plan<'_> {
                 self.store_segment(model, None);
             }
             Op::UpdateSegment { segment, expected } => {
-                let model = checks::segment(segment, "segment")?;
+                let model = self.checked_segment(segment)?;
                 let stored = self
                     .store
                     .segment(&model.namespace, &model.key)?
@@ -508,6 +532,11 @@ impl Plan<'_> {
                         list_names(&users)
                     )));
                 }
+                self.regex_changes.push(RegexChange::Removed {
+                    namespace: namespace.clone(),
+                    kind: pb::ObjectKind::Segment,
+                    key: key.clone(),
+                });
                 self.namespace = namespace;
                 self.put(Some(obj_segment(stored)), None, false);
             }
@@ -561,6 +590,8 @@ impl Plan<'_> {
             Element::Index
         };
         checks::bundle(&flags, &segments, names, path)?;
+        self.regex_changes
+            .push(RegexChange::Forget(namespace.clone()));
 
         // The namespace itself: created when missing, description replaced
         // when the import carries one.
@@ -608,6 +639,45 @@ impl Plan<'_> {
         }
         self.object = None;
         Ok(())
+    }
+
+    /// What the regexes of the rest of `flag`'s namespace take; 0, without
+    /// reading the namespace, when the flag has no regex (the budget per
+    /// namespace cannot be crossed by it).
+    fn regexes_elsewhere_flag(&mut self, flag: &model::Flag) -> Result<usize, Error> {
+        if !checks::has_regex(flag.rules.iter().flat_map(|r| &r.constraints)) {
+            return Ok(0);
+        }
+        self.regexes
+            .others(self.store, &flag.namespace, pb::ObjectKind::Flag, &flag.key)
+    }
+
+    /// Converts and validates a segment against its namespace.
+    fn checked_segment(&mut self, segment: pb::Segment) -> Result<model::Segment, Error> {
+        let model = checks::segment_model(segment, "segment")?;
+        let elsewhere = if checks::has_regex(&model.constraints) {
+            self.regexes.others(
+                self.store,
+                &model.namespace,
+                pb::ObjectKind::Segment,
+                &model.key,
+            )?
+        } else {
+            0
+        };
+        let bytes = checks::segment(&model, elsewhere, "segment")?;
+        self.regex_set(pb::ObjectKind::Segment, &model.namespace, &model.key, bytes);
+        Ok(model)
+    }
+
+    /// Records that the object will hold regexes taking `bytes`.
+    fn regex_set(&mut self, kind: pb::ObjectKind, namespace: &str, key: &str, bytes: usize) {
+        self.regex_changes.push(RegexChange::Set {
+            namespace: namespace.to_string(),
+            kind,
+            key: key.to_string(),
+            bytes,
+        });
     }
 
     fn stamp(&self, old: Option<&pb::Stamp>) -> pb::Stamp {

@@ -6,7 +6,7 @@ use std::any::Any;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use ipnet::IpNet;
 
@@ -228,7 +228,8 @@ pub(super) enum Op {
     Num(Cmp, f64),
     Date(Cmp, i64),
     Semver(Cmp, Arc<semver::Version>),
-    Regex(Arc<[regex::Regex]>),
+    /// Each regex is shared with every other flag using the same pattern.
+    Regex(Arc<[Arc<parse::Regex>]>),
     Cidr(Arc<[IpNet]>),
 }
 
@@ -460,7 +461,7 @@ pub(super) fn compile_constraint(c: &model::Constraint) -> CompiledConstraint {
             None => Op::Never,
         },
         Operator::Regex => {
-            let regexes: Vec<regex::Regex> = c
+            let regexes: Vec<Arc<parse::Regex>> = c
                 .values
                 .iter()
                 .filter_map(|p| cached_regex(p, c.case_insensitive))
@@ -484,27 +485,90 @@ pub(super) fn compile_constraint(c: &model::Constraint) -> CompiledConstraint {
     }
 }
 
-/// Compiles a regex, reusing an earlier compilation of the same pattern:
-/// compiling is by far the costliest part of compiling a flag, and flags of
-/// a namespace often share patterns. A `Regex` clone shares the compiled
-/// program. The cache is bounded by clearing it when full.
-fn cached_regex(pattern: &str, case_insensitive: bool) -> Option<regex::Regex> {
-    type Cache = HashMap<(Box<str>, bool), Option<regex::Regex>, FastHash>;
-    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
-    const CACHE_SIZE: usize = 4096;
-    let cache = CACHE.get_or_init(|| Mutex::new(Cache::default()));
+/// Compiles a regex, or shares the compilation of the same pattern that a
+/// compiled flag or segment still holds: compiling is by far the costliest
+/// part of compiling a flag, and flags of a namespace often share patterns.
+///
+/// The cache keeps only weak references, so a regex lives exactly as long as
+/// some compiled constraint holds it: deleting the last flag that uses a
+/// pattern gives its memory back. Dead entries are pruned whenever the map has
+/// doubled since the last pruning, which keeps it within about twice the live
+/// patterns at a constant cost per insert. Patterns that do not compile are not
+/// cached (validation refuses them before they are stored). Stored patterns
+/// compile within the limit they were written under
+/// ([`parse::stored_regex`]), so lowering the limit for writes changes no
+/// stored flag's evaluation.
+fn cached_regex(pattern: &str, case_insensitive: bool) -> Option<Arc<parse::Regex>> {
+    let cache = regex_cache();
     let key = (Box::<str>::from(pattern), case_insensitive);
-    if let Some(hit) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return hit;
+    if let Some(live) = cache
+        .lock()
+        .ok()
+        .and_then(|c| c.entries.get(&key).and_then(Weak::upgrade))
+    {
+        return Some(live);
     }
-    let compiled = parse::regex(pattern, case_insensitive).ok();
+    // Compiled outside the lock: another thread may compile the same pattern
+    // meanwhile, and the entry written last wins; both copies are correct.
+    let compiled = Arc::new(parse::stored_regex(pattern, case_insensitive).ok()?);
     if let Ok(mut c) = cache.lock() {
-        if c.len() >= CACHE_SIZE {
-            c.clear();
-        }
-        c.insert(key, compiled.clone());
+        c.insert(key, &compiled);
     }
-    compiled
+    Some(compiled)
+}
+
+/// The cache behind [`cached_regex`].
+#[derive(Default)]
+struct RegexCache {
+    /// Pattern and case-insensitivity to the regex, while anything holds it.
+    entries: HashMap<(Box<str>, bool), Weak<parse::Regex>, FastHash>,
+    /// The number of entries after the last pruning; the next pruning runs
+    /// when there are twice as many (and at least 64).
+    pruned_at: usize,
+}
+
+impl RegexCache {
+    fn insert(&mut self, key: (Box<str>, bool), regex: &Arc<parse::Regex>) {
+        if self.entries.len() >= (2 * self.pruned_at).max(64) {
+            self.entries.retain(|_, weak| weak.strong_count() > 0);
+            self.pruned_at = self.entries.len();
+        }
+        self.entries.insert(key, Arc::downgrade(regex));
+    }
+}
+
+fn regex_cache() -> &'static Mutex<RegexCache> {
+    static CACHE: OnceLock<Mutex<RegexCache>> = OnceLock::new();
+    CACHE.get_or_init(Mutex::default)
+}
+
+/// The regexes compiled flags and segments hold right now, process-wide: how
+/// many distinct patterns and their compiled bytes (each shared regex counted
+/// once).
+pub fn live_regexes() -> (usize, usize) {
+    let Ok(cache) = regex_cache().lock() else {
+        return (0, 0);
+    };
+    cache
+        .entries
+        .values()
+        .filter_map(Weak::upgrade)
+        .fold((0, 0), |(n, bytes), r| (n + 1, bytes + r.memory_usage()))
+}
+
+/// How many entries, live or dead, the cache has.
+#[cfg(test)]
+pub(super) fn regex_cache_entries() -> usize {
+    regex_cache().lock().map_or(0, |c| c.entries.len())
+}
+
+/// Whether a compiled flag or segment holds a regex for this pattern.
+pub fn regex_is_live(pattern: &str, case_insensitive: bool) -> bool {
+    regex_cache().lock().is_ok_and(|c| {
+        c.entries
+            .get(&(Box::<str>::from(pattern), case_insensitive))
+            .is_some_and(|w| w.strong_count() > 0)
+    })
 }
 
 /// Whether an IP range contains an address, IPv4-mapped IPv6 addresses

@@ -51,7 +51,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, OnceLock};
 
-pub use compile::CompiledFlag;
+pub use compile::{CompiledFlag, live_regexes, regex_is_live};
 use compile::{CompiledSegment, compile_flag};
 pub use sharded::ShardedMap;
 

@@ -1117,3 +1117,72 @@ fn flag_sets_can_be_shared_across_threads() {
     fn assert_send_sync<T: Send + Sync + Clone + Default>() {}
     assert_send_sync::<FlagSet>();
 }
+
+/// Regexes live exactly as long as a compiled flag holds them: the cache shares
+/// one pattern between flags, and deleting the flags gives the memory back.
+/// The patterns are unique to this test, since the cache is process-wide and
+/// other tests run alongside.
+#[test]
+fn regex_memory_follows_the_flags_holding_it() {
+    let patterns: Vec<String> = (0..256)
+        .map(|i| format!(r"^memory-test-{i}-[a-z]{{20}}\d+$"))
+        .collect();
+    let values: Vec<&str> = patterns.iter().map(String::as_str).collect();
+    let live = |set: &[&str]| set.iter().filter(|p| regex_is_live(p, false)).count();
+
+    let mut set = FlagSet::new();
+    for (i, chunk) in values.chunks(64).enumerate() {
+        let c = constraint("email", Operator::Regex, chunk);
+        set.upsert_flag(flag(&format!("memory-{i}"), vec![rule(vec![c])]));
+    }
+    // A second flag with the same patterns shares the first one's regexes.
+    let shared = constraint("email", Operator::Regex, &values[..64]);
+    set.upsert_flag(flag("memory-shared", vec![rule(vec![shared])]));
+    assert_eq!(live(&values), values.len());
+    let held = |f: &str| match &set.get(f).unwrap().rules[0].constraints[0].op {
+        compile::Op::Regex(r) => r.clone(),
+        _ => unreachable!("a REGEX constraint compiles to Op::Regex"),
+    };
+    assert!(Arc::ptr_eq(&held("memory-0")[0], &held("memory-shared")[0]));
+    with_context(
+        &[("email", "memory-test-3-abcdefghijklmnopqrst42")],
+        |ctx| {
+            assert!(set.evaluate("memory-0", ctx).is_on());
+            assert!(!set.evaluate("memory-1", ctx).is_on());
+        },
+    );
+
+    // Dropping one of two holders keeps the pattern; dropping both frees it.
+    set.remove_flag("memory-0");
+    assert_eq!(live(&values), values.len());
+    set.remove_flag("memory-shared");
+    assert_eq!(live(&values[..64]), 0);
+    assert_eq!(live(&values[64..]), 192);
+    drop(set);
+    assert_eq!(live(&values), 0, "no regex outlives the flags holding it");
+}
+
+/// Dead cache entries are pruned as new ones arrive, so compiling and dropping
+/// many distinct patterns leaves a map proportional to what is live, not to
+/// everything ever compiled.
+#[test]
+fn regex_cache_prunes_dead_entries() {
+    for round in 0..10 {
+        let patterns: Vec<String> = (0..100)
+            .map(|i| format!(r"^prune-{round}-{i}-\d+$"))
+            .collect();
+        let values: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let mut set = FlagSet::new();
+        set.upsert_flag(flag(
+            "prune",
+            vec![rule(vec![constraint("email", Operator::Regex, &values)])],
+        ));
+        drop(set);
+    }
+    let entries = compile::regex_cache_entries();
+    // 1,000 patterns were compiled and dropped; other tests hold a few dozen.
+    assert!(
+        entries < 500,
+        "{entries} cache entries after all were dropped"
+    );
+}
