@@ -29,6 +29,7 @@ use std::time::Duration;
 use flagstream::kit;
 use flagstream::kit::auth::{Authenticator, Tokens, TokensError};
 use flagstream::kit::grpc::TlsError;
+use flagstream::kit::rpc_metrics::RpcMetricsLayer;
 use flagstream::kit::telemetry::LogFormat;
 use flagstream::pb::flag_eval_server::FlagEvalServer;
 use tokio::net::TcpListener;
@@ -142,6 +143,19 @@ pub struct Config {
     /// Longest drain at shutdown, in seconds (keep it below the pod's termination grace).
     #[arg(long, env = "FLAGREAD_DRAIN_S", default_value_t = 20)]
     pub drain_s: u64,
+    /// Namespaces whose evaluations are exported per flag and variant
+    /// (`flagread_flag_evaluations_total`), comma-separated; `*` for all. Every namespace is
+    /// always counted as a whole in `flagread_evaluations_total{namespace,reason}`.
+    #[arg(long, env = "FLAGREAD_FLAG_METRICS_NAMESPACES", value_delimiter = ',')]
+    pub flag_metrics_namespaces: Vec<String>,
+    /// Most per-flag series in one scrape, over all opted-in namespaces; series past it (in
+    /// namespace and flag order) are left out and counted in `flagread_flag_series_dropped`.
+    #[arg(
+        long,
+        env = "FLAGREAD_FLAG_METRICS_MAX_SERIES",
+        default_value_t = 10_000
+    )]
+    pub flag_metrics_max_series: usize,
 }
 
 /// Why flagread could not start or stopped with an error.
@@ -359,11 +373,26 @@ pub async fn run_with(
         status.clone(),
         stopped.clone(),
     ));
-    let render = metrics::renderer(state.clone(), status.clone(), metrics.clone());
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(
+        &mut registry,
+        state.clone(),
+        status.clone(),
+        metrics::FlagSeries::new(
+            &config.flag_metrics_namespaces,
+            config.flag_metrics_max_series,
+        ),
+    );
+    authenticator.register(&mut registry);
+    let rpc_metrics = RpcMetricsLayer::register(&mut registry);
     let mut metrics_stop = stopped.clone();
-    tasks.spawn(kit::metrics::serve(metrics_listener, render, async move {
-        let _ = metrics_stop.changed().await;
-    }));
+    tasks.spawn(kit::metrics::serve(
+        metrics_listener,
+        Arc::new(registry),
+        async move {
+            let _ = metrics_stop.changed().await;
+        },
+    ));
 
     let local = listener.local_addr().map_err(|source| Error::Bind {
         addr: config.listen,
@@ -400,6 +429,7 @@ pub async fn run_with(
         server = server.tls_config(tls)?;
     }
     let router = server
+        .layer(rpc_metrics)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

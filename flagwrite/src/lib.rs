@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flagstream::kit::auth::{Authenticator, Tokens};
+use flagstream::kit::rpc_metrics::RpcMetricsLayer;
 use flagstream::kit::telemetry::LogFormat;
 use flagstream::pb::flag_admin_server::FlagAdminServer;
 use tokio::net::TcpListener;
@@ -213,17 +214,21 @@ pub async fn run(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    prepared.auth.register(&mut registry);
+    let rpc_metrics = RpcMetricsLayer::register(&mut registry);
+    let registry = Arc::new(registry);
     if let Some(addr) = config.metrics_listen {
         let metrics_listener = TcpListener::bind(addr)
             .await
             .map_err(|source| RunError::Metrics { addr, source })?;
         tracing::info!(addr = %metrics_listener.local_addr().unwrap_or(addr), "metrics endpoint listening");
-        let render_metrics = metrics.clone();
         let mut stop = stop_rx.clone();
         // Ends at shutdown.
         tokio::spawn(flagstream::kit::metrics::serve(
             metrics_listener,
-            Arc::new(move || render_metrics.render()),
+            registry.clone(),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },
@@ -281,6 +286,7 @@ pub async fn run(
     }
     let router = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(rpc_metrics)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
