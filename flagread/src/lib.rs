@@ -140,7 +140,8 @@ pub struct Config {
     /// Largest reconnection delay in milliseconds.
     #[arg(long, env = "FLAGREAD_BACKOFF_MAX_MS", default_value_t = 5000)]
     pub backoff_max_ms: u64,
-    /// Longest drain at shutdown, in seconds (keep it below the pod's termination grace).
+    /// Longest drain at shutdown, in seconds (keep it below the pod's termination grace): calls
+    /// in flight and the background tasks' last work (the snapshot file) share it.
     #[arg(long, env = "FLAGREAD_DRAIN_S", default_value_t = 20)]
     pub drain_s: u64,
     /// Namespaces whose evaluations are exported per flag and variant
@@ -461,13 +462,24 @@ pub async fn run_with(
     drop(stop);
     let _ = drain_tx.send(());
     let drain = Duration::from_secs(config.drain_s);
-    match tokio::time::timeout(drain, &mut serve).await {
+    // One deadline for the whole drain: the calls and the tasks share it.
+    let deadline = tokio::time::Instant::now() + drain;
+    match tokio::time::timeout_at(deadline, &mut serve).await {
         Ok(result) => result?,
         Err(_) => tracing::warn!(?drain, "drain took too long; stopping anyway"),
     }
     // The follower and health tasks end on the closed channel; the snapshot writer saves the
-    // last state first. Bounded like the drain.
-    let _ = tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+    // last state first, in what is left of the drain.
+    let joined = tokio::time::timeout_at(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!(
+            ?drain,
+            "background tasks still running after the drain; stopping them"
+        );
+    }
     tasks.abort_all();
     tracing::info!("flagread stopped");
     Ok(())

@@ -1,8 +1,11 @@
-//! The replica's metrics, served by `flagread::run_with` on 127.0.0.1:0 following a fake
-//! upstream: per-flag series stay bounded unless a namespace opts in, every call is counted by
-//! status code, and refused tokens are counted.
+//! The replica's metrics and the end of its life, served by `flagread::run_with` on 127.0.0.1:0
+//! following a fake upstream: per-flag series stay bounded unless a namespace opts in, every
+//! call is counted by status code, refused tokens are counted, and a drain with a call that
+//! never finishes still ends within `--drain-s`.
 
 mod support;
+
+use std::time::{Duration, Instant};
 
 use flagread::{Config, Handles};
 use flagstream::pb;
@@ -246,4 +249,53 @@ async fn calls_are_counted_by_status_code_and_refused_tokens_are_counted() {
     }
     let _ = replica.stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_ends_within_drain_s_with_a_call_that_never_finishes() {
+    let drain = Duration::from_secs(2);
+    let replica = Replica::start(
+        |c| c.drain_s = drain.as_secs(),
+        snapshot(3, vec![flag("prod", "a", 3)]),
+    )
+    .await;
+    // A unary call whose request never ends: the handler waits for its message for ever.
+    let tcp = tokio::net::TcpStream::connect(replica.addr).await.unwrap();
+    let (mut h2, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping_pong = connection.ping_pong().expect("taken once");
+    // Ends when the replica closes the connection.
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/flagstream.v1.FlagEval/Evaluate",
+            replica.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, _request_body) = h2.send_request(request, false).unwrap();
+    // The pong comes back after the server read the call's headers.
+    ping_pong.ping(h2::Ping::opaque()).await.unwrap();
+    let response = tokio::spawn(response);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!response.is_finished(), "the replica answered");
+
+    let started = Instant::now();
+    let _ = replica.stop.send(());
+    tokio::time::timeout(drain * 3, replica.task)
+        .await
+        .expect("the replica stops")
+        .unwrap()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < drain + Duration::from_millis(1500),
+        "the drain took {took:?}, more than --drain-s {drain:?}"
+    );
+    assert!(
+        took >= drain - Duration::from_millis(200),
+        "the call was not waited for: {took:?}"
+    );
 }
