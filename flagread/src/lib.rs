@@ -35,7 +35,7 @@ use flagstream::pb::flag_eval_server::FlagEvalServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Server};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server};
 use tonic_health::ServingStatus;
 
 use crate::follower::{Backoff, SyncStatus, Upstream};
@@ -93,6 +93,13 @@ pub struct Config {
     /// Server name expected in flagwrite's certificate (default: the upstream host).
     #[arg(long, env = "FLAGREAD_UPSTREAM_DOMAIN")]
     pub upstream_domain: Option<String>,
+    /// PEM client certificate chain presented to flagwrite (with `--upstream-key`), for a
+    /// writer that requires client certificates (`--tls-client-ca` there).
+    #[arg(long, env = "FLAGREAD_UPSTREAM_CERT", requires = "upstream_key")]
+    pub upstream_cert: Option<PathBuf>,
+    /// PEM private key of `--upstream-cert`.
+    #[arg(long, env = "FLAGREAD_UPSTREAM_KEY", requires = "upstream_cert")]
+    pub upstream_key: Option<PathBuf>,
     /// Address of the Prometheus `/metrics` endpoint.
     #[arg(long, env = "FLAGREAD_METRICS_LISTEN", default_value = "0.0.0.0:9092")]
     pub metrics_listen: SocketAddr,
@@ -237,12 +244,25 @@ impl Config {
             .http2_keep_alive_interval(Duration::from_secs(self.keepalive_s.max(1)))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        if self.upstream.starts_with("https://") || self.upstream_ca.is_some() {
+        if self.upstream.starts_with("https://")
+            || self.upstream_ca.is_some()
+            || self.upstream_cert.is_some()
+        {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.upstream_ca {
                 let pem = std::fs::read(ca)
                     .map_err(|e| Error::Upstream(format!("CA {}: {e}", ca.display())))?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let (Some(cert), Some(key)) = (&self.upstream_cert, &self.upstream_key) {
+                let read = |what: &str, path: &PathBuf| {
+                    std::fs::read(path)
+                        .map_err(|e| Error::Upstream(format!("{what} {}: {e}", path.display())))
+                };
+                tls = tls.identity(Identity::from_pem(
+                    read("client certificate", cert)?,
+                    read("client key", key)?,
+                ));
             }
             if let Some(domain) = &self.upstream_domain {
                 tls = tls.domain_name(domain.clone());
