@@ -113,14 +113,6 @@ impl Metrics {
             sent,
         }
     }
-
-    /// How many subscribers are connected now.
-    pub fn subscriber_count(&self) -> usize {
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-    }
 }
 
 impl Collector for SubscriberCollector {

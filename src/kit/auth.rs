@@ -289,13 +289,6 @@ impl Authenticator {
         );
     }
 
-    /// Refused calls so far with `reason` (for tests).
-    pub fn failures(&self, reason: &'static str) -> u64 {
-        self.failures
-            .get(&FailureLabels { reason })
-            .map_or(0, |c| c.get())
-    }
-
     /// Counts and (rate-limited) logs a refusal, then returns its status.
     fn refuse(&self, reason: &'static str, message: &'static str) -> Status {
         self.failures.get_or_create(&FailureLabels { reason }).inc();

@@ -108,19 +108,6 @@ impl RpcMetricsLayer {
         );
         layer
     }
-
-    /// The count of one series (for tests).
-    pub fn count(&self, service: &str, method: &str, code: &str) -> u64 {
-        let (service, method) = method_labels(&format!("/{service}/{method}"));
-        let code = CODES.iter().find(|c| **c == code).copied().unwrap_or("");
-        self.requests
-            .get(&RpcLabels {
-                service,
-                method,
-                code,
-            })
-            .map_or(0, |c| c.get())
-    }
 }
 
 impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
