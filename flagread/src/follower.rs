@@ -233,8 +233,10 @@ pub async fn follow(
 ) {
     let mut failures = 0u32;
     let progressed = Arc::new(AtomicBool::new(false));
+    let tls = upstream.endpoint.uri().scheme_str() == Some("https");
     loop {
         progressed.store(false, Ordering::Relaxed);
+        let opened = status.subscriptions();
         let result = tokio::select! {
             result = subscribe(&upstream, &state, &status, &progressed) => result,
             _ = shutdown.changed() => break,
@@ -266,14 +268,24 @@ pub async fn follow(
             | FollowError::Stream(_)
             | FollowError::Ended
             | FollowError::Silent(_) => {
-                tracing::warn!(
+                let refused_at_once = tls && status.subscriptions() == opened;
+                if let Some(tls) = tls_failure(&result, refused_at_once) {
+                    tracing::error!(
+                        error = %tls,
+                        applied = state.revision(),
+                        ?delay,
+                        "TLS with the writer failed (a certificate or handshake problem, not the network): check --upstream-ca, --upstream-cert/--upstream-key and the writer's --tls-client-ca; serving the state held, reconnecting"
+                    );
+                } else {
+                    tracing::warn!(
                     error = %result,
                     applied = state.revision(),
                     head = status.head(),
                     stale_s = status.staleness().map(|s| s.as_secs()),
                     ?delay,
                     "writer unreachable; serving the state held, reconnecting"
-                );
+                    );
+                }
             }
         }
         tokio::select! {
@@ -283,6 +295,40 @@ pub async fn follow(
     }
     status.connected.store(false, Ordering::Relaxed);
     tracing::debug!("follower stopped");
+}
+
+/// The message of a TLS failure that ended a subscription (a handshake refused by either side:
+/// no client certificate, an untrusted one, a wrong server name), read down the error's causes;
+/// `None` for any other failure. rustls errors reach here only as text (inside `io::Error`s
+/// within hyper's), so the causes are matched by what they say.
+///
+/// In TLS 1.3 a server checks the client's certificate after the client has finished its side
+/// of the handshake, so a refused replica may only see its first request fail with the
+/// connection closed or a broken pipe, the server's alert unread. `refused_at_once` (a TLS
+/// upstream, and no subscription opened on this attempt) lets such a failure count as TLS too.
+fn tls_failure(error: &FollowError, refused_at_once: bool) -> Option<String> {
+    let mut causes = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = next {
+        causes.push(cause.to_string());
+        next = cause.source();
+    }
+    let text = causes.join(": ");
+    let lower = text.to_ascii_lowercase();
+    if ["certificate", "tls", "handshake", "alert"]
+        .iter()
+        .any(|word| lower.contains(word))
+    {
+        return Some(text);
+    }
+    let closed = ["connection closed", "broken pipe", "connection reset"]
+        .iter()
+        .any(|words| lower.contains(words));
+    (refused_at_once && closed).then(|| {
+        format!(
+            "the writer closed the TLS connection right after the handshake, as it does to a client certificate it refuses or misses ({text})"
+        )
+    })
 }
 
 /// The revision a failed subscription could not apply, if that is why it failed: an object that

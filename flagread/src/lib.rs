@@ -30,12 +30,13 @@ use std::time::Duration;
 use flagstream::kit;
 use flagstream::kit::auth::{Authenticator, Tokens, TokensError};
 use flagstream::kit::grpc::TlsError;
+use flagstream::kit::rpc_metrics::RpcMetricsLayer;
 use flagstream::kit::telemetry::LogFormat;
 use flagstream::pb::flag_eval_server::FlagEvalServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Server};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server};
 use tonic_health::ServingStatus;
 
 use crate::follower::{Backoff, SyncStatus, Upstream};
@@ -93,6 +94,13 @@ pub struct Config {
     /// Server name expected in flagwrite's certificate (default: the upstream host).
     #[arg(long, env = "FLAGREAD_UPSTREAM_DOMAIN")]
     pub upstream_domain: Option<String>,
+    /// PEM client certificate chain presented to flagwrite (with `--upstream-key`), for a
+    /// writer that requires client certificates (`--tls-client-ca` there).
+    #[arg(long, env = "FLAGREAD_UPSTREAM_CERT", requires = "upstream_key")]
+    pub upstream_cert: Option<PathBuf>,
+    /// PEM private key of `--upstream-cert`.
+    #[arg(long, env = "FLAGREAD_UPSTREAM_KEY", requires = "upstream_cert")]
+    pub upstream_key: Option<PathBuf>,
     /// Address of the Prometheus `/metrics` endpoint.
     #[arg(long, env = "FLAGREAD_METRICS_LISTEN", default_value = "0.0.0.0:9092")]
     pub metrics_listen: SocketAddr,
@@ -165,9 +173,23 @@ pub struct Config {
     /// Largest reconnection delay in milliseconds.
     #[arg(long, env = "FLAGREAD_BACKOFF_MAX_MS", default_value_t = 5000)]
     pub backoff_max_ms: u64,
-    /// Longest drain at shutdown, in seconds (keep it below the pod's termination grace).
+    /// Longest drain at shutdown, in seconds (keep it below the pod's termination grace): calls
+    /// in flight and the background tasks' last work (the snapshot file) share it.
     #[arg(long, env = "FLAGREAD_DRAIN_S", default_value_t = 20)]
     pub drain_s: u64,
+    /// Namespaces whose evaluations are exported per flag and variant
+    /// (`flagread_flag_evaluations_total`), comma-separated; `*` for all. Every namespace is
+    /// always counted as a whole in `flagread_evaluations_total{namespace,reason}`.
+    #[arg(long, env = "FLAGREAD_FLAG_METRICS_NAMESPACES", value_delimiter = ',')]
+    pub flag_metrics_namespaces: Vec<String>,
+    /// Most per-flag series in one scrape, over all opted-in namespaces; series past it (in
+    /// namespace and flag order) are left out and counted in `flagread_flag_series_dropped`.
+    #[arg(
+        long,
+        env = "FLAGREAD_FLAG_METRICS_MAX_SERIES",
+        default_value_t = 10_000
+    )]
+    pub flag_metrics_max_series: usize,
 }
 
 /// Why flagread could not start or stopped with an error.
@@ -248,12 +270,25 @@ impl Config {
             .http2_keep_alive_interval(Duration::from_secs(self.keepalive_s.max(1)))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        if self.upstream.starts_with("https://") || self.upstream_ca.is_some() {
+        if self.upstream.starts_with("https://")
+            || self.upstream_ca.is_some()
+            || self.upstream_cert.is_some()
+        {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.upstream_ca {
                 let pem = std::fs::read(ca)
                     .map_err(|e| Error::Upstream(format!("CA {}: {e}", ca.display())))?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let (Some(cert), Some(key)) = (&self.upstream_cert, &self.upstream_key) {
+                let read = |what: &str, path: &PathBuf| {
+                    std::fs::read(path)
+                        .map_err(|e| Error::Upstream(format!("{what} {}: {e}", path.display())))
+                };
+                tls = tls.identity(Identity::from_pem(
+                    read("client certificate", cert)?,
+                    read("client key", key)?,
+                ));
             }
             if let Some(domain) = &self.upstream_domain {
                 tls = tls.domain_name(domain.clone());
@@ -387,11 +422,26 @@ pub async fn run_with(
         status.clone(),
         stopped.clone(),
     ));
-    let render = metrics::renderer(state.clone(), status.clone(), metrics.clone());
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(
+        &mut registry,
+        state.clone(),
+        status.clone(),
+        metrics::FlagSeries::new(
+            &config.flag_metrics_namespaces,
+            config.flag_metrics_max_series,
+        ),
+    );
+    authenticator.register(&mut registry);
+    let rpc_metrics = RpcMetricsLayer::register(&mut registry);
     let mut metrics_stop = stopped.clone();
-    tasks.spawn(kit::metrics::serve(metrics_listener, render, async move {
-        let _ = metrics_stop.changed().await;
-    }));
+    tasks.spawn(kit::metrics::serve(
+        metrics_listener,
+        Arc::new(registry),
+        async move {
+            let _ = metrics_stop.changed().await;
+        },
+    ));
 
     let local = listener.local_addr().map_err(|source| Error::Bind {
         addr: config.listen,
@@ -436,6 +486,7 @@ pub async fn run_with(
         server = server.tls_config(tls)?;
     }
     let router = server
+        .layer(rpc_metrics)
         .layer(flagstream::kit::grpc::MalformedRequests)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -468,13 +519,24 @@ pub async fn run_with(
     drop(stop);
     let _ = drain_tx.send(());
     let drain = Duration::from_secs(config.drain_s);
-    match tokio::time::timeout(drain, &mut serve).await {
+    // One deadline for the whole drain: the calls and the tasks share it.
+    let deadline = tokio::time::Instant::now() + drain;
+    match tokio::time::timeout_at(deadline, &mut serve).await {
         Ok(result) => result?,
         Err(_) => tracing::warn!(?drain, "drain took too long; stopping anyway"),
     }
     // The follower and health tasks end on the closed channel; the snapshot writer saves the
-    // last state first. Bounded like the drain.
-    let _ = tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+    // last state first, in what is left of the drain.
+    let joined = tokio::time::timeout_at(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!(
+            ?drain,
+            "background tasks still running after the drain; stopping them"
+        );
+    }
     tasks.abort_all();
     tracing::info!("flagread stopped");
     Ok(())

@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flagstream::engine::{self, CompiledFlag, Evaluation};
@@ -204,7 +203,7 @@ impl EvalService {
     /// A permit for one unary call, or RESOURCE_EXHAUSTED at once.
     fn admit(&self) -> Result<SemaphorePermit<'_>, EvalError> {
         self.inflight.try_acquire().map_err(|_| {
-            self.metrics.shed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.shed.inc();
             EvalError::Overloaded(self.limit)
         })
     }
@@ -713,7 +712,7 @@ fn namespace_of<'r>(
     metrics: &Metrics,
 ) -> Result<&'r NamespaceState, EvalError> {
     replica.namespaces.get(key).map(|ns| &**ns).ok_or_else(|| {
-        metrics.unknown_namespace.fetch_add(1, Ordering::Relaxed);
+        metrics.unknown_namespace.inc();
         EvalError::NamespaceNotFound(key.to_string())
     })
 }

@@ -116,7 +116,8 @@ fn evaluate(ns: &str, key: &str) -> pb::EvaluateRequest {
 #[tokio::test]
 async fn evaluate_answers_and_refuses_as_documented() {
     let mut fake = FakeUpstream::start().await;
-    let config = Config::local(fake.url.clone());
+    let mut config = Config::local(fake.url.clone());
+    config.flag_metrics_namespaces = vec!["prod".into()];
     let (replica, _sub) = serving(&mut fake, config).await;
     let mut client = replica.client().await;
 
@@ -237,7 +238,7 @@ async fn evaluate_answers_and_refuses_as_documented() {
 
     let metrics = scrape(replica.handles.metrics_listen).await;
     assert!(
-        metrics.contains("flagread_evaluations_total{namespace=\"prod\",flag=\"a\",variant=\"on\",reason=\"STATIC\"} 4"),
+        metrics.contains("flagread_flag_evaluations_total{namespace=\"prod\",flag=\"a\",variant=\"on\",reason=\"STATIC\"} 4"),
         "{metrics}"
     );
     assert!(metrics.contains("flagread_applied_revision 5"), "{metrics}");
@@ -248,7 +249,8 @@ async fn evaluate_answers_and_refuses_as_documented() {
 #[tokio::test]
 async fn batches_carry_per_flag_errors_and_all_is_ordered_by_key() {
     let mut fake = FakeUpstream::start().await;
-    let config = Config::local(fake.url.clone());
+    let mut config = Config::local(fake.url.clone());
+    config.flag_metrics_namespaces = vec!["prod".into()];
     let (replica, _sub) = serving(&mut fake, config).await;
     let mut client = replica.client().await;
     let request = pb::EvaluateBatchRequest {
@@ -323,7 +325,9 @@ async fn batches_carry_per_flag_errors_and_all_is_ordered_by_key() {
     let metrics = scrape(replica.handles.metrics_listen).await;
     let b_count: u64 = metrics
         .lines()
-        .filter(|line| line.starts_with("flagread_evaluations_total{namespace=\"prod\",flag=\"b\""))
+        .filter(|line| {
+            line.starts_with("flagread_flag_evaluations_total{namespace=\"prod\",flag=\"b\"")
+        })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert_eq!(b_count, 4, "{metrics}");

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flagstream::kit::auth::{Authenticator, Tokens};
+use flagstream::kit::rpc_metrics::RpcMetricsLayer;
 use flagstream::kit::telemetry::LogFormat;
 use flagstream::pb::flag_admin_server::FlagAdminServer;
 use tokio::net::TcpListener;
@@ -93,8 +94,17 @@ pub struct Config {
     pub feed_capacity: usize,
     /// Seconds in-flight calls get to finish after SIGTERM (keep it below the
     /// chart's terminationGracePeriodSeconds).
+    /// The whole drain is bounded by it: streams, calls, the writer's queue.
     #[arg(long, env = "FLAGWRITE_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
+    /// Seconds between HTTP/2 keepalive pings to each client (0: no pings). A replica that
+    /// vanished without closing its connection is found by an unanswered ping, and its
+    /// subscription ends.
+    #[arg(long, env = "FLAGWRITE_KEEPALIVE_S", default_value_t = 20)]
+    pub keepalive_s: u64,
+    /// Seconds a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "FLAGWRITE_KEEPALIVE_TIMEOUT_S", default_value_t = 10)]
+    pub keepalive_timeout_s: u64,
 }
 
 /// Why flagwrite could not start or stopped with an error.
@@ -172,8 +182,8 @@ impl Config {
 }
 
 /// Serves flagwrite on `listener` until `shutdown` completes, then stops
-/// accepting, ends the change streams, lets in-flight calls finish (within
-/// the grace period), drains the writer and flushes.
+/// accepting, ends the change streams, lets in-flight calls finish and drains
+/// the writer, all within one grace period from the signal, and flushes.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -216,17 +226,21 @@ pub async fn run(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    prepared.auth.register(&mut registry);
+    let rpc_metrics = RpcMetricsLayer::register(&mut registry);
+    let registry = Arc::new(registry);
     if let Some(addr) = config.metrics_listen {
         let metrics_listener = TcpListener::bind(addr)
             .await
             .map_err(|source| RunError::Metrics { addr, source })?;
         tracing::info!(addr = %metrics_listener.local_addr().unwrap_or(addr), "metrics endpoint listening");
-        let render_metrics = metrics.clone();
         let mut stop = stop_rx.clone();
         // Ends at shutdown.
         tokio::spawn(flagstream::kit::metrics::serve(
             metrics_listener,
-            Arc::new(move || render_metrics.render()),
+            registry.clone(),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },
@@ -278,12 +292,16 @@ pub async fn run(
     )
     .into_server(prepared.auth);
 
-    let mut builder = Server::builder();
+    let keepalive = (config.keepalive_s > 0).then(|| Duration::from_secs(config.keepalive_s));
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_secs(config.keepalive_timeout_s.max(1))));
     if let Some(tls) = prepared.tls {
         builder = builder.tls_config(tls)?;
     }
     let router = builder
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(rpc_metrics)
         .layer(flagstream::kit::grpc::MalformedRequests)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -311,15 +329,29 @@ pub async fn run(
     // delayed ACK, adding milliseconds to every acknowledgement.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = router.serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(served);
+    let mut finished = None;
     tokio::select! {
-        result = served => result?,
-        _ = async { let _ = stopped.wait_for(|s| *s).await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_secs = config.shutdown_grace_secs, "calls still running after the grace period; stopping anyway");
-        }
+        result = &mut served => finished = Some(result),
+        _ = stopped.wait_for(|s| *s) => {}
     }
-    // Every service (and with it every `Writer` handle) is dropped now, so the
-    // writer drains its queue, flushes and ends.
-    match tokio::time::timeout(grace, writer_task).await {
+    // One deadline for the whole drain: what the calls leave of the grace
+    // period is all the writer gets.
+    let deadline = tokio::time::Instant::now() + grace;
+    let finished = match finished {
+        Some(result) => Some(result),
+        None => tokio::time::timeout_at(deadline, &mut served).await.ok(),
+    };
+    match finished {
+        Some(result) => result?,
+        None => tracing::warn!(
+            grace_secs = config.shutdown_grace_secs,
+            "calls still running after the grace period; stopping anyway"
+        ),
+    }
+    // Every service (and with it every `Writer` handle) is dropped once the
+    // connections are, so the writer drains its queue, flushes and ends.
+    match tokio::time::timeout_at(deadline, writer_task).await {
         Ok(Ok(writer::Exit::FlushFailed(e))) => {
             // No more I/O after a failed sync: dropping the last handle
             // would make sled flush and sync again (and it panics when that

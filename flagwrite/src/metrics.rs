@@ -1,16 +1,26 @@
-//! flagwrite's Prometheus metrics: writes by RPC and outcome, write latency,
-//! head revision, and each subscriber with its lag.
+//! flagwrite's Prometheus metrics: writes by RPC and outcome, write latency, head revision,
+//! flushes, and the subscribers with the lag of the furthest behind.
+//!
+//! Subscribers carry no per-subscriber label: one series per connection churned on every
+//! reconnect, so the count and the largest lag are computed at scrape time instead.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use flagstream::kit::metrics::{CounterVec, Gauge, Histogram, LATENCY_BUCKETS, Text};
+use flagstream::kit::metrics::{Histogram, LATENCY_BUCKETS};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
 
-/// Every metric flagwrite exports.
+/// Every metric flagwrite updates; [`Metrics::register`] exports them.
+#[derive(Debug)]
 pub struct Metrics {
     /// Writes by RPC and outcome (`ok`, `invalid`, `aborted`, …).
-    pub writes: CounterVec,
+    writes: Family<WriteLabels, Counter>,
     /// Time from a write entering the writer's batch to its acknowledgement,
     /// including the flush.
     pub write_latency: Histogram,
@@ -18,10 +28,17 @@ pub struct Metrics {
     pub head_revision: Gauge,
     /// Flushes (fsyncs) the writer made; writes per flush shows how well
     /// group commit works.
-    pub flushes: Gauge,
+    pub flushes: Counter,
     /// Connected subscribers by id, with the last revision each was sent.
     subscribers: Mutex<BTreeMap<u64, Arc<AtomicU64>>>,
     next_subscriber: AtomicU64,
+}
+
+/// The labels of `flagwrite_writes_total`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    rpc: &'static str,
+    outcome: &'static str,
 }
 
 /// Registers a subscriber while it lives; dropping it unregisters.
@@ -32,13 +49,17 @@ pub struct SubscriberGuard {
     pub sent: Arc<AtomicU64>,
 }
 
+/// Reads the subscribers at scrape time.
+#[derive(Debug)]
+struct SubscriberCollector(Arc<Metrics>);
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            writes: CounterVec::default(),
+            writes: Family::default(),
             write_latency: Histogram::new(LATENCY_BUCKETS),
             head_revision: Gauge::default(),
-            flushes: Gauge::default(),
+            flushes: Counter::default(),
             subscribers: Mutex::new(BTreeMap::new()),
             next_subscriber: AtomicU64::new(1),
         }
@@ -46,6 +67,38 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Exports every metric in `registry`.
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "flagwrite_writes",
+            "Write RPCs by RPC and outcome",
+            self.writes.clone(),
+        );
+        registry.register(
+            "flagwrite_write_duration_seconds",
+            "Time to commit and flush a write, per write",
+            self.write_latency.clone(),
+        );
+        registry.register(
+            "flagwrite_head_revision",
+            "The latest durable revision",
+            self.head_revision.clone(),
+        );
+        registry.register(
+            "flagwrite_flushes",
+            "Flushes to disk; each acknowledges a group of writes",
+            self.flushes.clone(),
+        );
+        registry.register_collector(Box::new(SubscriberCollector(self.clone())));
+    }
+
+    /// Counts one write RPC of `rpc` that ended with `outcome`.
+    pub fn write(&self, rpc: &'static str, outcome: &'static str) {
+        self.writes
+            .get_or_create(&WriteLabels { rpc, outcome })
+            .inc();
+    }
+
     /// Registers a new subscriber.
     pub fn subscriber(self: &Arc<Self>) -> SubscriberGuard {
         let id = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
@@ -60,56 +113,36 @@ impl Metrics {
             sent,
         }
     }
+}
 
-    /// The Prometheus text of every metric.
-    pub fn render(&self) -> String {
-        let head = self.head_revision.get();
-        let mut text = Text::default();
-        text.counter_vec(
-            "flagwrite_writes_total",
-            "Write RPCs by RPC and outcome.",
-            &["rpc", "outcome"],
-            &self.writes,
-        );
-        text.histogram(
-            "flagwrite_write_duration_seconds",
-            "Time to commit and flush a write, per write.",
-            &self.write_latency,
-        );
-        text.gauge(
-            "flagwrite_head_revision",
-            "The latest durable revision.",
-            head,
-        );
-        text.counter(
-            "flagwrite_flushes_total",
-            "Flushes to disk; each acknowledges a group of writes.",
-            self.flushes.get(),
-        );
-        let subscribers: Vec<(Vec<String>, i64)> = self
-            .subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(id, sent)| {
-                (
-                    vec![id.to_string()],
-                    head - sent.load(Ordering::Relaxed) as i64,
-                )
-            })
-            .collect();
-        text.gauge(
-            "flagwrite_subscribers",
-            "Connected replication subscribers.",
-            subscribers.len() as i64,
-        );
-        text.gauge_vec(
-            "flagwrite_subscriber_lag_revisions",
-            "Revisions each subscriber is behind the head.",
-            &["subscriber"],
-            subscribers,
-        );
-        text.finish()
+impl Collector for SubscriberCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let head = self.0.head_revision.get();
+        let (count, max_lag) = {
+            let subscribers = self.0.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+            let max_lag = subscribers
+                .values()
+                .map(|sent| (head - sent.load(Ordering::Relaxed) as i64).max(0))
+                .max()
+                .unwrap_or(0);
+            (subscribers.len() as i64, max_lag)
+        };
+        for (name, help, value) in [
+            (
+                "flagwrite_subscribers",
+                "Connected replication subscribers",
+                count,
+            ),
+            (
+                "flagwrite_subscriber_lag_revisions",
+                "Revisions the subscriber furthest behind is behind the head (0 without subscribers)",
+                max_lag,
+            ),
+        ] {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 

@@ -107,7 +107,7 @@ impl Admin {
             Ok(_) => "ok",
             Err(e) => e.outcome(),
         };
-        self.metrics.writes.inc(&[rpc, outcome]);
+        self.metrics.write(rpc, outcome);
         if let Err(e) = &result {
             tracing::debug!(rpc, error = %e, "write refused");
         }

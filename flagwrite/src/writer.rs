@@ -212,7 +212,7 @@ fn run(
             }
         }
         if failed.is_none() && group.iter().any(|p| p.record.is_some()) {
-            metrics.flushes.add(1);
+            metrics.flushes.inc();
             failed = store.flush().err();
         }
         if let Some(e) = failed {

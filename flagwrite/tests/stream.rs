@@ -351,6 +351,16 @@ async fn metrics_endpoint_reports_writes_head_and_subscribers() {
         })
         .await
         .unwrap_err();
+    // A call without a token, and one with a token nobody has: refused and counted.
+    let mut anonymous = server.admin(None).await;
+    let mut stranger = server.admin(Some("nobody-has-this-token-0123")).await;
+    for client in [&mut anonymous, &mut stranger] {
+        let refused = client
+            .list_namespaces(pb::ListNamespacesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
     let mut stream = subscribe(&server, 3, &[]).await;
     let _ = stream.message().await;
     let scrape = async {
@@ -374,6 +384,11 @@ async fn metrics_endpoint_reports_writes_head_and_subscribers() {
         "flagwrite_head_revision 3",
         "flagwrite_subscribers 1",
         "flagwrite_write_duration_seconds_count 4",
+        "flagstream_grpc_requests_total{service=\"flagstream.v1.FlagAdmin\",method=\"CreateFlag\",code=\"OK\"} 2",
+        "flagstream_grpc_requests_total{service=\"flagstream.v1.FlagAdmin\",method=\"CreateFlag\",code=\"ALREADY_EXISTS\"} 1",
+        "flagstream_grpc_requests_total{service=\"flagstream.v1.FlagAdmin\",method=\"ListNamespaces\",code=\"UNAUTHENTICATED\"} 2",
+        "flagstream_auth_failures_total{reason=\"missing\"} 1",
+        "flagstream_auth_failures_total{reason=\"unknown_token\"} 1",
     ] {
         assert!(
             body.lines().any(|l| l.trim_end() == line),

@@ -26,7 +26,13 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
@@ -80,11 +86,40 @@ pub enum TokensError {
 /// A tonic interceptor that authenticates every call: it checks
 /// `authorization: Bearer <secret>` against the tokens and puts the matching
 /// [`Identity`] into the request extensions. Missing or unknown tokens get
-/// UNAUTHENTICATED. Handlers then check scopes with [`require`].
+/// UNAUTHENTICATED, are counted in `flagstream_auth_failures_total{reason}`
+/// and logged (a warning at most every [`FAILURE_LOG_INTERVAL`], never with the
+/// token). Handlers then check scopes with [`require`].
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     /// `None` in development mode: every call is allowed as [`dev_identity`].
     tokens: Option<Arc<Tokens>>,
+    /// Refused calls by reason; clones share it, and [`Authenticator::register`] exports it.
+    failures: Family<FailureLabels, Counter>,
+    /// When a refusal was last logged, so a client retrying a bad token in a loop does not
+    /// flood the log.
+    log: Arc<FailureLog>,
+}
+
+/// The label of `flagstream_auth_failures_total`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// `missing` (no `authorization`), `malformed` (not `Bearer <token>`) or `unknown_token`.
+    pub reason: &'static str,
+}
+
+/// Shortest time between two warnings about refused calls; the refusals in between are
+/// counted and reported with the next warning.
+pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The rate limit of the refusal warnings.
+#[derive(Debug)]
+struct FailureLog {
+    /// The clock's origin.
+    start: Instant,
+    /// Milliseconds after `start` before which no warning is logged.
+    next_ms: AtomicU64,
+    /// Refusals not logged since the last warning.
+    suppressed: AtomicU64,
 }
 
 impl Identity {
@@ -225,14 +260,60 @@ pub fn dev_identity() -> Identity {
 impl Authenticator {
     /// Checks calls against `tokens`.
     pub fn new(tokens: Tokens) -> Authenticator {
-        Authenticator {
-            tokens: Some(Arc::new(tokens)),
-        }
+        Authenticator::with_tokens(Some(Arc::new(tokens)))
     }
 
     /// Lets every call through as [`dev_identity`]; only for `--dev-no-auth`.
     pub fn allow_all() -> Authenticator {
-        Authenticator { tokens: None }
+        Authenticator::with_tokens(None)
+    }
+
+    fn with_tokens(tokens: Option<Arc<Tokens>>) -> Authenticator {
+        Authenticator {
+            tokens,
+            failures: Family::default(),
+            log: Arc::new(FailureLog {
+                start: Instant::now(),
+                next_ms: AtomicU64::new(0),
+                suppressed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Exports the refusal counts in `registry` as `flagstream_auth_failures_total{reason}`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "flagstream_auth_failures",
+            "Calls refused UNAUTHENTICATED by the bearer-token check, by reason",
+            self.failures.clone(),
+        );
+    }
+
+    /// Counts and (rate-limited) logs a refusal, then returns its status.
+    fn refuse(&self, reason: &'static str, message: &'static str) -> Status {
+        self.failures.get_or_create(&FailureLabels { reason }).inc();
+        let log = &self.log;
+        let now = log.start.elapsed().as_millis() as u64;
+        let next = log.next_ms.load(Ordering::Relaxed);
+        let interval = FAILURE_LOG_INTERVAL.as_millis() as u64;
+        if now >= next
+            && log
+                .next_ms
+                .compare_exchange(next, now + interval, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let suppressed = log.suppressed.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                reason,
+                suppressed,
+                "refused a call: {message} (later refusals within {}s are only counted)",
+                FAILURE_LOG_INTERVAL.as_secs()
+            );
+        } else {
+            log.suppressed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(reason, "refused a call: {message}");
+        }
+        Status::unauthenticated(message)
     }
 }
 
@@ -244,13 +325,13 @@ impl Interceptor for Authenticator {
                 let header = request
                     .metadata()
                     .get("authorization")
-                    .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
+                    .ok_or_else(|| self.refuse("missing", "missing authorization metadata"))?;
                 let secret = bearer_secret(header.as_bytes()).ok_or_else(|| {
-                    Status::unauthenticated("authorization must be `Bearer <token>`")
+                    self.refuse("malformed", "authorization must be `Bearer <token>`")
                 })?;
                 tokens
                     .identify(secret)
-                    .ok_or_else(|| Status::unauthenticated("unknown token"))?
+                    .ok_or_else(|| self.refuse("unknown_token", "unknown token"))?
             }
         };
         request.extensions_mut().insert(identity);
@@ -300,6 +381,8 @@ pub fn check<T>(
     if allowed(identity) {
         Ok(identity)
     } else {
+        // Counted by `flagstream_grpc_requests_total{code="PERMISSION_DENIED"}`.
+        tracing::debug!(token = %identity.name, "refused a call: the token may not {what}");
         Err(Status::permission_denied(format!(
             "token {:?} may not {what}",
             identity.name

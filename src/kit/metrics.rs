@@ -1,48 +1,44 @@
-//! Prometheus metrics without a metrics framework: a few atomic primitives,
-//! rendering in the Prometheus text exposition format (version 0.0.4), and a
-//! tiny HTTP/1.1 server answering `GET /metrics`.
+//! Prometheus metrics through `prometheus-client`: a lock-free latency histogram both services
+//! keep on their hot paths, and a tiny HTTP/1.1 server answering `GET /metrics` from a
+//! [`Registry`], rendered on the blocking pool.
 //!
-//! A service keeps its metrics in a struct of these primitives and renders
-//! them with [`Text`]; [`serve`] calls that render function per scrape.
+//! Each service builds one [`Registry`] at start: counters and gauges it updates are
+//! `prometheus-client` handles registered there; values read from elsewhere at scrape time (the
+//! replica's state, the writer's subscribers) come from a `Collector` registered beside them.
+//! The exposition format is the Prometheus text format 0.0.4, so counter names keep their
+//! `_total` suffix and no scraper needs OpenMetrics.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// A monotonically increasing count, split by label values.
-#[derive(Debug, Default)]
-pub struct CounterVec {
-    /// Label values (in the order of the label names given to `render`) to count.
-    values: Mutex<BTreeMap<Vec<String>, u64>>,
-}
-
-/// A value that goes up and down.
-#[derive(Debug, Default)]
-pub struct Gauge {
-    value: AtomicI64,
-}
-
-/// A latency histogram in seconds with fixed bucket bounds.
-#[derive(Debug)]
+/// A latency histogram in seconds with fixed bucket bounds, updated with relaxed atomics only.
+///
+/// `prometheus_client::metrics::histogram::Histogram` takes a mutex per observation; flagread
+/// observes one per evaluation call on every core, so this one stays lock-free. The sum is kept
+/// in whole nanoseconds (the resolution of [`Duration`]), so sub-microsecond observations are
+/// counted in `_sum`; a `u64` of nanoseconds lasts 584 years of summed latency. Clones share
+/// the counts (one is registered, the other observes), as `prometheus-client`'s metrics do.
+#[derive(Debug, Clone)]
 pub struct Histogram {
+    inner: Arc<HistogramInner>,
+}
+
+#[derive(Debug)]
+struct HistogramInner {
     /// Upper bounds in seconds, ascending.
     bounds: &'static [f64],
-    /// Observations per bucket (not cumulative; summed when rendering).
-    buckets: Vec<AtomicU64>,
-    /// Sum of observations in microseconds, kept integral to stay atomic.
-    sum_micros: AtomicU64,
-}
-
-/// Builds one scrape's text.
-#[derive(Debug, Default)]
-pub struct Text {
-    out: String,
+    /// Observations per bucket (not cumulative; summed when encoding), one more for `+Inf`.
+    buckets: Box<[AtomicU64]>,
+    /// Sum of observations in nanoseconds.
+    sum_nanos: AtomicU64,
 }
 
 /// Bucket bounds suited to durable writes: 100 µs to 10 s.
@@ -51,155 +47,79 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     10.0,
 ];
 
-impl CounterVec {
-    /// Adds one to the series with these label values.
-    pub fn inc(&self, labels: &[&str]) {
-        let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
-        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        *values.entry(key).or_insert(0) += 1;
-    }
-}
-
-impl Gauge {
-    /// Sets the value.
-    pub fn set(&self, value: i64) {
-        self.value.store(value, Ordering::Relaxed);
-    }
-
-    /// Adds `delta` (may be negative).
-    pub fn add(&self, delta: i64) {
-        self.value.fetch_add(delta, Ordering::Relaxed);
-    }
-
-    /// The current value.
-    pub fn get(&self) -> i64 {
-        self.value.load(Ordering::Relaxed)
-    }
-}
+/// The `Content-Type` of what [`serve`] answers.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 impl Histogram {
     /// A histogram with the given upper bounds (seconds, ascending).
     pub fn new(bounds: &'static [f64]) -> Histogram {
         Histogram {
-            bounds,
-            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
+            inner: Arc::new(HistogramInner {
+                bounds,
+                buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+                sum_nanos: AtomicU64::new(0),
+            }),
         }
     }
 
     /// Records one observation.
-    pub fn observe(&self, duration: std::time::Duration) {
+    pub fn observe(&self, duration: Duration) {
+        let inner = &*self.inner;
         let secs = duration.as_secs_f64();
-        let index = self
+        let index = inner
             .bounds
             .iter()
             .position(|b| secs <= *b)
-            .unwrap_or(self.bounds.len());
-        self.buckets[index].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+            .unwrap_or(inner.bounds.len());
+        inner.buckets[index].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        inner.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 }
 
-impl Text {
-    /// Renders a counter family.
-    pub fn counter_vec(&mut self, name: &str, help: &str, labels: &[&str], counter: &CounterVec) {
-        self.header(name, help, "counter");
-        let values = counter.values.lock().unwrap_or_else(|e| e.into_inner());
-        for (values, count) in values.iter() {
-            let _ = writeln!(self.out, "{name}{} {count}", label_set(labels, values));
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let inner = &*self.inner;
+        // The encoder takes each bucket's own count and accumulates them itself.
+        let mut total = 0;
+        let mut buckets = Vec::with_capacity(inner.buckets.len());
+        for (i, count) in inner.buckets.iter().enumerate() {
+            let count = count.load(Ordering::Relaxed);
+            total += count;
+            let bound = inner.bounds.get(i).copied().unwrap_or(f64::INFINITY);
+            buckets.push((bound, count));
         }
+        let sum = inner.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        // The count is the sum of the buckets, so it always agrees with `+Inf`.
+        encoder.encode_histogram::<NoLabelSet>(sum, total, &buckets, None)
     }
 
-    /// Renders a counter without labels.
-    pub fn counter(&mut self, name: &str, help: &str, value: i64) {
-        self.header(name, help, "counter");
-        let _ = writeln!(self.out, "{name} {value}");
-    }
-
-    /// Renders a gauge.
-    pub fn gauge(&mut self, name: &str, help: &str, value: i64) {
-        self.header(name, help, "gauge");
-        let _ = writeln!(self.out, "{name} {value}");
-    }
-
-    /// Renders a gauge family with one series per label value set.
-    pub fn gauge_vec(
-        &mut self,
-        name: &str,
-        help: &str,
-        labels: &[&str],
-        series: impl IntoIterator<Item = (Vec<String>, i64)>,
-    ) {
-        self.header(name, help, "gauge");
-        for (values, value) in series {
-            let _ = writeln!(self.out, "{name}{} {value}", label_set(labels, &values));
-        }
-    }
-
-    /// Renders a counter family with one series per label value set.
-    pub fn counter_series<'v, const N: usize>(
-        &mut self,
-        name: &str,
-        help: &str,
-        labels: &[&str; N],
-        series: impl IntoIterator<Item = ([&'v str; N], u64)>,
-    ) {
-        self.header(name, help, "counter");
-        for (values, count) in series {
-            let _ = writeln!(self.out, "{name}{} {count}", label_set(labels, &values));
-        }
-    }
-
-    /// Renders a histogram.
-    pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
-        self.header(name, help, "histogram");
-        let mut cumulative = 0;
-        for (i, bound) in histogram.bounds.iter().enumerate() {
-            cumulative += histogram.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(self.out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += histogram.buckets[histogram.bounds.len()].load(Ordering::Relaxed);
-        let _ = writeln!(self.out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = histogram.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(self.out, "{name}_sum {sum}");
-        // The count is the +Inf bucket, so the two always agree.
-        let _ = writeln!(self.out, "{name}_count {cumulative}");
-    }
-
-    /// The finished text.
-    pub fn finish(self) -> String {
-        self.out
-    }
-
-    fn header(&mut self, name: &str, help: &str, kind: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }
 
-/// Formats `{a="x",b="y"}` with Prometheus escaping.
-fn label_set(names: &[&str], values: &[impl AsRef<str>]) -> String {
-    let pairs: Vec<String> = names
-        .iter()
-        .zip(values)
-        .map(|(n, v)| {
-            let v = v
-                .as_ref()
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
-            format!("{n}=\"{v}\"")
-        })
-        .collect();
-    format!("{{{}}}", pairs.join(","))
+/// Encodes every metric of `registry` in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; a collector's error leaves what came before it.
+    if let Err(error) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        tracing::warn!(%error, "encoding the metrics failed part way");
+    }
+    out
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` completes, calling
-/// `render` per scrape. Other paths get 404. Each connection is answered once
-/// and closed, which is all Prometheus needs.
+/// Serves `GET /metrics` on `listener` until `shutdown` completes, encoding `registry` per
+/// scrape on the blocking pool (a replica's registry walks every evaluated flag, which must not
+/// hold up an async worker). Other paths get 404. Each connection is answered once and closed,
+/// which is all Prometheus needs.
 pub async fn serve(
     listener: TcpListener,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
+    registry: Arc<Registry>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -211,14 +131,14 @@ pub async fn serve(
                 // Accept errors (e.g. out of file descriptors) are transient;
                 // back off briefly rather than spin.
                 Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let render = render.clone();
-        // The task ends when the answer is written or the client stalls past
-        // the timeout.
+        let registry = registry.clone();
+        // The task ends when the answer is written or the client stalls past the timeout; the
+        // blocking render it may wait for ends by itself.
         tokio::spawn(async move {
             let answer = async {
                 let mut buf = Vec::with_capacity(1024);
@@ -234,21 +154,28 @@ pub async fn serve(
                 let line = String::from_utf8_lossy(line);
                 let mut parts = line.split_whitespace();
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let (status, body) =
+                let (status, content_type, body) =
                     if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-                        ("200 OK", render())
+                        let body = tokio::task::spawn_blocking(move || render(&registry))
+                            .await
+                            .map_err(std::io::Error::other)?;
+                        ("200 OK", CONTENT_TYPE, body)
                     } else {
-                        ("404 Not Found", "not found; try /metrics\n".to_string())
+                        (
+                            "404 Not Found",
+                            "text/plain; charset=utf-8",
+                            "not found; try /metrics\n".to_string(),
+                        )
                     };
                 let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
                 );
                 socket.write_all(head.as_bytes()).await?;
                 socket.write_all(body.as_bytes()).await?;
                 socket.shutdown().await
             };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), answer).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer).await;
         });
     }
 }
@@ -256,31 +183,43 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
 
     #[test]
     fn renders_prometheus_text() {
-        let writes = CounterVec::default();
-        writes.inc(&["CreateFlag", "ok"]);
-        writes.inc(&["CreateFlag", "ok"]);
-        writes.inc(&["UpdateFlag", "aborted"]);
+        let mut registry = Registry::default();
+        let writes = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register("w", "Writes", writes.clone());
+        writes
+            .get_or_create(&[("rpc", "CreateFlag"), ("outcome", "ok")])
+            .inc_by(2);
+        writes
+            .get_or_create(&[("rpc", "UpdateFlag"), ("outcome", "aborted")])
+            .inc();
         let latency = Histogram::new(&[0.001, 0.01]);
-        latency.observe(std::time::Duration::from_micros(500));
-        latency.observe(std::time::Duration::from_millis(5));
-        latency.observe(std::time::Duration::from_secs(1));
-        let mut text = Text::default();
-        text.counter_vec("w_total", "Writes.", &["rpc", "outcome"], &writes);
-        text.gauge("head", "Head.", 7);
-        text.histogram("lat_seconds", "Latency.", &latency);
-        let out = text.finish();
+        latency.observe(Duration::from_micros(500));
+        latency.observe(Duration::from_millis(5));
+        latency.observe(Duration::from_secs(1));
+        let fast = Histogram::new(&[0.000001]);
+        for _ in 0..10 {
+            fast.observe(Duration::from_nanos(300));
+        }
+        registry.register("lat_seconds", "Latency", latency);
+        registry.register("fast_seconds", "Sub-microsecond latency", fast);
+        let out = render(&registry);
         for line in [
             "# TYPE w_total counter",
             "w_total{rpc=\"CreateFlag\",outcome=\"ok\"} 2",
             "w_total{rpc=\"UpdateFlag\",outcome=\"aborted\"} 1",
-            "head 7",
             "lat_seconds_bucket{le=\"0.001\"} 1",
             "lat_seconds_bucket{le=\"0.01\"} 2",
             "lat_seconds_bucket{le=\"+Inf\"} 3",
             "lat_seconds_count 3",
+            "lat_seconds_sum 1.0055",
+            // Ten observations of 300 ns: whole microseconds would have summed to 0.
+            "fast_seconds_sum 0.000003",
+            "fast_seconds_count 10",
         ] {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
         }

@@ -6,8 +6,11 @@
 //! - [`auth`]: the tokens file, the constant-time bearer check (a tonic
 //!   interceptor) and scope checks in handlers.
 //! - [`telemetry`]: tracing subscriber set-up, text or JSON.
-//! - [`metrics`]: counters, gauges and histograms rendered in the Prometheus
-//!   text format, and the tiny HTTP server that serves them.
+//! - [`metrics`]: `prometheus-client` registries rendered in the Prometheus
+//!   text format off the async workers, the lock-free latency histogram, and
+//!   the tiny HTTP server that serves them.
+//! - [`rpc_metrics`]: the tower layer counting every gRPC call by service,
+//!   method and status code.
 //! - [`shutdown`]: a future that completes on SIGTERM or SIGINT.
 //! - [`grpc`]: TLS configuration and server reflection (v1 and v1alpha).
 //! - [`coalesce`]: a TCP connection wrapper that gathers an HTTP/2 server's
@@ -21,5 +24,6 @@ pub mod coalesce;
 pub mod grpc;
 pub mod healthcheck;
 pub mod metrics;
+pub mod rpc_metrics;
 pub mod shutdown;
 pub mod telemetry;

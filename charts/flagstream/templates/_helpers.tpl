@@ -167,6 +167,12 @@ prometheus.io/path: /metrics
 {{- if and .Values.flagread.tls.enabled (not .Values.flagread.tls.secretName) -}}
 {{- fail "flagread.tls.enabled needs flagread.tls.secretName (a kubernetes.io/tls Secret)" -}}
 {{- end -}}
+{{- if and .Values.flagwrite.tls.clientCA.enabled (not .Values.flagwrite.tls.enabled) -}}
+{{- fail "flagwrite.tls.clientCA.enabled needs flagwrite.tls.enabled" -}}
+{{- end -}}
+{{- if and .Values.flagwrite.tls.clientCA.enabled (not .Values.flagread.upstreamTLS.clientCertSecretName) -}}
+{{- fail "flagwrite.tls.clientCA.enabled needs flagread.upstreamTLS.clientCertSecretName: replicas must present a certificate to follow the writer" -}}
+{{- end -}}
 {{- if and .Values.flagread.tls.clientCA.enabled (not .Values.flagread.tls.enabled) -}}
 {{- fail "flagread.tls.clientCA.enabled needs flagread.tls.enabled" -}}
 {{- end -}}

@@ -101,6 +101,8 @@ pub fn config(dir: &TempDir) -> flagwrite::Config {
         heartbeat_ms: 200,
         feed_capacity: 4096,
         shutdown_grace_secs: 5,
+        keepalive_s: 20,
+        keepalive_timeout_s: 10,
     }
 }
 
