@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use flagstream::validate::shown;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// One kind of hold (revision waits, say) and who holds how many.
 #[derive(Debug)]
@@ -18,6 +20,10 @@ pub struct Holds {
     /// The bound per token.
     per_token: usize,
     held: Mutex<Held>,
+    /// Exported: holds taken now.
+    gauge: Gauge,
+    /// Exported: holds refused.
+    refused: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -54,13 +60,22 @@ pub enum Refused {
 }
 
 impl Holds {
-    /// Bounds for `what`: `total` on the replica, `per_token` for each token.
-    pub fn new(what: &'static str, total: usize, per_token: usize) -> Arc<Holds> {
+    /// Bounds for `what`: `total` on the replica, `per_token` for each token; `gauge` follows the
+    /// holds taken, `refused` counts refusals.
+    pub fn new(
+        what: &'static str,
+        total: usize,
+        per_token: usize,
+        gauge: Gauge,
+        refused: Counter,
+    ) -> Arc<Holds> {
         Arc::new(Holds {
             what,
             total,
             per_token: per_token.min(total),
             held: Mutex::default(),
+            gauge,
+            refused,
         })
     }
 
@@ -68,6 +83,7 @@ impl Holds {
     pub fn take(self: &Arc<Self>, token: &str) -> Result<Hold, Refused> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if held.total >= self.total {
+            self.refused.inc();
             return Err(Refused::Replica {
                 what: self.what,
                 limit: self.total,
@@ -78,6 +94,7 @@ impl Holds {
             None => (Arc::from(token), 0),
         };
         if count >= self.per_token {
+            self.refused.inc();
             return Err(Refused::Token {
                 what: self.what,
                 token: token.to_string(),
@@ -86,6 +103,7 @@ impl Holds {
         }
         held.total += 1;
         held.by_token.insert(token.clone(), count + 1);
+        self.gauge.inc();
         Ok(Hold {
             holds: self.clone(),
             token,
@@ -102,6 +120,7 @@ impl Drop for Hold {
     fn drop(&mut self) {
         let mut held = self.holds.held.lock().unwrap_or_else(|e| e.into_inner());
         held.total -= 1;
+        self.holds.gauge.dec();
         if let Some(count) = held.by_token.get_mut(&self.token) {
             *count -= 1;
             if *count == 0 {
@@ -117,7 +136,8 @@ mod tests {
 
     #[test]
     fn bounds_hold_per_token_and_in_total_and_are_given_back() {
-        let holds = Holds::new("waits", 3, 2);
+        let (gauge, refused) = (Gauge::default(), Counter::default());
+        let holds = Holds::new("waits", 3, 2, gauge.clone(), refused.clone());
         let a1 = holds.take("a").unwrap();
         let _a2 = holds.take("a").unwrap();
         assert_eq!(
@@ -140,11 +160,12 @@ mod tests {
         assert_eq!(holds.held(), 2);
         let _c1 = holds.take("c").unwrap();
         assert!(holds.take("a").is_err(), "the replica is full again");
+        assert_eq!((gauge.get(), refused.get()), (3, 3));
     }
 
     #[test]
     fn tokens_without_holds_leave_no_entry() {
-        let holds = Holds::new("streams", 10, 10);
+        let holds = Holds::new("streams", 10, 10, Gauge::default(), Counter::default());
         for i in 0..100 {
             drop(holds.take(&format!("token-{i}")).unwrap());
         }

@@ -25,7 +25,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use crate::follower::SyncStatus;
@@ -47,6 +47,14 @@ pub struct Metrics {
     pub shed: Counter,
     /// Calls that hit an unknown namespace (no per-flag counter to bump).
     pub unknown_namespace: Counter,
+    /// `min_revision` waits open now.
+    pub revision_waits: Gauge,
+    /// `min_revision` calls refused because the replica's or the token's waits were all taken.
+    pub revision_waits_refused: Counter,
+    /// `Watch` streams open now.
+    pub watch_streams: Gauge,
+    /// `Watch` calls refused because the replica's or the token's streams were all taken.
+    pub watch_streams_refused: Counter,
 }
 
 /// Which namespaces export per-flag series, and how many series at most.
@@ -71,6 +79,10 @@ impl Default for Metrics {
             eval_latency: Histogram::new(EVAL_BUCKETS),
             shed: Counter::default(),
             unknown_namespace: Counter::default(),
+            revision_waits: Gauge::default(),
+            revision_waits_refused: Counter::default(),
+            watch_streams: Gauge::default(),
+            watch_streams_refused: Counter::default(),
         }
     }
 }
@@ -119,6 +131,26 @@ impl Metrics {
             "flagread_unknown_namespace",
             "Calls naming a namespace this replica does not hold",
             self.unknown_namespace.clone(),
+        );
+        registry.register(
+            "flagread_revision_waits",
+            "min_revision waits open",
+            self.revision_waits.clone(),
+        );
+        registry.register(
+            "flagread_revision_waits_refused",
+            "min_revision calls refused because the replica's or the token's waits were all taken",
+            self.revision_waits_refused.clone(),
+        );
+        registry.register(
+            "flagread_watch_streams",
+            "Watch streams open",
+            self.watch_streams.clone(),
+        );
+        registry.register(
+            "flagread_watch_streams_refused",
+            "Watch calls refused because the replica's or the token's streams were all taken",
+            self.watch_streams_refused.clone(),
         );
         registry.register_collector(Box::new(ReplicaCollector {
             state,

@@ -172,18 +172,22 @@ impl EvalService {
         EvalService {
             state,
             status,
-            metrics,
+            metrics: metrics.clone(),
             inflight: Arc::new(Semaphore::new(limit)),
             limit,
             revision_waits: Holds::new(
                 "min_revision waits",
                 limits.revision_waits.max(1),
                 limits.revision_waits_per_token.max(1),
+                metrics.revision_waits.clone(),
+                metrics.revision_waits_refused.clone(),
             ),
             watch_streams: Holds::new(
                 "Watch streams",
                 limits.watch_streams.max(1),
                 limits.watch_streams_per_token.max(1),
+                metrics.watch_streams.clone(),
+                metrics.watch_streams_refused.clone(),
             ),
             horizon: limits.revision_horizon,
             shutdown,

@@ -797,6 +797,12 @@ async fn a_flood_of_unreachable_min_revision_calls_leaves_other_callers_served()
         0,
         "every wait gave its slot back"
     );
+    let metrics = scrape(replica.handles.metrics_listen).await;
+    assert!(
+        metrics.contains("flagread_revision_waits_refused_total 800")
+            && metrics.contains("flagread_revision_waits 0"),
+        "{metrics}"
+    );
     replica.stop().await;
 }
 
