@@ -193,7 +193,16 @@ pub fn write_tokens(dir: &Path) -> std::path::PathBuf {
 /// waits until it is SERVING.
 pub async fn start_writer(dir: &Path, tokens: &Path) -> Writer {
     let addr = format!("127.0.0.1:{}", proc::free_port());
-    let mut command = Command::new(proc::binary("flagwrite"));
+    // `FLAGSTREAM_BENCH_WRITER_NICE=19` (say) runs the writer at a lower CPU priority, to tell
+    // apart on one machine what the writer's work costs the replicas from what their own does.
+    let mut command = match std::env::var("FLAGSTREAM_BENCH_WRITER_NICE") {
+        Ok(nice) if !nice.is_empty() => {
+            let mut command = Command::new("nice");
+            command.arg("-n").arg(nice).arg(proc::binary("flagwrite"));
+            command
+        }
+        _ => Command::new(proc::binary("flagwrite")),
+    };
     command
         .arg("--listen")
         .arg(&addr)
