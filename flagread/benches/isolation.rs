@@ -1,7 +1,9 @@
 //! Isolation: the latency of `Evaluate` calls on one namespace while a 20,000-flag import into
 //! other namespaces is written, replicated and applied on the same replica.
 //!
-//! One flagwrite and one flagread process. Four client tasks call `Evaluate` (the constrained
+//! One flagwrite and one flagread process; by default the replica runs alone on CPU 0 with one
+//! async worker, as on a one-CPU pod, and the writer and this client on CPU 1
+//! (`BENCH_LAYOUT=shared` leaves all of them on both CPUs). Four client tasks call `Evaluate` (the constrained
 //! flag of a 350-flag namespace, as in `read_load`) back to back and record each call's latency
 //! and when it was sent. Each round first records a quiet window of 2 s, then imports 20,000
 //! flags (four `ImportNamespace` calls of 5,000 into fresh namespaces, sent at once, since one
@@ -11,7 +13,8 @@
 //!
 //! Run it with `scripts/bench-isolation.sh`, or `cargo bench -p flagread --bench isolation`
 //! once both binaries are built in the bench profile. Knobs (environment): `BENCH_ROUNDS`
-//! (default 3), `BENCH_IMPORT_FLAGS` (default 20000), `BENCH_CLIENTS` (default 4).
+//! (default 3), `BENCH_IMPORT_FLAGS` (default 20000), `BENCH_CLIENTS` (default 4),
+//! `BENCH_LAYOUT` (`pinned` or `shared`).
 
 mod support;
 
@@ -25,6 +28,10 @@ use support::stats::{median, percentile, runs};
 
 /// Flags per `ImportNamespace` call.
 const PER_IMPORT: usize = 5_000;
+
+/// In the pinned layout: the replica's CPU, and everyone else's.
+const SERVER_CPU: usize = 0;
+const LOAD_CPU: usize = 1;
 
 fn main() {
     if !support::started_by_cargo_bench("isolation") {
@@ -42,6 +49,7 @@ async fn run() {
     let rounds: usize = support::env_or("BENCH_ROUNDS", 3);
     let import_flags: usize = support::env_or("BENCH_IMPORT_FLAGS", 20_000);
     let clients: usize = support::env_or("BENCH_CLIENTS", 4);
+    let pinned = support::env_or("BENCH_LAYOUT", "pinned".to_string()) != "shared";
     let dir = RunDir::new("isolation");
     let tokens = support::write_tokens(dir.path());
     let writer = support::start_writer(dir.path(), &tokens).await;
@@ -53,7 +61,17 @@ async fn run() {
         fixtures::mixed_namespace(NAMESPACE, 350),
     )
     .await;
-    let mut replica = support::spawn_replica(dir.path(), &tokens, &writer.addr, "flagread");
+    if pinned {
+        support::paced::pin(&std::process::id().to_string(), LOAD_CPU, true);
+        support::paced::pin(&writer.proc.pid().to_string(), LOAD_CPU, true);
+    }
+    let mut replica = support::spawn_replica_on(
+        dir.path(),
+        &tokens,
+        &writer.addr,
+        "flagread",
+        pinned.then_some(SERVER_CPU),
+    );
     support::wait_serving(
         &replica.addr,
         Duration::from_secs(60),
@@ -89,7 +107,12 @@ async fn run() {
 
     println!("machine: {}", support::machine_line());
     println!(
-        "1 flagwrite + 1 flagread + this client on the same cores; {clients} clients calling Evaluate back to back; {import_flags} flags imported per round"
+        "{}; {clients} clients calling Evaluate back to back; {import_flags} flags imported per round",
+        if pinned {
+            "flagread alone on CPU 0 (one async worker), flagwrite and this client on CPU 1"
+        } else {
+            "1 flagwrite + 1 flagread + this client on the same cores"
+        }
     );
     let mut rows: Vec<[f64; 7]> = Vec::new();
     for round in 0..rounds {
@@ -156,8 +179,9 @@ async fn run() {
     let column = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
     println!();
     println!(
-        "| Evaluate of another namespace ({}) | p50 ms | p99 ms | max ms | runs (p99) |",
-        support::machine_line()
+        "| Evaluate of another namespace ({}, {}) | p50 ms | p99 ms | max ms | runs (p99) |",
+        support::machine_line(),
+        if pinned { "pinned" } else { "shared" }
     );
     println!("|---|---:|---:|---:|---|");
     println!(
