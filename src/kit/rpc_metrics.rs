@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -34,15 +34,34 @@ pub struct RpcLabels {
 /// The layer a server builder takes (`Server::builder().layer(...)`); clones share the counts.
 #[derive(Debug, Clone, Default)]
 pub struct RpcMetricsLayer {
-    /// The counter family, registered in the service's registry.
-    requests: Family<RpcLabels, Counter>,
+    counters: Arc<Counters>,
+}
+
+/// The counter family, registered in the service's registry, and for each known method (and one
+/// slot for unknown paths) a handle to each code's counter, taken from the family on first use:
+/// a call then increments an atomic, without the family's lock or hashing its labels.
+#[derive(Debug)]
+struct Counters {
+    family: Family<RpcLabels, Counter>,
+    handles: Box<[[OnceLock<Counter>; CODES.len()]]>,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            family: Family::default(),
+            handles: (0..=methods().0.len())
+                .map(|_| std::array::from_fn(|_| OnceLock::new()))
+                .collect(),
+        }
+    }
 }
 
 /// The service [`RpcMetricsLayer`] wraps around the routes.
 #[derive(Debug, Clone)]
 pub struct RpcMetrics<S> {
     inner: S,
-    requests: Family<RpcLabels, Counter>,
+    counters: Arc<Counters>,
 }
 
 pin_project_lite::pin_project! {
@@ -69,9 +88,9 @@ pin_project_lite::pin_project! {
 /// Counts one call exactly once: with the status seen, or `CANCELLED` when dropped unseen.
 #[derive(Debug)]
 pub struct Recorder {
-    requests: Family<RpcLabels, Counter>,
-    service: &'static str,
-    method: &'static str,
+    counters: Arc<Counters>,
+    /// Index of the method in [`methods`] (its length for unknown paths).
+    method: usize,
     done: bool,
 }
 
@@ -104,7 +123,7 @@ impl RpcMetricsLayer {
         registry.register(
             "flagstream_grpc_requests",
             "gRPC calls answered, by service, method and status code",
-            layer.requests.clone(),
+            layer.counters.family.clone(),
         );
         layer
     }
@@ -116,7 +135,7 @@ impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
     fn layer(&self, inner: S) -> RpcMetrics<S> {
         RpcMetrics {
             inner,
-            requests: self.requests.clone(),
+            counters: self.counters.clone(),
         }
     }
 }
@@ -134,11 +153,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let (service, method) = method_labels(request.uri().path());
         let recorder = Recorder {
-            requests: self.requests.clone(),
-            service,
-            method,
+            counters: self.counters.clone(),
+            method: method_index(request.uri().path()),
             done: false,
         };
         ResponseFuture {
@@ -212,38 +229,76 @@ impl Recorder {
         let code = std::str::from_utf8(code)
             .ok()
             .and_then(|c| c.parse::<usize>().ok())
-            .and_then(|c| CODES.get(c))
-            .copied()
-            .unwrap_or("UNKNOWN");
+            .filter(|c| *c < CODES.len())
+            .unwrap_or(UNKNOWN);
         self.count(code);
     }
 
-    fn count(&mut self, code: &'static str) {
-        if !self.done {
-            self.done = true;
-            self.requests
-                .get_or_create(&RpcLabels {
-                    service: self.service,
-                    method: self.method,
-                    code,
-                })
-                .inc();
+    /// Counts the call with the code of index `code` in [`CODES`], once.
+    fn count(&mut self, code: usize) {
+        if self.done {
+            return;
         }
+        self.done = true;
+        let counters = &*self.counters;
+        counters.handles[self.method][code]
+            .get_or_init(|| {
+                let (service, method) = methods()
+                    .0
+                    .get(self.method)
+                    .copied()
+                    .unwrap_or(("unknown", "unknown"));
+                counters
+                    .family
+                    .get_or_create(&RpcLabels {
+                        service,
+                        method,
+                        code: CODES[code],
+                    })
+                    .clone()
+            })
+            .inc();
     }
 }
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        self.count("CANCELLED");
+        self.count(CANCELLED);
     }
 }
 
+/// Indexes into [`CODES`].
+const CANCELLED: usize = 1;
+const UNKNOWN: usize = 2;
+
+/// The known methods' `(service, method)` labels, and the index of each by request path.
+type Methods = (Vec<(&'static str, &'static str)>, HashMap<String, usize>);
+
+fn methods() -> &'static Methods {
+    static METHODS: OnceLock<Methods> = OnceLock::new();
+    METHODS.get_or_init(|| {
+        let mut labels = Vec::new();
+        let mut by_path = HashMap::new();
+        for (path, names) in known_methods() {
+            by_path.insert(path, labels.len());
+            labels.push(names);
+        }
+        (labels, by_path)
+    })
+}
+
+/// The index of a request path's method in [`methods`]; its length for an unknown path.
+fn method_index(path: &str) -> usize {
+    let (labels, by_path) = methods();
+    by_path.get(path).copied().unwrap_or(labels.len())
+}
+
 /// The `(service, method)` labels of a request path, from the interned table of known methods.
+#[cfg(test)]
 fn method_labels(path: &str) -> (&'static str, &'static str) {
-    static METHODS: OnceLock<HashMap<String, (&'static str, &'static str)>> = OnceLock::new();
-    METHODS
-        .get_or_init(known_methods)
-        .get(path)
+    methods()
+        .0
+        .get(method_index(path))
         .copied()
         .unwrap_or(("unknown", "unknown"))
 }
