@@ -8,14 +8,19 @@
 //!   reconnects with jittered exponential backoff.
 //! - [`wire`]: replication messages into the model, and the snapshot file.
 //! - [`service`]: the FlagEval gRPC service.
+//! - [`openfeature`]: what the OpenFeature front ends share (namespace selection, anonymous
+//!   access, the context mapping, OpenFeature's reasons); [`flagd`]: flagd's evaluation
+//!   protocol on the gRPC port.
 //! - [`metrics`]: Prometheus metrics of the replica.
 //! - [`run`]: wires it all together on a bound listener; `main` only parses [`Config`], sets up
 //!   tracing, binds and calls it, and so do the tests.
 #![forbid(unsafe_code)]
 
+pub mod flagd;
 pub mod follower;
 pub mod holds;
 pub mod metrics;
+pub mod openfeature;
 pub mod service;
 pub mod state;
 pub mod wire;
@@ -33,6 +38,8 @@ use flagstream::kit::grpc::TlsError;
 use flagstream::kit::rpc_metrics::RpcMetricsLayer;
 use flagstream::kit::telemetry::LogFormat;
 use flagstream::pb::flag_eval_server::FlagEvalServer;
+use flagstream::pb::flagd::v1::service_server as flagd_v1;
+use flagstream::pb::flagd::v2::service_server as flagd_v2;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
@@ -177,6 +184,28 @@ pub struct Config {
     /// in flight and the background tasks' last work (the snapshot file) share it.
     #[arg(long, env = "FLAGREAD_DRAIN_S", default_value_t = 20)]
     pub drain_s: u64,
+    /// The namespace flagd-protocol and OFREP calls read when they name none (no
+    /// `flagd-selector` header).
+    #[arg(
+        long,
+        env = "FLAGREAD_FLAGD_DEFAULT_NAMESPACE",
+        default_value = "default"
+    )]
+    pub flagd_default_namespace: String,
+    /// Namespaces flagd-protocol and OFREP callers may read without a token, comma-separated
+    /// (for providers that cannot send an `authorization` header). FlagEval always needs one.
+    #[arg(long, env = "FLAGREAD_ANONYMOUS_NAMESPACES", value_delimiter = ',')]
+    pub anonymous_namespaces: Vec<String>,
+    /// Seconds of silence after which a flagd `EventStream` gets a `keep_alive` event.
+    #[arg(long, env = "FLAGREAD_FLAGD_KEEPALIVE_S", default_value_t = 20)]
+    pub flagd_keepalive_s: u64,
+    /// Address of the OFREP (OpenFeature Remote Evaluation Protocol) HTTP server.
+    #[arg(long, env = "FLAGREAD_OFREP_LISTEN", default_value = "0.0.0.0:8016")]
+    pub ofrep_listen: SocketAddr,
+    /// Browser origins allowed to call OFREP (CORS), comma-separated; `*` for any. Empty: no
+    /// CORS headers, so browsers refuse cross-origin calls.
+    #[arg(long, env = "FLAGREAD_OFREP_CORS_ORIGINS", value_delimiter = ',')]
+    pub ofrep_cors_origins: Vec<String>,
     /// Namespaces whose evaluations are exported per flag and variant
     /// (`flagread_flag_evaluations_total`), comma-separated; `*` for all. Every namespace is
     /// always counted as a whole in `flagread_evaluations_total{namespace,reason}`.
@@ -237,6 +266,7 @@ impl Config {
         config.upstream = upstream.into();
         config.listen = "127.0.0.1:0".parse().expect("a valid address");
         config.metrics_listen = "127.0.0.1:0".parse().expect("a valid address");
+        config.ofrep_listen = "127.0.0.1:0".parse().expect("a valid address");
         config.backoff_min_ms = 20;
         config.backoff_max_ms = 500;
         config.drain_s = 5;
@@ -468,13 +498,28 @@ pub async fn run_with(
         metrics_listen,
         eval: eval.clone(),
     });
+    let access = Arc::new(openfeature::Access::new(
+        authenticator.clone(),
+        config.anonymous_namespaces.iter().cloned(),
+        config.flagd_default_namespace.clone(),
+    ));
+    let flagd = flagd::FlagdService::new(
+        eval.clone(),
+        access,
+        Duration::from_secs(config.flagd_keepalive_s),
+    );
     let eval = tonic::service::interceptor::InterceptedService::new(
         FlagEvalServer::new(eval)
             .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
         authenticator,
     );
+    // flagd's services check tokens themselves: some namespaces are readable without one.
+    let flagd_v1 = flagd_v1::ServiceServer::new(flagd.clone())
+        .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES);
+    let flagd_v2 = flagd_v2::ServiceServer::new(flagd)
+        .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES);
     let (reflection_v1, reflection_v1alpha) =
-        kit::grpc::reflection_for(&["flagstream.v1.FlagEval"]);
+        kit::grpc::reflection_for(&["flagstream.v1.FlagEval", FLAGD_V1, FLAGD_V2]);
     let mut server = Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
         .max_concurrent_streams(config.max_concurrent_streams)
@@ -491,7 +536,9 @@ pub async fn run_with(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(eval);
+        .add_service(eval)
+        .add_service(flagd_v1)
+        .add_service(flagd_v2);
     // Small responses must not wait for Nagle's algorithm; large ones are
     // gathered into few writes by the wrapper instead.
     let coalesce = config.coalesce_writes;
@@ -660,9 +707,16 @@ async fn keep_snapshot_file(
     }
 }
 
-/// Sets the overall status ("") and FlagEval's.
+/// flagd's evaluation service, version 1.
+const FLAGD_V1: &str = "flagd.evaluation.v1.Service";
+/// flagd's evaluation service, version 2.
+const FLAGD_V2: &str = "flagd.evaluation.v2.Service";
+
+/// Sets the overall status (""), FlagEval's and flagd's services'.
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
+    health.set_service_status(FLAGD_V1, status).await;
+    health.set_service_status(FLAGD_V2, status).await;
     health
         .set_service_status(
             <FlagEvalServer<EvalService> as tonic::server::NamedService>::NAME,

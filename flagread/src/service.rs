@@ -204,8 +204,29 @@ impl EvalService {
         self.watch_streams.held()
     }
 
+    /// The replica state evaluated.
+    pub(crate) fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// The replica's metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// A slot among the replica's and `token`'s bounded streams (`Watch`, and the OpenFeature
+    /// event streams), or RESOURCE_EXHAUSTED.
+    pub(crate) fn take_stream(&self, token: &str) -> Result<Hold, EvalError> {
+        Ok(self.watch_streams.take(token)?)
+    }
+
+    /// Changes at shutdown, ending streams so the server can drain.
+    pub(crate) fn shutdown(&self) -> watch::Receiver<()> {
+        self.shutdown.clone()
+    }
+
     /// A permit for one unary call, or RESOURCE_EXHAUSTED at once.
-    fn admit(&self) -> Result<SemaphorePermit<'_>, EvalError> {
+    pub(crate) fn admit(&self) -> Result<SemaphorePermit<'_>, EvalError> {
         self.inflight.try_acquire().map_err(|_| {
             self.metrics.shed.inc();
             EvalError::Overloaded(self.limit)
@@ -236,13 +257,46 @@ impl EvalService {
         // Every call here passed `authorize`, so it has an identity.
         let token =
             auth::identity(request).map_or_else(|_| Arc::from(""), |i| i.name.as_str().into());
-        let _hold: Hold = self.revision_waits.take(&token)?;
         let budget = wait_budget(
             request
                 .metadata()
                 .get("grpc-timeout")
                 .and_then(|v| v.to_str().ok()),
         );
+        self.wait_for_revision(&token, budget, min_revision).await
+    }
+
+    /// The state to answer from for a caller counted as `token`: at least at `min_revision`,
+    /// waiting at most `budget` for it (see [`EvalService::replica_at`]). The OpenFeature front
+    /// ends call it with their own token names and deadlines.
+    pub(crate) async fn replica_for(
+        &self,
+        token: &Arc<str>,
+        budget: Duration,
+        min_revision: u64,
+    ) -> Result<arc_swap::Guard<Arc<Replica>>, EvalError> {
+        {
+            let replica = self.state.peek();
+            if min_revision <= replica.revision {
+                return if replica.ready {
+                    Ok(replica)
+                } else {
+                    Err(EvalError::NotReady(replica.revision))
+                };
+            }
+        }
+        self.wait_for_revision(token, budget, min_revision).await
+    }
+
+    /// Waits for `min_revision`, which the replica has not applied, within `budget`, holding one
+    /// of `token`'s bounded waits.
+    async fn wait_for_revision(
+        &self,
+        token: &Arc<str>,
+        budget: Duration,
+        min_revision: u64,
+    ) -> Result<arc_swap::Guard<Arc<Replica>>, EvalError> {
+        let _hold: Hold = self.revision_waits.take(token)?;
         let deadline = tokio::time::Instant::now() + budget;
         let mut shutdown = self.shutdown.clone();
         let head = self.status.head().max(self.state.revision());
@@ -282,7 +336,7 @@ impl EvalService {
 
     /// Evaluates `flag` (`None`: the key named no flag) and counts it; also returns the flag's
     /// extras, for encoding.
-    fn evaluate_counted<'s>(
+    pub(crate) fn evaluate_counted<'s>(
         ns: &'s NamespaceState,
         flag: Option<&'s CompiledFlag>,
         ctx: &engine::Context<'_>,
@@ -710,7 +764,7 @@ fn expected_type(value: i32) -> Result<Option<flagstream::model::FlagType>, Eval
 }
 
 /// The namespace `key` of `replica`, or NOT_FOUND.
-fn namespace_of<'r>(
+pub(crate) fn namespace_of<'r>(
     replica: &'r Replica,
     key: &str,
     metrics: &Metrics,

@@ -6,79 +6,13 @@ mod support;
 
 use std::time::Duration;
 
-use flagread::{Config, Handles};
+use flagread::Config;
 use flagstream::pb;
 use flagstream::pb::flag_eval_client::FlagEvalClient;
 use support::*;
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-
-/// A replica running in this process.
-struct Replica {
-    /// `http://127.0.0.1:port`.
-    url: String,
-    handles: Handles,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), flagread::Error>>,
-}
-
-impl Replica {
-    async fn start(config: Config) -> Replica {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (handles_tx, handles_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(flagread::run_with(
-            listener,
-            config,
-            async {
-                let _ = stopped.await;
-            },
-            move |handles| {
-                let _ = handles_tx.send(handles);
-            },
-        ));
-        let handles = handles_rx.await.expect("the replica starts");
-        Replica {
-            url,
-            handles,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn client(&self) -> FlagEvalClient<Channel> {
-        FlagEvalClient::connect(self.url.clone()).await.unwrap()
-    }
-
-    async fn health(&self) -> ServingStatus {
-        self.health_of("flagstream.v1.FlagEval").await
-    }
-
-    async fn health_of(&self, service: &str) -> ServingStatus {
-        let channel = Channel::from_shared(self.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut health = HealthClient::new(channel);
-        let request = tonic_health::pb::HealthCheckRequest {
-            service: service.into(),
-        };
-        ServingStatus::try_from(health.check(request).await.unwrap().into_inner().status).unwrap()
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the replica drains within 10 s")
-            .unwrap()
-            .unwrap();
-    }
-}
 
 /// A replica of `fake` whose first subscription got a snapshot at revision 5 of namespace
 /// `prod` (flags `a`, `b`, a string flag `s`) and `dev` (flag `x`).
@@ -1056,17 +990,6 @@ async fn a_change_the_replica_cannot_apply_is_reported_loudly_and_clears_when_ap
         ServingStatus::Serving
     );
     replica.stop().await;
-}
-
-/// A fresh temporary directory for one test.
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "flagread-{name}-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The text of `GET /metrics`.

@@ -93,6 +93,8 @@ pub enum TokensError {
 pub struct Authenticator {
     /// `None` in development mode: every call is allowed as [`dev_identity`].
     tokens: Option<Arc<Tokens>>,
+    /// [`dev_identity`], made once.
+    dev: Arc<Identity>,
     /// Refused calls by reason; clones share it, and [`Authenticator::register`] exports it.
     failures: Family<FailureLabels, Counter>,
     /// When a refusal was last logged, so a client retrying a bad token in a loop does not
@@ -271,6 +273,7 @@ impl Authenticator {
     fn with_tokens(tokens: Option<Arc<Tokens>>) -> Authenticator {
         Authenticator {
             tokens,
+            dev: Arc::new(dev_identity()),
             failures: Family::default(),
             log: Arc::new(FailureLog {
                 start: Instant::now(),
@@ -317,21 +320,53 @@ impl Authenticator {
     }
 }
 
+impl Authenticator {
+    /// The identity an `authorization` header value names, for front ends where a token is
+    /// optional (flagread's OpenFeature protocols, which serve some namespaces to anyone):
+    /// `Ok(None)` without a header, the refusal's message when the header is malformed or names
+    /// no token (counted and logged as [`Interceptor::call`] does). With `--dev-no-auth`, every
+    /// call is [`dev_identity`].
+    pub fn authenticate_optional(
+        &self,
+        authorization: Option<&[u8]>,
+    ) -> Result<Option<Arc<Identity>>, &'static str> {
+        let Some(tokens) = &self.tokens else {
+            return Ok(Some(self.dev.clone()));
+        };
+        let Some(header) = authorization else {
+            return Ok(None);
+        };
+        let secret = bearer_secret(header).ok_or_else(|| {
+            self.refuse("malformed", MALFORMED);
+            MALFORMED
+        })?;
+        let identity = tokens.identify(secret).ok_or_else(|| {
+            self.refuse("unknown_token", UNKNOWN);
+            UNKNOWN
+        })?;
+        Ok(Some(identity))
+    }
+}
+
+/// The refusal of an `authorization` value that is not `Bearer <token>`.
+const MALFORMED: &str = "authorization must be `Bearer <token>`";
+/// The refusal of a token no entry of the tokens file has.
+const UNKNOWN: &str = "unknown token";
+
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let identity = match &self.tokens {
-            None => Arc::new(dev_identity()),
+            None => self.dev.clone(),
             Some(tokens) => {
                 let header = request
                     .metadata()
                     .get("authorization")
                     .ok_or_else(|| self.refuse("missing", "missing authorization metadata"))?;
-                let secret = bearer_secret(header.as_bytes()).ok_or_else(|| {
-                    self.refuse("malformed", "authorization must be `Bearer <token>`")
-                })?;
+                let secret = bearer_secret(header.as_bytes())
+                    .ok_or_else(|| self.refuse("malformed", MALFORMED))?;
                 tokens
                     .identify(secret)
-                    .ok_or_else(|| self.refuse("unknown_token", "unknown token"))?
+                    .ok_or_else(|| self.refuse("unknown_token", UNKNOWN))?
             }
         };
         request.extensions_mut().insert(identity);

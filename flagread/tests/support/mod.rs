@@ -5,13 +5,18 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use flagread::{Config, Handles};
 use flagstream::model;
 use flagstream::pb;
+use flagstream::pb::flag_eval_client::FlagEvalClient;
 use flagstream::pb::replication_server::{Replication, ReplicationServer};
 use flagstream::pb::sync_message::Kind;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// One subscription the fake upstream received.
 pub struct Subscription {
@@ -261,4 +266,81 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A replica running in this process (`flagread::run_with` on 127.0.0.1:0).
+pub struct Replica {
+    /// `http://127.0.0.1:port`.
+    pub url: String,
+    /// What the replica exposes from inside.
+    pub handles: Handles,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), flagread::Error>>,
+}
+
+impl Replica {
+    pub async fn start(config: Config) -> Replica {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (handles_tx, handles_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(flagread::run_with(
+            listener,
+            config,
+            async {
+                let _ = stopped.await;
+            },
+            move |handles| {
+                let _ = handles_tx.send(handles);
+            },
+        ));
+        let handles = handles_rx.await.expect("the replica starts");
+        Replica {
+            url,
+            handles,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn client(&self) -> FlagEvalClient<Channel> {
+        FlagEvalClient::connect(self.url.clone()).await.unwrap()
+    }
+
+    pub async fn health(&self) -> ServingStatus {
+        self.health_of("flagstream.v1.FlagEval").await
+    }
+
+    pub async fn health_of(&self, service: &str) -> ServingStatus {
+        let channel = Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        };
+        ServingStatus::try_from(health.check(request).await.unwrap().into_inner().status).unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the replica drains within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "flagread-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
