@@ -323,9 +323,10 @@ def stack(tmp_path_factory, pb):
 @pytest.fixture(scope="session")
 def demo_replica(stack):
     """A replica serving the demo namespace, unchanged for the whole session: flagd and
-    OFREP callers that name no namespace get `demo`, and may read it without a token."""
+    OFREP callers that name no namespace get `demo`, and may read it without a token (and
+    `not-yet-created`, a namespace that does not exist)."""
     return stack.replica("demo-replica", "--flagd-default-namespace", "demo",
-                         "--anonymous-namespaces", "demo").start()
+                         "--anonymous-namespaces", "demo,not-yet-created").start()
 
 
 @pytest.fixture(scope="session")

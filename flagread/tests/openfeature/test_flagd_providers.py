@@ -75,12 +75,16 @@ def test_an_unknown_flag_is_flag_not_found(provider, demo_replica, language):
     assert (got["value"], got["reason"], got["errorCode"]) == (DEFAULTS["boolean"], "ERROR", "FLAG_NOT_FOUND"), got
 
 
-def test_an_unknown_namespace_in_the_selector_is_flag_not_found(provider, demo_replica, stack, language):
-    # The Python provider also sends the selector on its EventStream, which then fails: it is
-    # not READY, but evaluates; Node's opens its EventStream without the selector.
-    driver = provider(language, flagd_config(demo_replica, selector="flagSetId=no-such-namespace"))
+def test_an_unknown_namespace_in_the_selector_is_flag_not_found(provider, demo_replica, locked_replica, language):
+    # Without a token an unknown namespace is refused like any namespace that is not
+    # anonymous (UNAUTHENTICATED, so GENERAL); the demo replica lists one that does not exist.
+    driver = provider(language, flagd_config(demo_replica, selector="flagSetId=not-yet-created"))
     got = driver.eval("boolean", "new-checkout")
-    assert (got["value"], got["reason"], got["errorCode"]) == (DEFAULTS["boolean"], "ERROR", "FLAG_NOT_FOUND"), got
+    assert (got["value"], got["reason"], got["errorCode"]) == (False, "ERROR", "FLAG_NOT_FOUND"), got
+    if language == "python":
+        driver = provider(language, flagd_config(locked_replica, selector="flagSetId=no-such-namespace", token=EVAL))
+        got = driver.eval("boolean", "new-checkout")
+        assert (got["value"], got["reason"], got["errorCode"]) == (False, "ERROR", "FLAG_NOT_FOUND"), got
 
 
 def test_the_selector_names_the_namespace(provider, scratch, stack, language):
@@ -164,7 +168,9 @@ def test_a_change_of_a_prerequisite_names_the_flags_that_depend_on_it(provider, 
     carol = {"targetingKey": "carol"}
     assert driver.eval("boolean", "express-pay", context=carol)["reason"] == "DISABLED"
 
-    stack.update_flag(scratch.namespace, "new-checkout", lambda f: f.update(default_variant="on"))
+    # A prerequisite holds when the parent is served by a rule or is STATIC: without rules
+    # and with "on" as its default, new-checkout is STATIC "on" for everyone.
+    stack.update_flag(scratch.namespace, "new-checkout", lambda f: f.update(default_variant="on", rules=[]))
     assert driver.changed() == {"new-checkout", "express-pay"}
     got = driver.eval("boolean", "express-pay", context=carol)
     assert (got["value"], got["variant"], got["reason"]) == (True, "on", "DEFAULT"), got
