@@ -427,6 +427,15 @@ class Driver:
         self.events.clear()
         return self._next(lambda m: "event" in m and wanted(m), seconds, what)
 
+    def forget_events(self):
+        """Drops the events received so far: wait_event then sees only later ones."""
+        while True:
+            try:
+                self._drain(self.lines.get_nowait())
+            except queue.Empty:
+                break
+        self.events.clear()
+
     def changed(self, seconds: float = CALL_S) -> set[str]:
         """The flags named by the next CONFIGURATION_CHANGED event."""
         event = self.wait_event(lambda e: e["event"] == "PROVIDER_CONFIGURATION_CHANGED", seconds,
