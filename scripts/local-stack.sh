@@ -150,7 +150,9 @@ OpenFeature (the flagd and OFREP providers, unchanged):
     FLAGD_HOST=127.0.0.1 FLAGD_PORT=${replica1#*:} FLAGD_RESOLVER=rpc
   The replicas run with --flagd-default-namespace demo, so no selector is needed; to name
   a namespace send the header 'flagd-selector: flagSetId=<namespace>' (the providers'
-  'selector' option, or FLAGD_SOURCE_SELECTOR=flagSetId=<namespace>). By hand:
+  'selector' option, or FLAGD_SOURCE_SELECTOR=flagSetId=<namespace>). Node's flagd provider
+  sends no selector on its event stream: give it the default namespace, or it misses changes.
+  By hand:
     $g -d '{"flag_key":"new-checkout","context":{"targetingKey":"alice"}}' $replica1 flagd.evaluation.v2.Service/ResolveBoolean
     $g -H 'flagd-selector: flagSetId=demo' -d '{}' $replica1 flagd.evaluation.v2.Service/EventStream
   OFREP (HTTP JSON): base URL http://$ofrep1 (or http://$ofrep2)
