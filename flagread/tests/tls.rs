@@ -268,7 +268,8 @@ async fn follows_a_writer_that_requires_client_certificates() {
     let child = Command::new(cluster::flagwrite_bin())
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--data-dir", &path("data")])
-        .args(["--metrics-listen", "127.0.0.1:0", "--dev-no-auth"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .arg("--dev-no-auth")
         .args([
             "--tls-cert",
             &path("server.pem"),
@@ -344,7 +345,8 @@ async fn follows_a_writer_that_requires_client_certificates() {
     let replica_log = dir.join("flagread.log");
     let mut without = Command::new(env!("CARGO_BIN_EXE_flagread"))
         .args(["--listen", &format!("127.0.0.1:{}", cluster::free_port())])
-        .args(["--metrics-listen", "127.0.0.1:0", "--dev-no-auth"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--ofrep-listen", "127.0.0.1:0"])
+        .arg("--dev-no-auth")
         .args(["--upstream", &upstream, "--upstream-ca", &path("ca.pem")])
         .args(["--upstream-domain", "localhost"])
         .env("RUST_LOG", "info")

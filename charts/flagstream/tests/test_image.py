@@ -104,7 +104,8 @@ def test_binaries_run_from_the_image(container, tmp_path):
             stdout=open(tmp_path / "flagwrite.log", "wb"), stderr=subprocess.STDOUT))
         processes.append(subprocess.Popen(
             [*run, "/usr/local/bin/flagread", "--dev-no-auth", "--listen", f"127.0.0.1:{read_port}",
-             "--metrics-listen", f"127.0.0.1:{free_port()}", "--upstream", f"http://localhost:{write_port}",
+             "--metrics-listen", f"127.0.0.1:{free_port()}", "--ofrep-listen", f"127.0.0.1:{free_port()}",
+             "--upstream", f"http://localhost:{write_port}",
              "--backoff-max-ms", "300"],
             stdout=open(tmp_path / "flagread.log", "wb"), stderr=subprocess.STDOUT))
 

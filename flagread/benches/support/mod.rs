@@ -212,6 +212,8 @@ pub async fn start_writer(dir: &Path, tokens: &Path) -> Writer {
         .arg(tokens)
         .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
+        .arg("--ofrep-listen")
+        .arg(format!("127.0.0.1:{}", proc::free_port()))
         .env("RUST_LOG", "warn");
     let mut proc = proc::Proc::spawn("flagwrite", command, dir);
     wait_serving(&addr, Duration::from_secs(20), Duration::from_millis(5)).await;
@@ -256,6 +258,8 @@ pub fn spawn_replica_on(
         .arg("--tokens-file")
         .arg(tokens)
         .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{}", proc::free_port()))
+        .arg("--ofrep-listen")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
         .env("RUST_LOG", "warn");
     let mut proc = proc::Proc::spawn(name, command, dir);
