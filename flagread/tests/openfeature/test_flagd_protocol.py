@@ -115,3 +115,18 @@ def test_a_token_reads_the_namespace_and_values_are_always_set(locked_replica):
     answer = resolve(locked_replica, authed(EVAL))
     assert answer.HasField("value") and answer.HasField("variant"), answer
     assert (answer.value, answer.variant, answer.reason) == (False, "off", "DEFAULT"), answer
+
+
+def test_an_idle_eventstream_gets_keep_alive_events(stack):
+    replica = stack.replica("keepalive-replica", "--flagd-default-namespace", "demo", "--anonymous-namespaces", "demo",
+                            "--flagd-keepalive-s", "1").start()
+    events = Events(replica)
+    try:
+        assert events.next()[0] == "provider_ready"
+        started = time.monotonic()
+        assert events.next(seconds=5, skip_keep_alive=False)[0] == "keep_alive"
+        assert events.next(seconds=5, skip_keep_alive=False)[0] == "keep_alive"
+        assert 1.5 < time.monotonic() - started < 4, "two keep_alive events, one per idle second"
+    finally:
+        events.close()
+        replica.terminate()
