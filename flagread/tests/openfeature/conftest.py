@@ -226,8 +226,9 @@ class Replica:
             try:
                 self.eval.Evaluate(request, metadata=authed(EVAL), timeout=2)
                 return True
-            except grpc.RpcError:
-                return False
+            except grpc.RpcError as error:
+                # NOT_FOUND comes after the wait for the revision: a namespace without "theme".
+                return error.code() == grpc.StatusCode.NOT_FOUND
 
         wait_for(answered, START_S, f"{self.name} to serve revision {revision}")
 
