@@ -96,15 +96,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(condition, seconds: float, what: str):
-    """Polls `condition` every 20 ms until it returns something true; fails after `seconds`."""
+def wait_for(condition, seconds: float, what):
+    """Polls `condition` every 20 ms until it returns something true; fails after `seconds`
+    naming `what` (a string, or a function giving one at that time)."""
     deadline = time.monotonic() + seconds
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds} s waiting for {what}")
+            pytest.fail(f"timed out after {seconds} s waiting for {what() if callable(what) else what}")
         time.sleep(0.02)
 
 
