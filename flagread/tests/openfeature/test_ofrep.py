@@ -273,7 +273,8 @@ class Flood:
 def test_a_replica_that_sheds_answers_429_with_retry_after(shedding_replica):
     flood = Flood(shedding_replica.ofrep_port)
     try:
-        wait_for(lambda: flood.shed, 20, lambda: f"a 429 from a replica limited to one call at a time (last error: {flood.error})")
+        wait_for(lambda: flood.shed, 20,
+                 lambda: f"a 429 from a replica limited to one call at a time (last error: {flood.error})")
     finally:
         flood.close()
     _, headers, _ = flood.shed
