@@ -398,6 +398,19 @@ def test_reader_service_exposes_ofrep_next_to_grpc(chart):
         assert "ofrep" not in {p["name"] for p in services[name]["spec"]["ports"]}
 
 
+def test_notes_point_openfeature_providers_at_the_replicas(chart):
+    notes = render(chart).notes
+    assert "FLAGD_HOST=demo-flagstream-read.flags.svc FLAGD_PORT=50052 FLAGD_RESOLVER=rpc" in notes
+    assert "http://demo-flagstream-read.flags.svc:8016" in notes
+    assert "flagd-selector: flagSetId=<namespace>" in notes
+    assert "no namespace is readable without" in notes
+    open_notes = render(chart, {"flagread": {"ports": {"ofrep": 18016}, "tls": {"enabled": True, "secretName": "r"},
+                                             "config": {"openfeature": {"anonymousNamespaces": ["public"]}}}}).notes
+    assert "http://demo-flagstream-read.flags.svc:18016" in open_notes
+    assert "FLAGD_TLS=true" in open_notes
+    assert "without it only public can be read" in open_notes
+
+
 def test_recommended_labels_everywhere(chart):
     rendered = render(chart, VALUE_SETS["everything"])
     for o in rendered.objects:
