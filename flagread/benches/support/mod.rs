@@ -214,8 +214,6 @@ pub async fn start_writer(dir: &Path, tokens: &Path) -> Writer {
         .arg(tokens)
         .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
-        .arg("--ofrep-listen")
-        .arg(format!("127.0.0.1:{}", proc::free_port()))
         .env("RUST_LOG", "warn");
     let mut proc = proc::Proc::spawn("flagwrite", command, dir);
     wait_serving(&addr, Duration::from_secs(20), Duration::from_millis(5)).await;
