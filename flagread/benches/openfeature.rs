@@ -111,7 +111,8 @@ async fn run() {
     )
     .await;
     // Serving means holding a state; wait for the fixtures' revision.
-    let mut eval = support::eval_client(support::connect(&replica.addr, Duration::from_secs(5)).await);
+    let mut eval =
+        support::eval_client(support::connect(&replica.addr, Duration::from_secs(5)).await);
     eval.evaluate(pb::EvaluateRequest {
         namespace: NAMESPACE.into(),
         flag_key: FLAG.into(),
@@ -284,7 +285,10 @@ fn drive(
     streams: u32,
     seconds: u32,
 ) -> (f64, u64) {
-    let body = dir.join(format!("{}.body", target.name.replace([' ', '(', ')'], "_")));
+    let body = dir.join(format!(
+        "{}.body",
+        target.name.replace([' ', '(', ')'], "_")
+    ));
     let authorization = format!("authorization: Bearer {}", support::EVAL_SECRET);
     let outcome = match target.protocol {
         Protocol::Grpc => {
@@ -370,7 +374,11 @@ async fn check(target: &Target, replica: &support::Replica, flag_count: usize) {
             match target.name {
                 "Evaluate" => {
                     let answer = pb::EvaluateResponse::decode(&body[..]).expect("a response");
-                    assert_eq!(answer.reason, pb::Reason::TargetingMatch as i32, "{answer:?}");
+                    assert_eq!(
+                        answer.reason,
+                        pb::Reason::TargetingMatch as i32,
+                        "{answer:?}"
+                    );
                 }
                 "ResolveBoolean" => {
                     let answer = v2::ResolveBooleanResponse::decode(&body[..]).expect("a response");
