@@ -8,11 +8,13 @@
 //! INVALID_ARGUMENT (TYPE_MISMATCH, or a context or selector the replica cannot use), INTERNAL
 //! for an evaluation that failed. Never UNKNOWN: the providers retry it until their deadline.
 //!
-//! `EventStream` announces `provider_ready` at once, then a `configuration_change` naming every
-//! flag of the namespace whose result may have changed (its prerequisites' and segments' users
-//! included), `keep_alive` when idle, and `provider_shutdown` before the stream ends with
-//! UNAVAILABLE at shutdown (a provider reconnects after an error, never after a stream that
-//! ends OK).
+//! `EventStream` announces `provider_ready` at once, then one `configuration_change` naming every
+//! flag of the namespace (a provider reconnecting after an outage may hold cached results of
+//! flags changed meanwhile: this drops them), then for each change a `configuration_change`
+//! naming every flag of the namespace whose result may have changed (its prerequisites' and
+//! segments' users included), `keep_alive` when idle, and `provider_shutdown` before the stream
+//! ends with UNAVAILABLE at shutdown (a provider reconnects after an error, never after a stream
+//! that ends OK). An event names at most 5,000 flags; more take several events.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -332,38 +334,48 @@ impl Events {
     ) {
         let idle = tokio::time::sleep(self.keepalive);
         tokio::pin!(idle);
+        // First, every flag of the namespace: a provider reconnecting after an outage may hold
+        // results cached before it, of flags changed meanwhile (no event named them).
+        let mut next = Some(Arc::new(Applied {
+            revision: self.from,
+            changed: Default::default(),
+            full_refresh: true,
+        }));
         loop {
-            let applied = tokio::select! {
-                _ = self.tx.closed() => return,
-                _ = shutdown.changed() => {
-                    let end = async {
-                        self.tx.send(Ok(("provider_shutdown", None))).await?;
-                        self.tx
-                            .send(Err(Status::unavailable(
-                                "flagread is shutting down; reconnect to another replica",
-                            )))
-                            .await
-                    };
-                    let _ = tokio::time::timeout(SHUTDOWN_SEND, end).await;
-                    return;
-                }
-                _ = &mut idle => {
-                    if self.tx.send(Ok(("keep_alive", None))).await.is_err() {
+            let applied = match next.take() {
+                Some(applied) => applied,
+                None => tokio::select! {
+                    _ = self.tx.closed() => return,
+                    _ = shutdown.changed() => {
+                        let end = async {
+                            self.tx.send(Ok(("provider_shutdown", None))).await?;
+                            self.tx
+                                .send(Err(Status::unavailable(
+                                    "flagread is shutting down; reconnect to another replica",
+                                )))
+                                .await
+                        };
+                        let _ = tokio::time::timeout(SHUTDOWN_SEND, end).await;
                         return;
                     }
-                    idle.as_mut().reset(tokio::time::Instant::now() + self.keepalive);
-                    continue;
-                }
-                change = changes.recv() => match change {
-                    Ok(applied) if applied.revision <= self.from && !applied.full_refresh => continue,
-                    Ok(applied) => applied,
-                    // The stream fell behind the backlog: every flag may have changed.
-                    Err(broadcast::error::RecvError::Lagged(_)) => Arc::new(Applied {
-                        revision: self.state.revision(),
-                        full_refresh: true,
-                        changed: Default::default(),
-                    }),
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    _ = &mut idle => {
+                        if self.tx.send(Ok(("keep_alive", None))).await.is_err() {
+                            return;
+                        }
+                        idle.as_mut().reset(tokio::time::Instant::now() + self.keepalive);
+                        continue;
+                    }
+                    change = changes.recv() => match change {
+                        Ok(applied) if applied.revision <= self.from && !applied.full_refresh => continue,
+                        Ok(applied) => applied,
+                        // The stream fell behind the backlog: every flag may have changed.
+                        Err(broadcast::error::RecvError::Lagged(_)) => Arc::new(Applied {
+                            revision: self.state.revision(),
+                            full_refresh: true,
+                            changed: Default::default(),
+                        }),
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
                 },
             };
             let size = if applied.full_refresh {
@@ -374,29 +386,28 @@ impl Events {
                     None => continue,
                 }
             };
-            let data = if size > INLINE_FLAGS {
+            let events = if size > INLINE_FLAGS {
                 let (state, namespace) = (self.state.clone(), self.namespace.clone());
                 let describe = move || changed_flags(&state, &namespace, &applied);
                 tokio::select! {
                     _ = self.tx.closed() => return,
-                    data = tokio::task::spawn_blocking(describe) => match data {
-                        Ok(data) => data,
+                    events = tokio::task::spawn_blocking(describe) => match events {
+                        Ok(events) => events,
                         Err(_) => return,
                     },
                 }
             } else {
                 changed_flags(&self.state, &self.namespace, &applied)
             };
-            let Some(data) = data else {
-                continue;
-            };
-            if self
-                .tx
-                .send(Ok(("configuration_change", Some(data))))
-                .await
-                .is_err()
-            {
-                return;
+            for data in events {
+                if self
+                    .tx
+                    .send(Ok(("configuration_change", Some(data))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
             idle.as_mut()
                 .reset(tokio::time::Instant::now() + self.keepalive);
@@ -404,23 +415,29 @@ impl Events {
     }
 }
 
-/// The data of a `configuration_change` event: `{"flags": {key: {"type": kind}}}` for every flag
-/// of `namespace` that `applied` may have changed, where kind is `write` (created by the
-/// change), `delete` (gone) or `update`; a full refresh names every flag as `update`. `None` when
-/// the change names no flag of the namespace.
-fn changed_flags(state: &State, namespace: &str, applied: &Applied) -> Option<Struct> {
+/// The most flags one `configuration_change` event names; a change of more is announced in
+/// several events, so each stays well within a client's default message size (4 MiB): keys are
+/// at most 256 bytes.
+const FLAGS_PER_EVENT: usize = 5_000;
+
+/// The data of the `configuration_change` events announcing `applied` to a stream of
+/// `namespace`: `{"flags": {key: {"type": kind}}}` for every flag of the namespace that `applied`
+/// may have changed, where kind is `write` (created by the change), `delete` (gone) or
+/// `update`; a full refresh names every flag as `update`. At most [`FLAGS_PER_EVENT`] flags per
+/// event; none when the change names no flag of the namespace.
+fn changed_flags(state: &State, namespace: &str, applied: &Applied) -> Vec<Struct> {
     let replica = state.load();
     let ns = replica.namespaces.get(namespace);
     let kind = |kind: &str| Value {
         kind: Some(Kind::StructValue(structure([("type", string(kind))]))),
     };
-    let mut flags = BTreeMap::new();
+    let mut flags: Vec<(String, Value)> = Vec::new();
     if applied.full_refresh {
         for flag in ns.iter().flat_map(|ns| ns.flags.flags()) {
-            flags.insert(flag.key().to_string(), kind("update"));
+            flags.push((flag.key().to_string(), kind("update")));
         }
     } else {
-        for key in applied.changed.get(namespace)? {
+        for key in applied.changed.get(namespace).into_iter().flatten() {
             let kind = match ns.and_then(|ns| ns.flags.get(key)) {
                 None => kind("delete"),
                 Some(flag) if flag.source().stamp.created_revision == applied.revision => {
@@ -428,18 +445,21 @@ fn changed_flags(state: &State, namespace: &str, applied: &Applied) -> Option<St
                 }
                 Some(_) => kind("update"),
             };
-            flags.insert(key.clone(), kind);
+            flags.push((key.clone(), kind));
         }
     }
-    if flags.is_empty() {
-        return None;
+    let mut events = Vec::with_capacity(flags.len().div_ceil(FLAGS_PER_EVENT));
+    let mut flags = flags.into_iter().peekable();
+    while flags.peek().is_some() {
+        let chunk: BTreeMap<String, Value> = flags.by_ref().take(FLAGS_PER_EVENT).collect();
+        events.push(structure([(
+            "flags",
+            Value {
+                kind: Some(Kind::StructValue(Struct { fields: chunk })),
+            },
+        )]));
     }
-    Some(structure([(
-        "flags",
-        Value {
-            kind: Some(Kind::StructValue(Struct { fields: flags })),
-        },
-    )]))
+    events
 }
 
 // ---------------------------------------------------------------------------

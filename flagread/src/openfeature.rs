@@ -38,8 +38,9 @@ pub const MIN_REVISION_HEADER: &str = "flagstream-min-revision";
 /// The deepest nesting of objects and lists in a context that is flattened.
 pub const MAX_DEPTH: usize = 8;
 
-/// The token name `min_revision` waits and event streams of anonymous callers count under.
-pub const ANONYMOUS: &str = "anonymous";
+/// The name `min_revision` waits and event streams of callers without a token count under;
+/// no token can have it (token names have no parentheses).
+pub const ANONYMOUS: &str = "(anonymous)";
 
 /// Who may read which namespace through the OpenFeature front ends, and which namespace a call
 /// without a selector reads.

@@ -595,6 +595,17 @@ async fn the_event_stream_names_changed_flags_and_their_dependents() {
     let ready = next_event(&mut events).await.unwrap();
     assert_eq!(ready.0, "provider_ready");
     assert!(started.elapsed() < Duration::from_millis(500));
+    // Then every flag of the namespace, once: a reconnecting provider drops what it cached.
+    let every = next_event(&mut events).await.unwrap();
+    assert_eq!(every.0, "configuration_change");
+    assert_eq!(
+        every.1.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "bad", "child", "guarded", "half", "huge", "list", "object", "off", "on", "targeted",
+            "text", "whole"
+        ]
+    );
+    assert!(every.1.values().all(|kind| kind == "update"));
 
     // `off` changes: `child` (its prerequisite) may change too; `new` is created; `text` goes;
     // a change of another namespace is not announced.
@@ -659,5 +670,34 @@ async fn event_streams_count_among_the_bounded_streams() {
         replica.handles.eval.watch_streams() == 0
     })
     .await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_namespace_is_announced_in_events_of_at_most_5000_flags() {
+    let mut fake = FakeUpstream::start().await;
+    let replica = Replica::start({
+        let mut config = Config::local(fake.url.clone());
+        config.flagd_default_namespace = "big".into();
+        config
+    })
+    .await;
+    let subscription = fake.next().await;
+    let flags = (0..5_001)
+        .map(|i| flag("big", &format!("f{i:05}"), 1))
+        .collect();
+    subscription.send(snapshot(5, flags)).await;
+    eventually("the snapshot", || replica.handles.state.revision() == 5).await;
+    let mut client = client(&replica).await;
+    let mut events = client
+        .event_stream(v2::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_event(&mut events).await.unwrap().0, "provider_ready");
+    let first = next_event(&mut events).await.unwrap().1;
+    let second = next_event(&mut events).await.unwrap().1;
+    assert_eq!((first.len(), second.len()), (5_000, 1));
+    assert!(second.contains_key("f05000"));
     replica.stop().await;
 }

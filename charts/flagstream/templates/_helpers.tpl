@@ -179,6 +179,12 @@ prometheus.io/path: /metrics
 {{- if and .Values.flagwrite.persistence.existingClaim (not .Values.flagwrite.persistence.enabled) -}}
 {{- fail "flagwrite.persistence.existingClaim needs flagwrite.persistence.enabled" -}}
 {{- end -}}
+{{- range $c := list "flagwrite" "flagread" -}}
+{{- $ports := index $.Values $c "ports" -}}
+{{- if ne (len (values $ports | uniq)) (len $ports) -}}
+{{- fail (printf "%s.ports must be distinct, got %s" $c (toJson $ports)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled -}}
 {{- fail "metrics.serviceMonitor and metrics.podMonitor would scrape every pod twice: enable one" -}}
 {{- end -}}

@@ -176,6 +176,23 @@ def test_generated_tokens_are_the_same_in_the_secret_and_the_checksum(chart):
         ({"auth": {"tokens": {"admin": "short"}}}, "at '/auth/tokens/admin'"),
         ({"flagread": {"autoscaling": {"minReplicas": "two"}}}, "at '/flagread/autoscaling/minReplicas': got string, want integer"),
         ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy': value must be one of"),
+        ({"flagread": {"ports": {"ofrep": 70000}}}, "at '/flagread/ports/ofrep': maximum: got 70,000, want 65,535"),
+        ({"flagread": {"ports": {"ofrep": "8016"}}}, "at '/flagread/ports/ofrep': got string, want integer"),
+        ({"flagread": {"config": {"openfeature": {"anonymousNamespaces": "public"}}}},
+         "at '/flagread/config/openfeature/anonymousNamespaces': got string, want array"),
+        ({"flagread": {"config": {"openfeature": {"anonymousNamespaces": ["Public"]}}}},
+         "at '/flagread/config/openfeature/anonymousNamespaces/0': 'Public' does not match pattern"),
+        ({"flagread": {"config": {"openfeature": {"defaultNamespace": ""}}}},
+         "at '/flagread/config/openfeature/defaultNamespace': '' does not match pattern"),
+        ({"flagread": {"config": {"openfeature": {"flagdKeepaliveS": 0}}}},
+         "at '/flagread/config/openfeature/flagdKeepaliveS': minimum: got 0, want 1"),
+        # An origin is scheme://host[:port]; a comma would split one value in two in the env list.
+        ({"flagread": {"config": {"openfeature": {"ofrepCorsOrigins": ["https://app.example.com/"]}}}},
+         "at '/flagread/config/openfeature/ofrepCorsOrigins/0'"),
+        ({"flagread": {"config": {"openfeature": {"ofrepCorsOrigins": ["https://a.example.com,https://b.example.com"]}}}},
+         "at '/flagread/config/openfeature/ofrepCorsOrigins/0'"),
+        ({"flagread": {"config": {"openfeature": {"anonymous": ["public"]}}}},
+         "at '/flagread/config/openfeature': additional properties 'anonymous' not allowed"),
     ],
 )
 def test_schema_rejects_bad_values_naming_them(chart, values, message):
@@ -240,6 +257,8 @@ def test_probes_point_at_real_ports(chart, value_set):
         prefix = component.upper()
         assert env[f"{prefix}_LISTEN"] == f"0.0.0.0:{ports['grpc']}"
         assert env[f"{prefix}_METRICS_LISTEN"] == f"0.0.0.0:{ports['metrics']}"
+        if component == "flagread":
+            assert env["FLAGREAD_OFREP_LISTEN"] == f"0.0.0.0:{ports['ofrep']}"
         tls = VALUE_SETS[value_set].get(component, {}).get("tls", {}).get("enabled", False)
         for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = c[probe_name]
@@ -345,6 +364,53 @@ def test_services_and_headless_target(chart):
     assert "round_robin" in rendered.notes
 
 
+def test_openfeature_values_become_flagread_options(chart):
+    env = lambda rendered: {e["name"]: e.get("value") for e in rendered.container("Deployment", "flagread")["env"]}
+    defaults = env(render(chart))
+    assert defaults["FLAGREAD_OFREP_LISTEN"] == "0.0.0.0:8016"
+    assert defaults["FLAGREAD_FLAGD_DEFAULT_NAMESPACE"] == "default"
+    assert defaults["FLAGREAD_FLAGD_KEEPALIVE_S"] == "20"
+    # Empty lists leave the options out: no anonymous namespace, no CORS headers.
+    assert "FLAGREAD_ANONYMOUS_NAMESPACES" not in defaults and "FLAGREAD_OFREP_CORS_ORIGINS" not in defaults
+    given = env(render(chart, {"flagread": {"ports": {"ofrep": 18016}, "config": {"openfeature": {
+        "defaultNamespace": "production", "anonymousNamespaces": ["public", "docs"], "flagdKeepaliveS": 45,
+        "ofrepCorsOrigins": ["https://app.example.com", "http://localhost:3000"]}}}}))
+    assert given["FLAGREAD_OFREP_LISTEN"] == "0.0.0.0:18016"
+    assert given["FLAGREAD_FLAGD_DEFAULT_NAMESPACE"] == "production"
+    assert given["FLAGREAD_ANONYMOUS_NAMESPACES"] == "public,docs"
+    assert given["FLAGREAD_FLAGD_KEEPALIVE_S"] == "45"
+    assert given["FLAGREAD_OFREP_CORS_ORIGINS"] == "https://app.example.com,http://localhost:3000"
+    assert env(render(chart, {"flagread": {"config": {"openfeature": {"ofrepCorsOrigins": ["*"]}}}}))[
+        "FLAGREAD_OFREP_CORS_ORIGINS"] == "*"
+
+
+def test_reader_service_exposes_ofrep_next_to_grpc(chart):
+    rendered = render(chart, {"flagread": {"ports": {"ofrep": 18016}}})
+    services = {s["metadata"]["name"]: s for s in rendered.all("Service")}
+    ports = {p["name"]: p for p in services["demo-flagstream-read"]["spec"]["ports"]}
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["ofrep"] == {"name": "ofrep", "port": 18016, "targetPort": "ofrep", "protocol": "TCP", "appProtocol": "http"}
+    container = {p["name"]: p["containerPort"] for p in rendered.container("Deployment", "flagread")["ports"]}
+    assert container["ofrep"] == 18016
+    # The headless Service is for gRPC clients' round_robin; the writer has no OFREP port.
+    assert [p["name"] for p in services["demo-flagstream-read-headless"]["spec"]["ports"]] == ["grpc"]
+    for name in ("demo-flagstream-write", "demo-flagstream-write-headless"):
+        assert "ofrep" not in {p["name"] for p in services[name]["spec"]["ports"]}
+
+
+def test_notes_point_openfeature_providers_at_the_replicas(chart):
+    notes = render(chart).notes
+    assert "FLAGD_HOST=demo-flagstream-read.flags.svc FLAGD_PORT=50052 FLAGD_RESOLVER=rpc" in notes
+    assert "http://demo-flagstream-read.flags.svc:8016" in notes
+    assert "flagd-selector: flagSetId=<namespace>" in notes
+    assert "no namespace is readable without" in notes
+    open_notes = render(chart, {"flagread": {"ports": {"ofrep": 18016}, "tls": {"enabled": True, "secretName": "r"},
+                                             "config": {"openfeature": {"anonymousNamespaces": ["public"]}}}}).notes
+    assert "http://demo-flagstream-read.flags.svc:18016" in open_notes
+    assert "FLAGD_TLS=true" in open_notes
+    assert "without it only public can be read" in open_notes
+
+
 def test_recommended_labels_everywhere(chart):
     rendered = render(chart, VALUE_SETS["everything"])
     for o in rendered.objects:
@@ -369,6 +435,20 @@ def test_network_policy_lets_only_replicas_and_admins_reach_the_writer(chart):
     assert all(test_pod[k] == v for k, v in grpc_rule["from"][1]["podSelector"]["matchLabels"].items())
     assert grpc_rule["from"][2]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "flag-admins"}
     assert metrics_rule["ports"] == [{"port": 9091, "protocol": "TCP"}]
+
+
+def test_network_policy_opens_ofrep_wherever_replicas_serve_grpc(chart):
+    values = {**VALUE_SETS["networkpolicy"], "flagread": {"ports": {"grpc": 15052, "metrics": 19092, "ofrep": 18016}}}
+    rendered = render(chart, values)
+    reader = [p for p in rendered.all("NetworkPolicy") if p["metadata"]["name"].endswith("-read")][0]
+    clients_rule, metrics_rule = reader["spec"]["ingress"]
+    # Clients of both front ends come from anywhere, as for gRPC; metrics keep their own peers.
+    assert "from" not in clients_rule
+    assert clients_rule["ports"] == [{"port": 15052, "protocol": "TCP"}, {"port": 18016, "protocol": "TCP"}]
+    assert metrics_rule["ports"] == [{"port": 19092, "protocol": "TCP"}]
+    assert metrics_rule["from"] == VALUE_SETS["networkpolicy"]["networkPolicy"]["metricsFrom"]
+    writer = [p for p in rendered.all("NetworkPolicy") if p["metadata"]["name"].endswith("-write")][0]
+    assert 18016 not in [port["port"] for rule in writer["spec"]["ingress"] for port in rule["ports"]]
 
 
 def test_dashboard_and_rules_only_use_exported_metric_names(chart):
@@ -454,6 +534,8 @@ def test_other_value_combinations_render_valid_objects(chart, values):
         ({"metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}, "enable one"),
         ({"flagread": {"tls": {"enabled": True}}}, "flagread.tls.enabled needs flagread.tls.secretName"),
         ({"flagwrite": {"tls": {"enabled": True}}}, "flagwrite.tls.enabled needs flagwrite.tls.secretName"),
+        ({"flagread": {"ports": {"ofrep": 50052}}}, "flagread.ports must be distinct"),
+        ({"flagwrite": {"ports": {"metrics": 50051}}}, "flagwrite.ports must be distinct"),
         ({"flagread": {"tls": {"clientCA": {"enabled": True}}}}, "flagread.tls.clientCA.enabled needs flagread.tls.enabled"),
         ({"flagwrite": {"tls": {"clientCA": {"enabled": True}}}}, "flagwrite.tls.clientCA.enabled needs flagwrite.tls.enabled"),
         (

@@ -180,6 +180,8 @@ pub struct Writer {
 pub struct Replica {
     pub proc: proc::Proc,
     pub addr: String,
+    /// Where its OFREP server listens (`127.0.0.1:port`).
+    pub ofrep_addr: String,
 }
 
 /// Writes the shared tokens file into the run directory.
@@ -212,8 +214,6 @@ pub async fn start_writer(dir: &Path, tokens: &Path) -> Writer {
         .arg(tokens)
         .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
-        .arg("--ofrep-listen")
-        .arg(format!("127.0.0.1:{}", proc::free_port()))
         .env("RUST_LOG", "warn");
     let mut proc = proc::Proc::spawn("flagwrite", command, dir);
     wait_serving(&addr, Duration::from_secs(20), Duration::from_millis(5)).await;
@@ -236,6 +236,7 @@ pub fn spawn_replica_on(
     cpu: Option<usize>,
 ) -> Replica {
     let addr = format!("127.0.0.1:{}", proc::free_port());
+    let ofrep_addr = format!("127.0.0.1:{}", proc::free_port());
     // `FLAGSTREAM_BENCH_WRAP="perf record -g -o /tmp/flagread.perf --"` (say)
     // runs every replica under a profiler.
     let wrap = std::env::var("FLAGSTREAM_BENCH_WRAP").unwrap_or_default();
@@ -260,11 +261,18 @@ pub fn spawn_replica_on(
         .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
         .arg("--ofrep-listen")
-        .arg(format!("127.0.0.1:{}", proc::free_port()))
+        .arg(&ofrep_addr)
+        // The OpenFeature front ends read the fixtures' namespace without a selector.
+        .arg("--flagd-default-namespace")
+        .arg(fixtures::NAMESPACE)
         .env("RUST_LOG", "warn");
     let mut proc = proc::Proc::spawn(name, command, dir);
     proc.graceful = !wrap.is_empty();
-    Replica { proc, addr }
+    Replica {
+        proc,
+        addr,
+        ofrep_addr,
+    }
 }
 
 /// CPU time (user + system, seconds) used so far by every process on the
