@@ -1,6 +1,8 @@
 """What the flagd providers rely on but cannot show, checked with the flagd v2 stubs that ship
 with openfeature-provider-flagd: the EventStream as Node's provider opens it (no selector, no
-token), the change types of `configuration_change`, and the status codes of refused calls."""
+token), the event naming every flag after provider_ready, the change types of
+`configuration_change`, keep_alive, the end of a stream at shutdown, and the status codes of
+refused calls."""
 
 import queue
 import threading
@@ -10,7 +12,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from conftest import CALL_S, EVAL, EVAL_ELSEWHERE, authed
+from conftest import CALL_S, DEMO_FLAGS, EVAL, EVAL_ELSEWHERE, authed
 
 
 class Events:
@@ -39,16 +41,26 @@ class Events:
             if not (skip_keep_alive and event[0] == "keep_alive"):
                 return event
 
+    def ready(self) -> dict:
+        """provider_ready, then the event naming every flag of the namespace; returns its flags."""
+        assert self.next()[0] == "provider_ready"
+        type_, data = self.next()
+        assert type_ == "configuration_change", (type_, data)
+        return data["flags"]
+
     def close(self):
         self.call.cancel()
 
 
-def test_an_eventstream_without_selector_follows_the_default_namespace_only(scratch, stack):
+def test_an_eventstream_without_selector_is_ready_names_every_flag_then_follows_the_default_namespace_only(
+        scratch, stack):
     started = time.monotonic()
     events = Events(scratch)
     try:
         assert events.next()[0] == "provider_ready"
         assert time.monotonic() - started < 0.5, "provider_ready within the providers' 500 ms deadline"
+        kind, data = events.next()
+        assert (kind, data["flags"]) == ("configuration_change", {key: {"type": "update"} for key in DEMO_FLAGS})
 
         # The demo namespace is served by the same replica but is not the default one.
         other = stack.revision
@@ -66,7 +78,7 @@ def test_an_eventstream_without_selector_follows_the_default_namespace_only(scra
 def test_configuration_change_says_write_update_or_delete(scratch, stack):
     events = Events(scratch)
     try:
-        assert events.next()[0] == "provider_ready"
+        assert set(events.ready()) == set(DEMO_FLAGS)
         stack.admin("CreateFlag", {"flag": {
             "namespace": scratch.namespace, "key": "fresh", "type": "FLAG_TYPE_STRING", "enabled": True,
             "variants": [{"name": "a", "value": {"string_value": "a"}}], "default_variant": "a", "disabled_variant": "a"}})
@@ -82,7 +94,7 @@ def test_configuration_change_says_write_update_or_delete(scratch, stack):
 def test_a_replica_shutting_down_says_so_and_ends_the_stream_with_an_error(scratch):
     # Node's provider reconnects only after a stream that ends with an error status.
     events = Events(scratch)
-    assert events.next()[0] == "provider_ready"
+    assert set(events.ready()) == set(DEMO_FLAGS)
     scratch.terminate()
     assert events.next()[0] == "provider_shutdown"
     assert events.next() == ("ended", grpc.StatusCode.UNAVAILABLE)
@@ -122,7 +134,7 @@ def test_an_idle_eventstream_gets_keep_alive_events(stack):
                             "--flagd-keepalive-s", "1").start()
     events = Events(replica)
     try:
-        assert events.next()[0] == "provider_ready"
+        assert set(events.ready()) == set(DEMO_FLAGS)
         started = time.monotonic()
         assert events.next(seconds=5, skip_keep_alive=False)[0] == "keep_alive"
         assert events.next(seconds=5, skip_keep_alive=False)[0] == "keep_alive"

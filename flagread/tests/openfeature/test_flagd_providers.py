@@ -4,7 +4,7 @@ each through the OpenFeature SDK of its language. Every test runs once per langu
 
 import pytest
 
-from conftest import DEFAULTS, EVAL, EVAL_ELSEWHERE, THEME_DARK, flagd_config, kind
+from conftest import DEFAULTS, DEMO_FLAGS, EVAL, EVAL_ELSEWHERE, THEME_DARK, flagd_config, kind
 
 # (flag, OpenFeature type, context, value, variant, reason): every type and every reason of
 # the demo namespace, each STATIC flag once (the providers cache STATIC results by key).
@@ -28,17 +28,24 @@ def language(request):
     return request.param
 
 
+def connect(provider, language: str, replica, **config):
+    """A provider that is READY and has seen flagread name every flag of the namespace once
+    after provider_ready (so that it drops what it may have cached): later events are changes."""
+    driver = provider(language, flagd_config(replica, **config))
+    assert driver.hello["ready"], driver.hello
+    assert driver.changed() == set(DEMO_FLAGS)
+    return driver
+
+
 def test_the_provider_is_ready_within_its_default_deadline(provider, demo_replica, language):
     # Both providers default to a 500 ms deadline; Python's set-up fails when provider_ready
     # has not arrived by then, Node's waits for the channel within it.
-    driver = provider(language, flagd_config(demo_replica))
-    assert driver.hello["ready"], driver.hello
+    driver = connect(provider, language, demo_replica)
     assert driver.hello["ms"] < 500, driver.hello
 
 
 def test_every_type_reason_and_variant_reaches_the_application(provider, demo_replica, language):
-    driver = provider(language, flagd_config(demo_replica))
-    assert driver.hello["ready"], driver.hello
+    driver = connect(provider, language, demo_replica)
     for key, type_, context, value, variant, reason in CASES:
         got = driver.eval(type_, key, context=context)
         want = {"value": value, "variant": variant, "reason": reason, "errorCode": None}
@@ -140,8 +147,7 @@ def test_an_integer_read_of_a_fractional_number_is_type_mismatch_in_python(provi
 
 
 def test_a_static_result_is_cached_until_the_flag_changes_through_flagwrite(provider, scratch, stack, language):
-    driver = provider(language, flagd_config(scratch))
-    assert driver.hello["ready"], driver.hello
+    driver = connect(provider, language, scratch)
     first = driver.eval("object", "theme")
     assert (first["value"], first["variant"], first["reason"]) == (THEME_DARK, "dark", "STATIC"), first
     cached = driver.eval("object", "theme")
@@ -163,8 +169,7 @@ def test_a_result_that_depends_on_the_context_is_never_cached(provider, demo_rep
 
 
 def test_a_change_of_a_prerequisite_names_the_flags_that_depend_on_it(provider, scratch, stack, language):
-    driver = provider(language, flagd_config(scratch))
-    assert driver.hello["ready"], driver.hello
+    driver = connect(provider, language, scratch)
     carol = {"targetingKey": "carol"}
     assert driver.eval("boolean", "express-pay", context=carol)["reason"] == "DISABLED"
 
@@ -177,8 +182,7 @@ def test_a_change_of_a_prerequisite_names_the_flags_that_depend_on_it(provider, 
 
 
 def test_a_change_of_a_segment_names_the_flags_that_use_it_and_their_dependents(provider, scratch, stack, language):
-    driver = provider(language, flagd_config(scratch))
-    assert driver.hello["ready"], driver.hello
+    driver = connect(provider, language, scratch)
     carol = {"targetingKey": "carol"}
     assert driver.eval("boolean", "new-checkout", context=carol)["value"] is False
 
@@ -191,19 +195,17 @@ def test_a_change_of_a_segment_names_the_flags_that_use_it_and_their_dependents(
 
 
 def test_a_disabled_flag_serves_its_disabled_variant_and_switching_it_on_is_announced(provider, scratch, stack, language):
-    driver = provider(language, flagd_config(scratch))
-    assert driver.hello["ready"], driver.hello
+    driver = connect(provider, language, scratch)
     assert driver.eval("boolean", "legacy-search")["reason"] == "DISABLED"
     stack.admin("SetFlagEnabled", {"namespace": scratch.namespace, "key": "legacy-search", "enabled": True})
-    assert "legacy-search" in driver.changed()
+    assert driver.changed() == {"legacy-search"}
     got = driver.eval("boolean", "legacy-search")
     assert (got["value"], got["variant"], got["reason"]) == (True, "on", "STATIC"), got
 
 
 @pytest.mark.parametrize("signal", ["SIGKILL", "SIGTERM"])
 def test_the_provider_recovers_after_the_replica_restarts_on_the_same_port(provider, scratch, stack, language, signal):
-    driver = provider(language, flagd_config(scratch))
-    assert driver.hello["ready"], driver.hello
+    driver = connect(provider, language, scratch)
     assert driver.eval("string", "banner")["variant"] == "welcome"
 
     driver.forget_events()
@@ -219,22 +221,22 @@ def test_the_provider_recovers_after_the_replica_restarts_on_the_same_port(provi
     # Python waits up to its 5 s maximum backoff before it opens a new stream; Node retries
     # every 5 s; both announce READY again.
     driver.wait_event(lambda e: e["event"] == "PROVIDER_READY", 30, "READY after the restart")
+    assert driver.changed() == set(DEMO_FLAGS)
     got = driver.eval("string", "banner")
     assert (got["value"], got["variant"], got["errorCode"]) == ("Winter sale: 20% off", "sale", None), got
 
     # Events resume on the new stream.
     stack.update_flag(scratch.namespace, "banner", lambda f: f.update(default_variant="welcome"))
-    assert "banner" in driver.changed()
+    assert driver.changed() == {"banner"}
     assert driver.eval("string", "banner")["variant"] == "welcome"
 
 
 def test_a_static_result_cached_before_an_outage_is_not_served_after_it(provider, scratch, stack, language):
-    # A STATIC flag that changes while the provider has no stream: no event names it. Node's
-    # provider empties its cache when the stream breaks; Python's only once it has been
-    # disconnected for its 10 s grace period (see PROVIDERS.md), so a short outage leaves
-    # the old value cached unless the server names the flag again on the new stream.
-    driver = provider(language, flagd_config(scratch))
-    assert driver.hello["ready"], driver.hello
+    # A STATIC flag that changes while the provider has no stream: no change event names it.
+    # Node's provider empties its cache when the stream breaks; Python's only once it has been
+    # disconnected for its 10 s grace period (see PROVIDERS.md), so after a short outage only
+    # the event naming every flag after provider_ready on the new stream evicts the old value.
+    driver = connect(provider, language, scratch)
     assert driver.eval("object", "theme")["reason"] == "STATIC"
     assert driver.eval("object", "theme")["reason"] == "CACHED"
 
@@ -243,5 +245,7 @@ def test_a_static_result_cached_before_an_outage_is_not_served_after_it(provider
     stack.update_flag(scratch.namespace, "theme", lambda f: f.update(default_variant="light"))
     scratch.start(namespace=scratch.namespace)
     driver.wait_event(lambda e: e["event"] == "PROVIDER_READY", 30, "READY after the restart")
+    # flagread names every flag once on the new stream, which evicts the stale entry.
+    assert driver.changed() == set(DEMO_FLAGS)
     got = driver.eval("object", "theme")
     assert (got["variant"], got["reason"]) == ("light", "STATIC"), got
