@@ -271,7 +271,7 @@ impl EvalService {
     /// ends call it with their own token names and deadlines.
     pub(crate) async fn replica_for(
         &self,
-        token: &Arc<str>,
+        token: &str,
         budget: Duration,
         min_revision: u64,
     ) -> Result<arc_swap::Guard<Arc<Replica>>, EvalError> {
@@ -292,7 +292,7 @@ impl EvalService {
     /// of `token`'s bounded waits.
     async fn wait_for_revision(
         &self,
-        token: &Arc<str>,
+        token: &str,
         budget: Duration,
         min_revision: u64,
     ) -> Result<arc_swap::Guard<Arc<Replica>>, EvalError> {
