@@ -628,7 +628,7 @@ mod tests {
         assert_eq!(value(model::Value::Number(20.0)), "20.0");
         assert_eq!(value(model::Value::Number(0.0)), "0.0");
         assert_eq!(value(model::Value::Number(-1.5)), "-1.5");
-        assert_eq!(value(model::Value::Number(1e20)), "1e20");
+        assert_eq!(value(model::Value::Number(1e20)), "1e+20");
         assert_eq!(value(model::Value::Bool(false)), "false");
         assert_eq!(value(model::Value::String("a\"b".into())), r#""a\"b""#);
         assert_eq!(
