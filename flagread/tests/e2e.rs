@@ -130,6 +130,8 @@ impl Cluster {
             "50".into(),
             "--metrics-listen".into(),
             format!("127.0.0.1:{metrics}"),
+            "--ofrep-listen".into(),
+            "127.0.0.1:0".into(),
             "--backoff-min-ms".into(),
             "20".into(),
             "--backoff-max-ms".into(),

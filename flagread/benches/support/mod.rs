@@ -257,6 +257,8 @@ pub fn spawn_replica_on(
         .arg(tokens)
         .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{}", proc::free_port()))
+        .arg("--ofrep-listen")
+        .arg("127.0.0.1:0")
         .env("RUST_LOG", "warn");
     let mut proc = proc::Proc::spawn(name, command, dir);
     proc.graceful = !wrap.is_empty();

@@ -281,6 +281,8 @@ impl Replica {
             self.dir.join("tokens").display().to_string(),
             "--metrics-listen".into(),
             format!("127.0.0.1:{}", self.metrics),
+            "--ofrep-listen".into(),
+            "127.0.0.1:0".into(),
             "--backoff-min-ms".into(),
             o.backoff_min_ms.to_string(),
             "--backoff-max-ms".into(),
