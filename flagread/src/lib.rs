@@ -529,21 +529,9 @@ pub async fn run_with(
     // accepting and ends once its calls in flight are answered, within the drain's deadline,
     // which it shares with the other tasks (see below).
     let mut ofrep_stop = stopped.clone();
-    tasks.spawn(async move {
-        use axum::serve::ListenerExt;
-        // Small answers must not wait for Nagle's algorithm.
-        let listener = ofrep_listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(listener, ofrep)
-            .with_graceful_shutdown(async move {
-                let _ = ofrep_stop.changed().await;
-            })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "the OFREP server failed");
-        }
-    });
+    tasks.spawn(ofrep::serve(ofrep_listener, ofrep, async move {
+        let _ = ofrep_stop.changed().await;
+    }));
     let flagd = flagd::FlagdService::new(
         eval.clone(),
         access,

@@ -76,6 +76,13 @@ pub const REVISION_WAIT: Duration = Duration::from_secs(4);
 /// within moments, so a second is enough for the caller to retry (here or on another replica).
 pub const RETRY_AFTER_S: u64 = 1;
 
+/// How long a client may take to send a request's head, counted from when the connection
+/// starts waiting for it, so also how long an idle keep-alive connection stays open.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a request's body may take to arrive once its head has.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Namespaces with more flags than this are evaluated in bulk on the blocking pool, not on the
 /// async workers.
 pub const INLINE_FLAGS: usize = 256;
@@ -187,6 +194,46 @@ pub fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, String> {
             .expose_headers([header::ETAG, header::RETRY_AFTER])
             .max_age(Duration::from_secs(3600)),
     ))
+}
+
+/// Serves `router` on `listener` (HTTP/1.1) until `shutdown` completes, then stops accepting,
+/// closes idle connections and returns once the calls in flight are answered. The caller bounds
+/// that wait (the drain's deadline).
+///
+/// A connection is closed when a request's head takes longer than [`HEADER_READ_TIMEOUT`]
+/// (idle keep-alive time included), so slow or idle clients hold no connection for long.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: impl Future) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                // Accept errors (e.g. out of file descriptors) are transient; back off briefly
+                // rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Small answers must not wait for Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
+        // Exit: when the client closes the connection, a head times out, or at shutdown once
+        // its call in flight is answered.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 impl OfrepService {
@@ -427,8 +474,13 @@ async fn read_context(headers: &HeaderMap, body: Body) -> Result<Mapped, Failure
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, limit)
+    let bytes = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
         .await
+        .map_err(|_| {
+            Failure::parse(format!(
+                "the request body did not arrive within {BODY_READ_TIMEOUT:?}"
+            ))
+        })?
         .map_err(|_| too_large())?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Mapped::default());
