@@ -34,6 +34,10 @@
 //!   is always sent with it.
 //! - CORS only for `--ofrep-cors-origins` (`*` for any); without it no CORS headers at all, and
 //!   preflight requests are refused (405).
+//! - Bounds: a request's head must arrive within [`HEADER_READ_TIMEOUT`] (so an idle keep-alive
+//!   connection is closed after it), its body within [`BODY_READ_TIMEOUT`]; a call takes one of
+//!   FlagEval's concurrency permits only to evaluate, and a `minRevision` wait one of its bounded
+//!   wait slots; bulk evaluations of more than [`INLINE_FLAGS`] flags run on the blocking pool.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
