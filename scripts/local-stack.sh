@@ -7,7 +7,8 @@
 #
 # Environment: FLAGSTACK_PROFILE=release builds optimized binaries (default:
 # debug, quicker to build); FLAGSTACK_PORT_BASE moves every port (default
-# 50051: writer 50051, replicas 50052 and 50053; metrics 9091-9093).
+# 50051: writer 50051, replicas 50052 and 50053; metrics 9091-9093; OFREP
+# 8016 and 8017).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -18,6 +19,8 @@ writer=127.0.0.1:$base
 replica1=127.0.0.1:$((base + 1))
 replica2=127.0.0.1:$((base + 2))
 metrics_base=$((9091 + base - 50051))
+ofrep1=127.0.0.1:$((8016 + base - 50051))
+ofrep2=127.0.0.1:$((8017 + base - 50051))
 state=$root/data/local-stack
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -39,7 +42,7 @@ else
 fi
 bin=$root/target/$profile
 
-for addr in "$writer" "$replica1" "$replica2"; do
+for addr in "$writer" "$replica1" "$replica2" "$ofrep1" "$ofrep2"; do
   if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then
     echo "local-stack: $addr is already in use (another stack running? set FLAGSTACK_PORT_BASE)" >&2
     exit 1
@@ -79,9 +82,11 @@ trap stop EXIT
 pids+=($!)
 for i in 1 2; do
   addr_var=replica$i
+  ofrep_var=ofrep$i
   "$bin/flagread" --listen "${!addr_var}" --upstream "http://$writer" --sync-token "$sync_token" \
     --tokens-file "$state/tokens" --snapshot-file "$state/flagread-$i.snapshot" \
-    --metrics-listen "127.0.0.1:$((metrics_base + i))" > "$state/flagread-$i.log" 2>&1 &
+    --metrics-listen "127.0.0.1:$((metrics_base + i))" --ofrep-listen "${!ofrep_var}" \
+    > "$state/flagread-$i.log" 2>&1 &
   pids+=($!)
 done
 
@@ -146,6 +151,7 @@ flagstream is running on loopback:
   flagwrite  $writer   (FlagAdmin + Replication)   metrics http://127.0.0.1:$metrics_base/metrics
   flagread   $replica1   (FlagEval)                  metrics http://127.0.0.1:$((metrics_base + 1))/metrics
   flagread   $replica2   (FlagEval)                  metrics http://127.0.0.1:$((metrics_base + 2))/metrics
+  OFREP      http://$ofrep1 and http://$ofrep2 (OpenFeature OFREP providers; header flagd-selector: demo)
   tokens     $state/tokens (admin: ops, eval: demo-app)   logs: $state/*.log
 
 Try (grpcurl needs no proto files: both servers offer reflection):
@@ -158,6 +164,9 @@ Try (grpcurl needs no proto files: both servers offer reflection):
   # the replica waits for it until the deadline, then answers UNAVAILABLE naming its revision
   $g -max-time 3 $auth_eval -d '{"namespace":"demo","flag_key":"banner","min_revision":"6"}' $replica1 flagstream.v1.FlagEval/Evaluate
   $g $auth_admin -d '{"namespace":"demo"}' $writer flagstream.v1.FlagAdmin/ListHistory
+  # OFREP over HTTP: one flag, then the whole namespace
+  curl -s -H 'authorization: Bearer $eval_token' -H 'flagd-selector: demo' -d '{"context":{"userId":"alice"}}' http://$ofrep1/ofrep/v1/evaluate/flags/new-checkout
+  curl -si -H 'authorization: Bearer $eval_token' -H 'flagd-selector: demo' -d '{"context":{"plan":"pro"}}' http://$ofrep1/ofrep/v1/evaluate/flags
 
 Ctrl-C stops all three.
 EOF
