@@ -12,9 +12,10 @@
 //! rounds and the table gives the medians, the ratios the targets are read from, and
 //! the replica's CPU time per request.
 //!
-//! The flag is `flag-00001` of the fixtures: a boolean flag with a constraint and a 25% rollout
-//! the context passes, so every call goes through the constraint and the rollout hash. Each
-//! target's answer is checked once before it is measured.
+//! The flag is `flag-00001` of the fixtures: a boolean flag with a constraint and a 25% rollout,
+//! evaluated for a user the rollout lets through, so every call goes through the constraint and
+//! the rollout hash and is served by the rule. Each target's answer is checked once before it
+//! is measured.
 //!
 //! Run it with `scripts/bench-openfeature.sh`, or `cargo bench -p flagread --bench openfeature`
 //! once both binaries are built in the bench profile. Knobs (environment): `BENCH_ROUNDS`
@@ -96,6 +97,7 @@ async fn run() {
         fixtures::mixed_namespace(NAMESPACE, flag_count),
     )
     .await;
+    println!("machine: {}", support::machine_line());
     if pinned {
         // This process (so every h2load it starts) and the writer move to the load CPU.
         support::paced::pin(&std::process::id().to_string(), LOAD_CPU, true);
@@ -122,7 +124,28 @@ async fn run() {
     .await
     .expect("the replica reaches the fixtures' revision");
 
-    let mut targets = targets();
+    // A user inside the flag's 25% rollout, so every call goes through the constraint and the
+    // rollout hash and is served by the rule.
+    let mut context = fixtures::context();
+    for index in 0.. {
+        assert!(index < 200, "no user among 200 is inside the rollout");
+        context.user_id = format!("user-{index}");
+        context.targeting_key = context.user_id.clone();
+        let answer = eval
+            .evaluate(pb::EvaluateRequest {
+                namespace: NAMESPACE.into(),
+                flag_key: FLAG.into(),
+                context: Some(context.clone()),
+                ..Default::default()
+            })
+            .await
+            .expect("Evaluate answers")
+            .into_inner();
+        if answer.reason == pb::Reason::TargetingMatch as i32 {
+            break;
+        }
+    }
+    let mut targets = targets(&context);
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         let names: Vec<&str> = only.split(',').map(str::trim).collect();
         targets.retain(|t| names.contains(&t.name));
@@ -132,7 +155,6 @@ async fn run() {
         check(target, &replica, flag_count).await;
     }
 
-    println!("machine: {}", support::machine_line());
     println!(
         "layout {}: h2load 1 thread, {clients} connections (gRPC: {streams} streams each; HTTP/1.1: one request at a time each), {seconds} s after a 1 s warm-up, {rounds} rounds",
         if pinned {
@@ -165,8 +187,8 @@ async fn run() {
     report(&targets, flag_count);
 }
 
-/// The targets, each after the one it is compared with.
-fn targets() -> Vec<Target> {
+/// The targets, each after the one it is compared with, all with `context`.
+fn targets(context: &pb::Context) -> Vec<Target> {
     let grpc = |name, versus, path: &str, body: Vec<u8>| Target {
         name,
         versus,
@@ -181,7 +203,7 @@ fn targets() -> Vec<Target> {
         versus,
         protocol: Protocol::Ofrep,
         path,
-        body: serde_json::to_vec(&serde_json::json!({ "context": json_context() }))
+        body: serde_json::to_vec(&serde_json::json!({ "context": json_context(context) }))
             .expect("a JSON body"),
         rps: Vec::new(),
         cpu_us: Vec::new(),
@@ -194,7 +216,7 @@ fn targets() -> Vec<Target> {
             pb::EvaluateRequest {
                 namespace: NAMESPACE.into(),
                 flag_key: FLAG.into(),
-                context: Some(fixtures::context()),
+                context: Some(context.clone()),
                 ..Default::default()
             }
             .encode_to_vec(),
@@ -205,7 +227,7 @@ fn targets() -> Vec<Target> {
             "/flagd.evaluation.v2.Service/ResolveBoolean",
             v2::ResolveBooleanRequest {
                 flag_key: FLAG.into(),
-                context: Some(struct_context()),
+                context: Some(struct_context(context)),
             }
             .encode_to_vec(),
         ),
@@ -220,7 +242,7 @@ fn targets() -> Vec<Target> {
             "/flagstream.v1.FlagEval/EvaluateAll",
             pb::EvaluateAllRequest {
                 namespace: NAMESPACE.into(),
-                context: Some(fixtures::context()),
+                context: Some(context.clone()),
                 min_revision: 0,
             }
             .encode_to_vec(),
@@ -230,7 +252,7 @@ fn targets() -> Vec<Target> {
             Some("EvaluateAll"),
             "/flagd.evaluation.v1.Service/ResolveAll",
             v1::ResolveAllRequest {
-                context: Some(struct_context()),
+                context: Some(struct_context(context)),
             }
             .encode_to_vec(),
         ),
@@ -242,9 +264,9 @@ fn targets() -> Vec<Target> {
     ]
 }
 
-/// The fixtures' context as OpenFeature SDKs send it.
-fn json_context() -> serde_json::Value {
-    let context = fixtures::context();
+/// `context` as OpenFeature SDKs send it.
+fn json_context(context: &pb::Context) -> serde_json::Value {
+    let context = context.clone();
     let mut object = serde_json::json!({
         "targetingKey": context.targeting_key,
         "userId": context.user_id,
@@ -263,8 +285,8 @@ fn json_context() -> serde_json::Value {
 }
 
 /// [`json_context`] as a `google.protobuf.Struct` (flagd's providers send one).
-fn struct_context() -> prost_types::Struct {
-    let serde_json::Value::Object(map) = json_context() else {
+fn struct_context(context: &pb::Context) -> prost_types::Struct {
+    let serde_json::Value::Object(map) = json_context(context) else {
         unreachable!("the context is an object")
     };
     prost_types::Struct {

@@ -30,6 +30,7 @@ use prost_types::{Struct, Value};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::holds::Hold;
@@ -87,32 +88,27 @@ impl FlagdService {
     }
 
     /// The caller and the namespace it reads, from the call's headers.
-    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, OpenFeatureError> {
-        let header = |name: &str| request.metadata().get(name).map(|v| v.as_bytes());
+    fn caller(&self, metadata: &MetadataMap) -> Result<Caller, OpenFeatureError> {
+        let header = |name: &str| metadata.get(name).map(|v| v.as_bytes());
         self.access
             .admit(header(SELECTOR_HEADER), header("authorization"))
     }
 
-    /// Resolves flag `key` as `wanted` for `context`.
-    async fn resolve<T>(
+    /// Resolves flag `key` as `wanted` for `context`, given the call's headers.
+    async fn resolve(
         &self,
-        request: &Request<T>,
+        metadata: &MetadataMap,
         key: &str,
-        context: Option<&Struct>,
+        context: Option<Struct>,
         wanted: Wanted,
     ) -> Result<Resolved, OpenFeatureError> {
-        let caller = self.caller(request)?;
+        let caller = self.caller(metadata)?;
         let mapped = mapped_context(context)?;
-        let min_revision = min_revision(request, &mapped)?;
-        let budget = wait_budget(
-            request
-                .metadata()
-                .get("grpc-timeout")
-                .and_then(|v| v.to_str().ok()),
-        );
+        let min_revision = min_revision(metadata, &mapped)?;
+        let budget = wait_budget(metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()));
         let replica = self
             .eval
-            .replica_for(&caller.token, budget, min_revision)
+            .replica_for(caller.token(), budget, min_revision)
             .await?;
         let _permit = self.eval.admit()?;
         let not_found = || OpenFeatureError::FlagNotFound {
@@ -145,30 +141,25 @@ impl FlagdService {
             value: value.clone(),
             variant: variant.to_string(),
             reason,
-            metadata: metadata(flag, &caller.namespace, replica.revision),
+            metadata: result_metadata(flag, &caller.namespace, replica.revision),
         })
     }
 
     /// Every flag of the caller's namespace that resolves to a value (v1 `ResolveAll`); flags
     /// that fail, and JSON flags serving something other than an object, are left out, as flagd
     /// does.
-    async fn resolve_all<T>(
+    async fn resolve_all(
         &self,
-        request: &Request<T>,
-        context: Option<&Struct>,
+        metadata: &MetadataMap,
+        context: Option<Struct>,
     ) -> Result<(BTreeMap<String, v1::AnyFlag>, Struct), OpenFeatureError> {
-        let caller = self.caller(request)?;
+        let caller = self.caller(metadata)?;
         let mapped = mapped_context(context)?;
-        let min_revision = min_revision(request, &mapped)?;
-        let budget = wait_budget(
-            request
-                .metadata()
-                .get("grpc-timeout")
-                .and_then(|v| v.to_str().ok()),
-        );
+        let min_revision = min_revision(metadata, &mapped)?;
+        let budget = wait_budget(metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()));
         let replica = self
             .eval
-            .replica_for(&caller.token, budget, min_revision)
+            .replica_for(caller.token(), budget, min_revision)
             .await?;
         let _permit = self.eval.admit()?;
         let mut flags = BTreeMap::new();
@@ -201,7 +192,7 @@ impl FlagdService {
                     reason: outcome.reason.to_string(),
                     variant: outcome.variant.to_string(),
                     value: Some(value),
-                    metadata: Some(metadata(flag, &caller.namespace, replica.revision)),
+                    metadata: Some(result_metadata(flag, &caller.namespace, replica.revision)),
                 },
             );
         }
@@ -214,8 +205,8 @@ impl FlagdService {
         &self,
         request: &Request<T>,
     ) -> Result<ReceiverStream<Result<Event, Status>>, OpenFeatureError> {
-        let caller = self.caller(request)?;
-        let hold = self.eval.take_stream(&caller.token)?;
+        let caller = self.caller(request.metadata())?;
+        let hold = self.eval.take_stream(caller.token())?;
         // Subscribe before reading the state, so that no change falls between the two.
         let changes = self.eval.state().subscribe_changes();
         let replica = self.eval.state().load();
@@ -239,20 +230,20 @@ impl FlagdService {
 }
 
 /// The context of a call, mapped; an absent context is an empty one.
-fn mapped_context(context: Option<&Struct>) -> Result<Mapped, OpenFeatureError> {
+fn mapped_context(context: Option<Struct>) -> Result<Mapped, OpenFeatureError> {
     match context {
-        Some(context) => openfeature::map_context(context.fields.iter()),
+        Some(context) => openfeature::map_struct(context.fields),
         None => Ok(Mapped::default()),
     }
 }
 
 /// The revision a call asks to read at least: the context's `minRevision`, else the
 /// `flagstream-min-revision` header, else 0.
-fn min_revision<T>(request: &Request<T>, mapped: &Mapped) -> Result<u64, OpenFeatureError> {
+fn min_revision(metadata: &MetadataMap, mapped: &Mapped) -> Result<u64, OpenFeatureError> {
     if let Some(revision) = mapped.min_revision {
         return Ok(revision);
     }
-    match request.metadata().get(MIN_REVISION_HEADER) {
+    match metadata.get(MIN_REVISION_HEADER) {
         None => Ok(0),
         Some(value) => value
             .to_str()
@@ -268,7 +259,7 @@ fn min_revision<T>(request: &Request<T>, mapped: &Mapped) -> Result<u64, OpenFea
 
 /// A resolution's metadata: the flag's own, plus `flagSetId` (the namespace) and `revision` (the
 /// replica's applied revision).
-fn metadata(flag: &CompiledFlag, namespace: &str, revision: u64) -> Struct {
+fn result_metadata(flag: &CompiledFlag, namespace: &str, revision: u64) -> Struct {
     let mut fields: BTreeMap<String, Value> = flag
         .metadata()
         .iter()
@@ -472,12 +463,12 @@ impl v2::service_server::Service for FlagdService {
         &self,
         request: Request<v2::ResolveBooleanRequest>,
     ) -> Result<Response<v2::ResolveBooleanResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
             .resolve(
-                &request,
+                &metadata,
                 &message.flag_key,
-                message.context.as_ref(),
+                message.context,
                 Wanted::Boolean,
             )
             .await?;
@@ -493,12 +484,12 @@ impl v2::service_server::Service for FlagdService {
         &self,
         request: Request<v2::ResolveStringRequest>,
     ) -> Result<Response<v2::ResolveStringResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
             .resolve(
-                &request,
+                &metadata,
                 &message.flag_key,
-                message.context.as_ref(),
+                message.context,
                 Wanted::String,
             )
             .await?;
@@ -514,14 +505,9 @@ impl v2::service_server::Service for FlagdService {
         &self,
         request: Request<v2::ResolveFloatRequest>,
     ) -> Result<Response<v2::ResolveFloatResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
-            .resolve(
-                &request,
-                &message.flag_key,
-                message.context.as_ref(),
-                Wanted::Float,
-            )
+            .resolve(&metadata, &message.flag_key, message.context, Wanted::Float)
             .await?;
         Ok(Response::new(v2::ResolveFloatResponse {
             value: Some(number_of(&r.value)),
@@ -535,12 +521,12 @@ impl v2::service_server::Service for FlagdService {
         &self,
         request: Request<v2::ResolveIntRequest>,
     ) -> Result<Response<v2::ResolveIntResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
             .resolve(
-                &request,
+                &metadata,
                 &message.flag_key,
-                message.context.as_ref(),
+                message.context,
                 Wanted::Integer,
             )
             .await?;
@@ -557,12 +543,12 @@ impl v2::service_server::Service for FlagdService {
         &self,
         request: Request<v2::ResolveObjectRequest>,
     ) -> Result<Response<v2::ResolveObjectResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
             .resolve(
-                &request,
+                &metadata,
                 &message.flag_key,
-                message.context.as_ref(),
+                message.context,
                 Wanted::Object,
             )
             .await?;
@@ -597,9 +583,8 @@ impl v1::service_server::Service for FlagdService {
         &self,
         request: Request<v1::ResolveAllRequest>,
     ) -> Result<Response<v1::ResolveAllResponse>, Status> {
-        let (flags, metadata) = self
-            .resolve_all(&request, request.get_ref().context.as_ref())
-            .await?;
+        let (metadata, _, message) = request.into_parts();
+        let (flags, metadata) = self.resolve_all(&metadata, message.context).await?;
         Ok(Response::new(v1::ResolveAllResponse {
             flags: flags.into_iter().collect(),
             metadata: Some(metadata),
@@ -610,12 +595,12 @@ impl v1::service_server::Service for FlagdService {
         &self,
         request: Request<v1::ResolveBooleanRequest>,
     ) -> Result<Response<v1::ResolveBooleanResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
             .resolve(
-                &request,
+                &metadata,
                 &message.flag_key,
-                message.context.as_ref(),
+                message.context,
                 Wanted::Boolean,
             )
             .await?;
@@ -631,12 +616,12 @@ impl v1::service_server::Service for FlagdService {
         &self,
         request: Request<v1::ResolveStringRequest>,
     ) -> Result<Response<v1::ResolveStringResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
             .resolve(
-                &request,
+                &metadata,
                 &message.flag_key,
-                message.context.as_ref(),
+                message.context,
                 Wanted::String,
             )
             .await?;
@@ -652,14 +637,9 @@ impl v1::service_server::Service for FlagdService {
         &self,
         request: Request<v1::ResolveFloatRequest>,
     ) -> Result<Response<v1::ResolveFloatResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
-            .resolve(
-                &request,
-                &message.flag_key,
-                message.context.as_ref(),
-                Wanted::Float,
-            )
+            .resolve(&metadata, &message.flag_key, message.context, Wanted::Float)
             .await?;
         Ok(Response::new(v1::ResolveFloatResponse {
             value: number_of(&r.value),
@@ -673,12 +653,12 @@ impl v1::service_server::Service for FlagdService {
         &self,
         request: Request<v1::ResolveIntRequest>,
     ) -> Result<Response<v1::ResolveIntResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
             .resolve(
-                &request,
+                &metadata,
                 &message.flag_key,
-                message.context.as_ref(),
+                message.context,
                 Wanted::Integer,
             )
             .await?;
@@ -694,12 +674,12 @@ impl v1::service_server::Service for FlagdService {
         &self,
         request: Request<v1::ResolveObjectRequest>,
     ) -> Result<Response<v1::ResolveObjectResponse>, Status> {
-        let message = request.get_ref();
+        let (metadata, _, message) = request.into_parts();
         let r = self
             .resolve(
-                &request,
+                &metadata,
                 &message.flag_key,
-                message.context.as_ref(),
+                message.context,
                 Wanted::Object,
             )
             .await?;

@@ -10,7 +10,7 @@
 //! - [`service`]: the FlagEval gRPC service.
 //! - [`openfeature`]: what the OpenFeature front ends share (namespace selection, anonymous
 //!   access, the context mapping, OpenFeature's reasons); [`flagd`]: flagd's evaluation
-//!   protocol on the gRPC port.
+//!   protocol on the gRPC port; [`ofrep`]: OFREP on its own HTTP/1.1 port.
 //! - [`metrics`]: Prometheus metrics of the replica.
 //! - [`run`]: wires it all together on a bound listener; `main` only parses [`Config`], sets up
 //!   tracing, binds and calls it, and so do the tests.
@@ -20,6 +20,7 @@ pub mod flagd;
 pub mod follower;
 pub mod holds;
 pub mod metrics;
+pub mod ofrep;
 pub mod openfeature;
 pub mod service;
 pub mod state;
@@ -248,6 +249,9 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// An origin of `--ofrep-cors-origins` is not a valid header value.
+    #[error("--ofrep-cors-origins: {0}")]
+    Cors(String),
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -288,6 +292,7 @@ impl Config {
             kit::grpc::tls_config(cert, key, self.tls_client_ca.as_deref())?;
         }
         self.upstream_endpoint()?;
+        ofrep::cors_layer(&self.ofrep_cors_origins).map_err(Error::Cors)?;
         Ok(())
     }
 
@@ -339,6 +344,8 @@ pub struct Handles {
     pub status: Arc<SyncStatus>,
     /// Where `/metrics` is served.
     pub metrics_listen: SocketAddr,
+    /// Where OFREP is served.
+    pub ofrep_listen: SocketAddr,
     /// The FlagEval service, for what its callers hold.
     pub eval: EvalService,
 }
@@ -422,6 +429,16 @@ pub async fn run_with(
             addr: config.metrics_listen,
             source,
         })?;
+    let ofrep_listener = TcpListener::bind(config.ofrep_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.ofrep_listen,
+            source,
+        })?;
+    let ofrep_listen = ofrep_listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.ofrep_listen,
+        source,
+    })?;
 
     // Every background task ends when this sender is dropped (see each task's `Exit:`).
     let (stop, stopped) = watch::channel(());
@@ -464,6 +481,7 @@ pub async fn run_with(
     );
     authenticator.register(&mut registry);
     let rpc_metrics = RpcMetricsLayer::register(&mut registry);
+    let ofrep_requests = ofrep::Requests::register(&mut registry);
     let mut metrics_stop = stopped.clone();
     tasks.spawn(kit::metrics::serve(
         metrics_listener,
@@ -477,7 +495,7 @@ pub async fn run_with(
         addr: config.listen,
         source,
     })?;
-    tracing::info!(listen = %local, metrics = %metrics_listen, upstream = %config.upstream, "flagread serving");
+    tracing::info!(listen = %local, metrics = %metrics_listen, ofrep = %ofrep_listen, upstream = %config.upstream, "flagread serving");
     let eval = EvalService::new(
         state.clone(),
         status.clone(),
@@ -496,6 +514,7 @@ pub async fn run_with(
         state: state.clone(),
         status: status.clone(),
         metrics_listen,
+        ofrep_listen,
         eval: eval.clone(),
     });
     let access = Arc::new(openfeature::Access::new(
@@ -503,6 +522,16 @@ pub async fn run_with(
         config.anonymous_namespaces.iter().cloned(),
         config.flagd_default_namespace.clone(),
     ));
+    let ofrep = ofrep::OfrepService::new(eval.clone(), access.clone(), ofrep_requests)
+        .router(&config.ofrep_cors_origins)
+        .map_err(Error::Cors)?;
+    // OFREP drains with the gRPC server. Exit: when the shutdown channel closes it stops
+    // accepting and ends once its calls in flight are answered, within the drain's deadline,
+    // which it shares with the other tasks (see below).
+    let mut ofrep_stop = stopped.clone();
+    tasks.spawn(ofrep::serve(ofrep_listener, ofrep, async move {
+        let _ = ofrep_stop.changed().await;
+    }));
     let flagd = flagd::FlagdService::new(
         eval.clone(),
         access,
@@ -572,8 +601,9 @@ pub async fn run_with(
         Ok(result) => result?,
         Err(_) => tracing::warn!(?drain, "drain took too long; stopping anyway"),
     }
-    // The follower and health tasks end on the closed channel; the snapshot writer saves the
-    // last state first, in what is left of the drain.
+    // The follower and health tasks end on the closed channel, the OFREP server once its calls
+    // in flight are answered; the snapshot writer saves the last state first, in what is left
+    // of the drain.
     let joined = tokio::time::timeout_at(deadline, async {
         while tasks.join_next().await.is_some() {}
     })

@@ -60,8 +60,17 @@ pub struct Access {
 pub struct Caller {
     /// The namespace read.
     pub namespace: String,
-    /// The token's name, or [`ANONYMOUS`].
-    pub token: Arc<str>,
+    /// The token's identity; `None` for a caller without one.
+    identity: Option<Arc<Identity>>,
+}
+
+impl Caller {
+    /// The name the caller's waits and streams count under: its token's, or [`ANONYMOUS`].
+    pub fn token(&self) -> &str {
+        self.identity
+            .as_deref()
+            .map_or(ANONYMOUS, |i| i.name.as_str())
+    }
 }
 
 /// Why an OpenFeature call failed; each front end maps it to its protocol's error.
@@ -169,7 +178,7 @@ impl Access {
         match identity {
             Some(identity) if identity.can_eval(&namespace) => Ok(Caller {
                 namespace,
-                token: identity.name.as_str().into(),
+                identity: Some(identity),
             }),
             Some(identity) => Err(OpenFeatureError::PermissionDenied {
                 token: identity.name.clone(),
@@ -177,7 +186,7 @@ impl Access {
             }),
             None if self.anonymous.contains(&namespace) => Ok(Caller {
                 namespace,
-                token: ANONYMOUS.into(),
+                identity: None,
             }),
             None => Err(OpenFeatureError::TokenRequired(namespace)),
         }
@@ -275,6 +284,60 @@ pub fn map_context<'a, V: Attribute + 'a>(
 ) -> Result<Mapped, OpenFeatureError> {
     let mut mapped = Mapped::default();
     for (name, value) in attributes {
+        map_attribute(&mut mapped, name, value)?;
+    }
+    Ok(mapped)
+}
+
+/// [`map_context`] of a `google.protobuf.Struct`'s fields, taken by value: string attributes (the
+/// common case) move into the context instead of being copied.
+pub fn map_struct(
+    fields: std::collections::BTreeMap<String, prost_types::Value>,
+) -> Result<Mapped, OpenFeatureError> {
+    use prost_types::value::Kind;
+    let mut mapped = Mapped::default();
+    for (name, value) in fields {
+        let text = match value.kind {
+            Some(Kind::StringValue(text)) => text,
+            kind => {
+                map_attribute(&mut mapped, &name, &prost_types::Value { kind })?;
+                continue;
+            }
+        };
+        let field = match name.as_str() {
+            "targetingKey" => &mut mapped.context.targeting_key,
+            "userId" => &mut mapped.context.user_id,
+            "sessionId" => &mut mapped.context.session_id,
+            "remoteAddress" => &mut mapped.context.remote_address,
+            "environment" => &mut mapped.context.environment,
+            "appName" => &mut mapped.context.app_name,
+            "currentTime" | "minRevision" => {
+                let value = prost_types::Value {
+                    kind: Some(Kind::StringValue(text)),
+                };
+                map_attribute(&mut mapped, &name, &value)?;
+                continue;
+            }
+            _ => {
+                insert_property(&mut mapped.context.properties, name, text)?;
+                continue;
+            }
+        };
+        if text.len() > validate::MAX_CONTEXT_VALUE_BYTES {
+            return Err(too_long(&name, text.len()));
+        }
+        *field = text;
+    }
+    Ok(mapped)
+}
+
+/// Maps one attribute of an OpenFeature context into `mapped`.
+fn map_attribute<V: Attribute>(
+    mapped: &mut Mapped,
+    name: &String,
+    value: &V,
+) -> Result<(), OpenFeatureError> {
+    {
         let field = match name.as_str() {
             "targetingKey" => Some(&mut mapped.context.targeting_key),
             "userId" => Some(&mut mapped.context.user_id),
@@ -296,7 +359,7 @@ pub fn map_context<'a, V: Attribute + 'a>(
             if field.len() > validate::MAX_CONTEXT_VALUE_BYTES {
                 return Err(too_long(name, field.len()));
             }
-            continue;
+            return Ok(());
         }
         match name.as_str() {
             "currentTime" => {
@@ -331,7 +394,7 @@ pub fn map_context<'a, V: Attribute + 'a>(
             _ => flatten(&mut mapped.context.properties, name.clone(), value, 1)?,
         }
     }
-    Ok(mapped)
+    Ok(())
 }
 
 /// Adds `value` under `name` to `properties`, flattening objects and lists.
@@ -341,14 +404,6 @@ fn flatten<V: Attribute>(
     value: &V,
     depth: usize,
 ) -> Result<(), OpenFeatureError> {
-    if name.len() > validate::MAX_CONTEXT_KEY_BYTES {
-        return Err(OpenFeatureError::Context(format!(
-            "context: an attribute name of {} bytes (flattened), at most {} allowed: {}",
-            name.len(),
-            validate::MAX_CONTEXT_KEY_BYTES,
-            shown(&name)
-        )));
-    }
     let view = value.view();
     let nested = |depth: usize| {
         if depth >= MAX_DEPTH {
@@ -378,26 +433,41 @@ fn flatten<V: Attribute>(
         }
         view => {
             let text = scalar(&view).ok_or_else(|| refuse(&name, "must be a finite number"))?;
-            if text.len() > validate::MAX_CONTEXT_VALUE_BYTES {
-                return Err(too_long(&name, text.len()));
-            }
-            if properties.len() >= validate::MAX_CONTEXT_PROPERTIES
-                && !properties.contains_key(&name)
-            {
-                return Err(OpenFeatureError::Context(format!(
-                    "context: more than {} attributes (objects and lists count one per value)",
-                    validate::MAX_CONTEXT_PROPERTIES
-                )));
-            }
-            match properties.entry(name) {
-                std::collections::hash_map::Entry::Occupied(entry) => {
-                    Err(refuse(entry.key(), "given twice (once flattened)"))
-                }
-                std::collections::hash_map::Entry::Vacant(entry) => {
-                    entry.insert(text);
-                    Ok(())
-                }
-            }
+            insert_property(properties, name, text)
+        }
+    }
+}
+
+/// Adds property `name` = `text`, within the context limits; a name given twice is refused.
+fn insert_property(
+    properties: &mut HashMap<String, String>,
+    name: String,
+    text: String,
+) -> Result<(), OpenFeatureError> {
+    if name.len() > validate::MAX_CONTEXT_KEY_BYTES {
+        return Err(OpenFeatureError::Context(format!(
+            "context: an attribute name of {} bytes (flattened), at most {} allowed: {}",
+            name.len(),
+            validate::MAX_CONTEXT_KEY_BYTES,
+            shown(&name)
+        )));
+    }
+    if text.len() > validate::MAX_CONTEXT_VALUE_BYTES {
+        return Err(too_long(&name, text.len()));
+    }
+    if properties.len() >= validate::MAX_CONTEXT_PROPERTIES && !properties.contains_key(&name) {
+        return Err(OpenFeatureError::Context(format!(
+            "context: more than {} attributes (objects and lists count one per value)",
+            validate::MAX_CONTEXT_PROPERTIES
+        )));
+    }
+    match properties.entry(name) {
+        std::collections::hash_map::Entry::Occupied(entry) => {
+            Err(refuse(entry.key(), "given twice (once flattened)"))
+        }
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            entry.insert(text);
+            Ok(())
         }
     }
 }
@@ -736,6 +806,10 @@ mod tests {
             map_context(structured.iter()).unwrap(),
             map_context(map.iter()).unwrap()
         );
+        assert_eq!(
+            map_struct(structured).unwrap(),
+            map_context(map.iter()).unwrap()
+        );
     }
 
     #[test]
@@ -781,7 +855,7 @@ mod tests {
         let admit = |selector: &str, token: Option<&str>| {
             access
                 .admit(Some(selector.as_bytes()), token.map(str::as_bytes))
-                .map(|c| c.token.to_string())
+                .map(|c| c.token().to_string())
                 .map_err(|e| Status::from(e).code())
         };
         assert_eq!(admit("public", None).unwrap(), ANONYMOUS);

@@ -225,6 +225,13 @@ impl EvalService {
         self.shutdown.clone()
     }
 
+    /// Takes one of the concurrency permits as a call in flight would, until the result is
+    /// dropped; `None` when none is free. Tests and benches hold the limit with it (a call holds
+    /// its permit only while it evaluates, microseconds, so no request can hold it on demand).
+    pub fn occupy_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inflight.clone().try_acquire_owned().ok()
+    }
+
     /// A permit for one unary call, or RESOURCE_EXHAUSTED at once.
     pub(crate) fn admit(&self) -> Result<SemaphorePermit<'_>, EvalError> {
         self.inflight.try_acquire().map_err(|_| {
@@ -271,7 +278,7 @@ impl EvalService {
     /// ends call it with their own token names and deadlines.
     pub(crate) async fn replica_for(
         &self,
-        token: &Arc<str>,
+        token: &str,
         budget: Duration,
         min_revision: u64,
     ) -> Result<arc_swap::Guard<Arc<Replica>>, EvalError> {
@@ -292,7 +299,7 @@ impl EvalService {
     /// of `token`'s bounded waits.
     async fn wait_for_revision(
         &self,
-        token: &Arc<str>,
+        token: &str,
         budget: Duration,
         min_revision: u64,
     ) -> Result<arc_swap::Guard<Arc<Replica>>, EvalError> {

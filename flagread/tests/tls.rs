@@ -345,13 +345,8 @@ async fn follows_a_writer_that_requires_client_certificates() {
     let replica_log = dir.join("flagread.log");
     let mut without = Command::new(env!("CARGO_BIN_EXE_flagread"))
         .args(["--listen", &format!("127.0.0.1:{}", cluster::free_port())])
-        .args([
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--ofrep-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--dev-no-auth")
+        .args(["--metrics-listen", "127.0.0.1:0", "--dev-no-auth"])
+        .args(["--ofrep-listen", "127.0.0.1:0"])
         .args(["--upstream", &upstream, "--upstream-ca", &path("ca.pem")])
         .args(["--upstream-domain", "localhost"])
         .env("RUST_LOG", "info")

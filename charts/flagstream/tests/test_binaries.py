@@ -303,10 +303,6 @@ def connect(port: int, seconds: float) -> socket.socket:
             time.sleep(0.1)
 
 
-# Only "nothing listens on the OFREP port" is expected; strict, so the marker must go once
-# flagread serves OFREP.
-@pytest.mark.xfail(strict=True, raises=ConnectionRefusedError,
-                   reason="flagread parses --ofrep-listen but does not serve OFREP yet (issue 15)")
 def test_replicas_side_by_side_serve_ofrep_on_their_rendered_ports(chart, tmp_path):
     """Two replicas on one host, each rendered with its own ports (as the other tests pick
     them), start side by side and answer HTTP on the OFREP port their manifest names."""
