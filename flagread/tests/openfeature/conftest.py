@@ -186,6 +186,22 @@ def healthy(port: int, service: str) -> bool:
         channel.close()
 
 
+def flatten(value, prefix: str = ""):
+    """(name, string) pairs of OpenFeature attributes as flagread turns them into properties."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from flatten(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from flatten(v, f"{prefix}.{i}")
+    elif isinstance(value, bool):
+        yield prefix, "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        yield prefix, str(int(value)) if float(value).is_integer() else repr(float(value))
+    elif value is not None:
+        yield prefix, value
+
+
 class Replica:
     """A flagread process on fixed ports, which survive a restart."""
 
@@ -234,15 +250,16 @@ class Replica:
         wait_for(answered, START_S, f"{self.name} to serve revision {revision}")
 
     def evaluate(self, key: str, context: dict | None = None, namespace: str = demo.NAMESPACE):
-        """FlagEval.Evaluate, with an OpenFeature context mapped as the contract says for
-        the flat string attributes the tests use."""
+        """FlagEval.Evaluate, with an OpenFeature context mapped as the contract says:
+        well-known names to their fields, every other attribute to properties (numbers in
+        their shortest form, bools as true/false, objects and lists flattened with dots)."""
         pb = self.stack.pb
         context = dict(context or {})
         ctx = pb.types.Context(targeting_key=context.pop("targetingKey", ""))
         for field, name in [("userId", "user_id"), ("sessionId", "session_id")]:
             if field in context:
                 setattr(ctx, name, context.pop(field))
-        for k, v in context.items():
+        for k, v in flatten(context):
             ctx.properties[k] = v
         request = pb.eval.EvaluateRequest(namespace=namespace, flag_key=key, context=ctx)
         return self.eval.Evaluate(request, metadata=authed(EVAL), timeout=CALL_S)

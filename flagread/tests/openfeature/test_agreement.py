@@ -20,6 +20,10 @@ CONTEXTS = [
     {"targetingKey": "erin", "country": "NL"},
     {"targetingKey": "frank", "plan": "team", "country": "US"},
     {"userId": "bob"},
+    # Typed attributes as the SDKs send them: numbers, bools, objects and lists.
+    {"targetingKey": "henry", "seats": 64, "admin": True, "user": {"plan": "pro", "tags": ["a", "b"]}},
+    {"targetingKey": "ivy", "seats": 49.5, "admin": False},
+    {"targetingKey": "jack", "seats": 50},
 ]
 # NUMBER flags are read as floats: ResolveFloat serves every number, OFREP has no integers.
 TYPES = {key: "float" if type_ == "integer" else type_ for key, type_ in DEMO_FLAGS.items()}

@@ -24,6 +24,8 @@ CASES = [
     ("max-items", "float", {}, 25.0, "standard", "STATIC"),
     ("discount", "float", {"plan": "pro"}, 0.15, "pro", "TARGETING_MATCH"),
     ("discount", "float", {"plan": "free"}, 0.0, "none", "DEFAULT"),
+    ("discount", "float", {"seats": 50}, 0.15, "pro", "TARGETING_MATCH"),
+    ("discount", "float", {"seats": 49.5}, 0.0, "none", "DEFAULT"),
     ("legacy-search", "boolean", {}, False, "off", "DISABLED"),
     ("express-pay", "boolean", {"targetingKey": "alice"}, True, "on", "DEFAULT"),
     ("express-pay", "boolean", {"targetingKey": "carol"}, False, "off", "DISABLED"),
