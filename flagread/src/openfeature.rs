@@ -334,11 +334,11 @@ pub fn map_struct(
 /// Maps one attribute of an OpenFeature context into `mapped`.
 fn map_attribute<V: Attribute>(
     mapped: &mut Mapped,
-    name: &String,
+    name: &str,
     value: &V,
 ) -> Result<(), OpenFeatureError> {
     {
-        let field = match name.as_str() {
+        let field = match name {
             "targetingKey" => Some(&mut mapped.context.targeting_key),
             "userId" => Some(&mut mapped.context.user_id),
             "sessionId" => Some(&mut mapped.context.session_id),
@@ -348,7 +348,7 @@ fn map_attribute<V: Attribute>(
             _ => None,
         };
         if let Some(field) = field {
-            *field = match (name.as_str(), value.view()) {
+            *field = match (name, value.view()) {
                 (_, View::Null) => String::new(),
                 ("targetingKey", View::String(s)) => s.to_string(),
                 ("targetingKey", _) => {
@@ -361,7 +361,7 @@ fn map_attribute<V: Attribute>(
             }
             return Ok(());
         }
-        match name.as_str() {
+        match name {
             "currentTime" => {
                 mapped.context.current_time = match value.view() {
                     View::Null => None,
@@ -391,7 +391,7 @@ fn map_attribute<V: Attribute>(
                     }
                 };
             }
-            _ => flatten(&mut mapped.context.properties, name.clone(), value, 1)?,
+            _ => flatten(&mut mapped.context.properties, name.to_string(), value, 1)?,
         }
     }
     Ok(())
