@@ -701,3 +701,41 @@ async fn a_large_namespace_is_announced_in_events_of_at_most_5000_flags() {
     assert!(second.contains_key("f05000"));
     replica.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_stream_outlives_a_client_pinging_often() {
+    let mut fake = FakeUpstream::start().await;
+    let (replica, sub) = serving(&mut fake, |_| {}).await;
+    // A client that pings every 50 ms, idle or not (gRPC clients' keepalive): the replica
+    // answers the pings and keeps the stream, where servers with a ping policy would close
+    // the connection (GOAWAY, too many pings).
+    let channel = tonic::transport::Endpoint::from_shared(replica.url.clone())
+        .unwrap()
+        .http2_keep_alive_interval(Duration::from_millis(50))
+        .keep_alive_while_idle(true)
+        .keep_alive_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let mut client = Client::new(channel);
+    let mut events = client
+        .event_stream(v2::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_event(&mut events).await.unwrap().0, "provider_ready");
+    assert_eq!(
+        next_event(&mut events).await.unwrap().0,
+        "configuration_change"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sub.send([put(6, vec![flag("prod", "new", 6)])]).await;
+    let change = next_event(&mut events).await.unwrap();
+    assert_eq!(change.1.keys().collect::<Vec<_>>(), ["new"]);
+    assert!(
+        boolean(&mut client, "new", serde_json::json!({}), &[])
+            .await
+            .is_ok()
+    );
+    replica.stop().await;
+}
