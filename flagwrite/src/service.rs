@@ -661,24 +661,14 @@ impl FlagAdmin for Admin {
         let wanted = namespace.clone();
         let exported = self
             .read(move |store| {
-                // A snapshot gives one consistent revision for the whole bundle.
-                let snapshot = store.snapshot().map_err(Error::from)?;
-                let ns = snapshot.namespaces.into_iter().find(|n| n.key == wanted);
-                let Some(ns) = ns else {
+                // One consistent revision for the whole bundle, reading only this namespace.
+                let Some(snapshot) = store.namespace_snapshot(&wanted).map_err(Error::from)? else {
                     return Ok(None);
                 };
                 let bundle = pb::NamespaceBundle {
-                    namespace: Some(ns),
-                    flags: snapshot
-                        .flags
-                        .into_iter()
-                        .filter(|f| f.namespace == wanted)
-                        .collect(),
-                    segments: snapshot
-                        .segments
-                        .into_iter()
-                        .filter(|s| s.namespace == wanted)
-                        .collect(),
+                    namespace: snapshot.namespaces.into_iter().next(),
+                    flags: snapshot.flags,
+                    segments: snapshot.segments,
                 };
                 Ok(Some(pb::ExportNamespaceResponse {
                     revision: snapshot.revision,

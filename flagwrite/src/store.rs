@@ -517,6 +517,45 @@ impl Store {
     }
 }
 
+impl Store {
+    /// One namespace's record, flags and segments at one revision, or `None` when it does not
+    /// exist: what `ExportNamespace` answers. Only that namespace's objects are read (a scan of
+    /// its key range), under the same lock as [`Store::snapshot`], so the bundle is consistent
+    /// whatever else the store holds.
+    pub fn namespace_snapshot(&self, namespace: &str) -> Result<Option<Snapshot>, StoreError> {
+        let inner = &*self.inner;
+        let within = object_key(namespace, "");
+        let (revision, chain, record, raw) = {
+            let _guard = inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
+            let Some(record) = inner.namespaces.get(namespace.as_bytes())? else {
+                return Ok(None);
+            };
+            let revision = self.head()?;
+            let chain = self.position(revision)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("no history position at the head {revision}"))
+            })?;
+            let copy = |tree: &sled::Tree| {
+                tree.scan_prefix(&within)
+                    .values()
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            (
+                revision,
+                chain,
+                record,
+                (copy(&inner.flags)?, copy(&inner.segments)?),
+            )
+        };
+        Ok(Some(Snapshot {
+            revision,
+            chain,
+            namespaces: vec![decode(&record)?],
+            flags: raw.0.iter().map(|v| decode(v)).collect::<Result<_, _>>()?,
+            segments: raw.1.iter().map(|v| decode(v)).collect::<Result<_, _>>()?,
+        }))
+    }
+}
+
 impl Disk {
     /// Opens the log file for syncing and makes everything sled created or
     /// recovered durable once: each file, each blob, `blobs/`, the data

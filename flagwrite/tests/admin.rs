@@ -398,6 +398,50 @@ async fn head(admin: &mut Admin) -> u64 {
 /// `key_prefix` with paging: a page token before, inside or after the
 /// prefix's keys, and keys that sort next to the prefix without having it.
 #[tokio::test]
+async fn an_export_holds_its_namespace_alone_among_neighbours() {
+    let server = Server::start().await;
+    let mut admin = server.admin(Some(ADMIN)).await;
+    // Neighbours in key order on both sides, whose objects a scan that ran on would pick up.
+    for namespace in ["ex", "ex-a", "exa", "e"] {
+        create_namespace(&mut admin, namespace).await;
+        for key in ["a", "b"] {
+            admin
+                .create_flag(pb::CreateFlagRequest {
+                    flag: Some(flag(namespace, &format!("{namespace}-{key}"))),
+                    options: None,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let revision = head(&mut admin).await;
+    for namespace in ["ex", "ex-a", "exa", "e"] {
+        let export = admin
+            .export_namespace(pb::ExportNamespaceRequest {
+                namespace: namespace.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(export.revision, revision);
+        let bundle = export.bundle.unwrap();
+        assert_eq!(bundle.namespace.unwrap().key, namespace);
+        assert_eq!(
+            keys(&bundle.flags),
+            [format!("{namespace}-a"), format!("{namespace}-b")]
+        );
+        assert!(bundle.segments.is_empty());
+    }
+    let missing = admin
+        .export_namespace(pb::ExportNamespaceRequest {
+            namespace: "ex-".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+}
+
+#[tokio::test]
 async fn listing_by_prefix_pages_within_the_prefix() {
     let server = Server::start().await;
     let mut admin = server.admin(Some(ADMIN)).await;
