@@ -104,7 +104,10 @@ impl FlagdService {
     ) -> Result<Resolved, OpenFeatureError> {
         let caller = self.caller(metadata)?;
         let mapped = mapped_context(context)?;
-        let min_revision = min_revision(metadata, &mapped)?;
+        let min_revision = openfeature::min_revision(
+            metadata.get(MIN_REVISION_HEADER).map(|v| v.as_bytes()),
+            &mapped,
+        )?;
         let budget = wait_budget(metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()));
         let replica = self
             .eval
@@ -155,7 +158,10 @@ impl FlagdService {
     ) -> Result<(BTreeMap<String, v1::AnyFlag>, Struct), OpenFeatureError> {
         let caller = self.caller(metadata)?;
         let mapped = mapped_context(context)?;
-        let min_revision = min_revision(metadata, &mapped)?;
+        let min_revision = openfeature::min_revision(
+            metadata.get(MIN_REVISION_HEADER).map(|v| v.as_bytes()),
+            &mapped,
+        )?;
         let budget = wait_budget(metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()));
         let replica = self
             .eval
@@ -234,26 +240,6 @@ fn mapped_context(context: Option<Struct>) -> Result<Mapped, OpenFeatureError> {
     match context {
         Some(context) => openfeature::map_struct(context.fields),
         None => Ok(Mapped::default()),
-    }
-}
-
-/// The revision a call asks to read at least: the context's `minRevision`, else the
-/// `flagstream-min-revision` header, else 0.
-fn min_revision(metadata: &MetadataMap, mapped: &Mapped) -> Result<u64, OpenFeatureError> {
-    if let Some(revision) = mapped.min_revision {
-        return Ok(revision);
-    }
-    match metadata.get(MIN_REVISION_HEADER) {
-        None => Ok(0),
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| {
-                OpenFeatureError::Context(format!(
-                    "{MIN_REVISION_HEADER}: must be a revision: a whole number of at least 0"
-                ))
-            }),
     }
 }
 

@@ -273,7 +273,10 @@ impl OfrepService {
     async fn flag(&self, key: &str, headers: &HeaderMap, body: Body) -> Result<Response, Failure> {
         let caller = self.caller(headers)?;
         let mapped = read_context(headers, body).await?;
-        let min_revision = min_revision(headers, &mapped)?;
+        let min_revision = openfeature::min_revision(
+            headers.get(MIN_REVISION_HEADER).map(|v| v.as_bytes()),
+            &mapped,
+        )?;
         let replica = self
             .eval
             .replica_for(caller.token(), REVISION_WAIT, min_revision)
@@ -307,7 +310,10 @@ impl OfrepService {
     async fn all(&self, headers: &HeaderMap, body: Body) -> Result<Response, Failure> {
         let caller = self.caller(headers)?;
         let mapped = read_context(headers, body).await?;
-        let min_revision = min_revision(headers, &mapped)?;
+        let min_revision = openfeature::min_revision(
+            headers.get(MIN_REVISION_HEADER).map(|v| v.as_bytes()),
+            &mapped,
+        )?;
         let replica = self
             .eval
             .replica_for(caller.token(), REVISION_WAIT, min_revision)
@@ -500,26 +506,6 @@ async fn read_context(headers: &HeaderMap, body: Body) -> Result<Mapped, Failure
         None | Some(serde_json::Value::Null) => Ok(Mapped::default()),
         Some(serde_json::Value::Object(context)) => Ok(openfeature::map_context(context.iter())?),
         Some(_) => Err(OpenFeatureError::Context("context: must be an object".into()).into()),
-    }
-}
-
-/// The revision a call asks to read at least: the context's `minRevision`, else the
-/// `flagstream-min-revision` header, else 0.
-fn min_revision(headers: &HeaderMap, mapped: &Mapped) -> Result<u64, OpenFeatureError> {
-    if let Some(revision) = mapped.min_revision {
-        return Ok(revision);
-    }
-    match headers.get(MIN_REVISION_HEADER) {
-        None => Ok(0),
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| {
-                OpenFeatureError::Context(format!(
-                    "{MIN_REVISION_HEADER}: must be a revision: a whole number of at least 0"
-                ))
-            }),
     }
 }
 

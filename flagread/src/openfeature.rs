@@ -472,6 +472,25 @@ fn insert_property(
     }
 }
 
+/// The revision a call asks to read at least: the context's `minRevision`, else the
+/// `flagstream-min-revision` header's value, else 0.
+pub fn min_revision(header: Option<&[u8]>, mapped: &Mapped) -> Result<u64, OpenFeatureError> {
+    if let Some(revision) = mapped.min_revision {
+        return Ok(revision);
+    }
+    match header {
+        None => Ok(0),
+        Some(value) => std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                OpenFeatureError::Context(format!(
+                    "{MIN_REVISION_HEADER}: must be a revision: a whole number of at least 0"
+                ))
+            }),
+    }
+}
+
 /// A scalar as a property value: strings as they are, numbers in the shortest form that parses
 /// back (whole numbers without a fraction), booleans as `true`/`false`; `None` for anything
 /// else (and for numbers that are not finite).

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flagread::Config;
-use flagstream::model::{self, Attribute, Constraint, Operator, Prerequisite, Rule, Serve, Value};
+use flagstream::model::{self, Prerequisite, Value};
 use flagstream::pb::flagd::{v1, v2};
 use prost_types::value::Kind;
 use support::*;
@@ -21,41 +21,6 @@ type Client = v2::service_client::ServiceClient<Channel>;
 
 /// Request headers: (name, value).
 type Headers<'a> = [(&'static str, &'a str)];
-
-/// A flag of namespace `ns` with two variants `a` and `b` of `values`, serving `a`.
-fn typed(ns: &str, key: &str, values: [Value; 2]) -> model::Flag {
-    let mut flag = flag(ns, key, 2);
-    flag.flag_type = values[0].flag_type();
-    flag.variants = ["a", "b"]
-        .into_iter()
-        .zip(values)
-        .map(|(name, value)| model::Variant {
-            name: name.into(),
-            value,
-            description: String::new(),
-        })
-        .collect();
-    flag.default_variant = "a".into();
-    flag.disabled_variant = "b".into();
-    flag
-}
-
-/// A rule serving `variant` when property `plan` is `pro`.
-fn pro_rule(variant: &str) -> Rule {
-    Rule {
-        name: "pro".into(),
-        constraints: vec![Constraint {
-            attribute: Attribute::Property("plan".into()),
-            operator: Operator::In,
-            values: vec!["pro".into()],
-            inverted: false,
-            case_insensitive: false,
-        }],
-        segments: vec![],
-        rollout: None,
-        serve: Serve::Variant(variant.into()),
-    }
-}
 
 /// Namespace `prod`: a flag of every type and reason. `dev` holds one flag.
 fn flags() -> Vec<model::Flag> {

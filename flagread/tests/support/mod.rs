@@ -157,6 +157,41 @@ pub fn flag(ns: &str, key: &str, rev: u64) -> model::Flag {
     }
 }
 
+/// A flag of namespace `ns` with two variants `a` and `b` of `values`, serving `a`.
+pub fn typed(ns: &str, key: &str, values: [model::Value; 2]) -> model::Flag {
+    let mut flag = flag(ns, key, 2);
+    flag.flag_type = values[0].flag_type();
+    flag.variants = ["a", "b"]
+        .into_iter()
+        .zip(values)
+        .map(|(name, value)| model::Variant {
+            name: name.into(),
+            value,
+            description: String::new(),
+        })
+        .collect();
+    flag.default_variant = "a".into();
+    flag.disabled_variant = "b".into();
+    flag
+}
+
+/// A rule serving `variant` when property `plan` is `pro`.
+pub fn pro_rule(variant: &str) -> model::Rule {
+    model::Rule {
+        name: "pro".into(),
+        constraints: vec![model::Constraint {
+            attribute: model::Attribute::Property("plan".into()),
+            operator: model::Operator::In,
+            values: vec!["pro".into()],
+            inverted: false,
+            case_insensitive: false,
+        }],
+        segments: vec![],
+        rollout: None,
+        serve: model::Serve::Variant(variant.into()),
+    }
+}
+
 /// A namespace record.
 pub fn namespace(key: &str) -> pb::Namespace {
     pb::Namespace {
