@@ -68,7 +68,7 @@ export FLAGSTREAM_GRPCURL="$PWD/$venv/bin/grpcurl"
 export FLAGSTREAM_PYTHON="$PWD/$venv/bin/python"
 
 # Benches are not built here: criterion benches and load tests are run on
-# purpose (see README, Performance), never as part of the test suite.
+# purpose (see README, Performance, and docs/performance.md), never as part of the test suite.
 status=0
 cargo test --workspace "$@" || status=$?
 
