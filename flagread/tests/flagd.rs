@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flagread::Config;
-use flagstream::model::{self, Prerequisite, Value};
+use flagstream::model::{self, Value};
 use flagstream::pb::flagd::{v1, v2};
 use prost_types::value::Kind;
 use support::*;
@@ -24,32 +24,8 @@ type Headers<'a> = [(&'static str, &'a str)];
 
 /// Namespace `prod`: a flag of every type and reason. `dev` holds one flag.
 fn flags() -> Vec<model::Flag> {
-    let mut off = flag("prod", "off", 2);
-    off.enabled = false;
-    let mut targeted = flag("prod", "targeted", 2);
-    targeted.default_variant = "off".into();
-    targeted.rules = vec![pro_rule("on")];
-    let mut child = flag("prod", "child", 2);
-    child.prerequisites = vec![Prerequisite {
-        flag: "off".into(),
-        expect_off: false,
-        variants: vec![],
-    }];
-    let mut guarded = flag("prod", "guarded", 2);
-    guarded.prerequisites = vec![Prerequisite {
-        flag: "on".into(),
-        expect_off: false,
-        variants: vec![],
-    }];
-    let mut bad = flag("prod", "bad", 2);
-    bad.rules = vec![pro_rule("missing-variant")];
-    vec![
-        flag("prod", "on", 2),
-        off,
-        targeted,
-        child,
-        guarded,
-        bad,
+    let mut flags = reason_flags("prod");
+    flags.extend([
         typed(
             "prod",
             "text",
@@ -79,7 +55,8 @@ fn flags() -> Vec<model::Flag> {
             ],
         ),
         flag("dev", "x", 1),
-    ]
+    ]);
+    flags
 }
 
 /// A replica of `fake` (default namespace `prod`, its configuration then changed by `adjust`) at

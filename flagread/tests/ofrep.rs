@@ -9,44 +9,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use flagread::Config;
-use flagstream::model::{self, Prerequisite, Value};
+use flagstream::model::{self, Value};
 use serde_json::{Value as Json, json};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Namespace `prod`: a flag of every type and reason. `dev` holds one flag.
 fn flags() -> Vec<model::Flag> {
-    let mut off = flag("prod", "off", 2);
-    off.enabled = false;
-    let mut targeted = flag("prod", "targeted", 2);
-    targeted.default_variant = "off".into();
-    targeted.rules = vec![pro_rule("on")];
-    let mut child = flag("prod", "child", 2);
-    child.prerequisites = vec![Prerequisite {
-        flag: "off".into(),
-        expect_off: false,
-        variants: vec![],
-    }];
-    let mut guarded = flag("prod", "guarded", 2);
-    guarded.prerequisites = vec![Prerequisite {
-        flag: "on".into(),
-        expect_off: false,
-        variants: vec![],
-    }];
-    let mut bad = flag("prod", "bad", 2);
-    bad.rules = vec![pro_rule("missing-variant")];
     let mut shadowing = flag("prod", "shadowing", 2);
     shadowing.metadata = [("flagSetId", "mine"), ("revision", "x"), ("team", "b")]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    vec![
-        flag("prod", "on", 2),
-        off,
-        targeted,
-        child,
-        guarded,
-        bad,
+    let mut flags = reason_flags("prod");
+    flags.extend([
         shadowing,
         flag("prod", "x:y%", 2),
         typed(
@@ -70,7 +46,8 @@ fn flags() -> Vec<model::Flag> {
             [Value::Json(json!([1, "two"])), Value::Json(json!({}))],
         ),
         flag("dev", "x", 1),
-    ]
+    ]);
+    flags
 }
 
 /// A replica of `fake` (default namespace `prod`, its configuration then changed by `adjust`) at

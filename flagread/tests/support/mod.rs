@@ -192,6 +192,29 @@ pub fn pro_rule(variant: &str) -> model::Rule {
     }
 }
 
+/// Boolean flags of namespace `ns` reaching every reason: `on` (no rules), `off` (disabled),
+/// `targeted` (rule on plan `pro`, else `off`), `child` (prerequisite `off`: fails), `guarded`
+/// (prerequisite `on`: holds, no rules) and `bad` (a rule naming a missing variant).
+pub fn reason_flags(ns: &str) -> Vec<model::Flag> {
+    let mut off = flag(ns, "off", 2);
+    off.enabled = false;
+    let mut targeted = flag(ns, "targeted", 2);
+    targeted.default_variant = "off".into();
+    targeted.rules = vec![pro_rule("on")];
+    let prerequisite = |parent: &str| model::Prerequisite {
+        flag: parent.into(),
+        expect_off: false,
+        variants: vec![],
+    };
+    let mut child = flag(ns, "child", 2);
+    child.prerequisites = vec![prerequisite("off")];
+    let mut guarded = flag(ns, "guarded", 2);
+    guarded.prerequisites = vec![prerequisite("on")];
+    let mut bad = flag(ns, "bad", 2);
+    bad.rules = vec![pro_rule("missing-variant")];
+    vec![flag(ns, "on", 2), off, targeted, child, guarded, bad]
+}
+
 /// A namespace record.
 pub fn namespace(key: &str) -> pb::Namespace {
     pb::Namespace {
