@@ -194,16 +194,21 @@ pub fn write_tokens(dir: &Path) -> std::path::PathBuf {
 /// Starts flagwrite on a free loopback port with a fresh data directory and
 /// waits until it is SERVING.
 pub async fn start_writer(dir: &Path, tokens: &Path) -> Writer {
+    start_writer_bin(dir, tokens, &proc::binary("flagwrite")).await
+}
+
+/// [`start_writer`] with another flagwrite build (a baseline to compare with).
+pub async fn start_writer_bin(dir: &Path, tokens: &Path, binary: &Path) -> Writer {
     let addr = format!("127.0.0.1:{}", proc::free_port());
     // `FLAGSTREAM_BENCH_WRITER_NICE=19` (say) runs the writer at a lower CPU priority, to tell
     // apart on one machine what the writer's work costs the replicas from what their own does.
     let mut command = match std::env::var("FLAGSTREAM_BENCH_WRITER_NICE") {
         Ok(nice) if !nice.is_empty() => {
             let mut command = Command::new("nice");
-            command.arg("-n").arg(nice).arg(proc::binary("flagwrite"));
+            command.arg("-n").arg(nice).arg(binary);
             command
         }
-        _ => Command::new(proc::binary("flagwrite")),
+        _ => Command::new(binary),
     };
     command
         .arg("--listen")
@@ -234,6 +239,19 @@ pub fn spawn_replica_on(
     writer: &str,
     name: &str,
     cpu: Option<usize>,
+) -> Replica {
+    spawn_replica_with(dir, tokens, writer, name, cpu, |_| {})
+}
+
+/// [`spawn_replica_on`], with `configure` adding arguments or environment
+/// (a flag of the replica under test, fewer runtime threads) before it starts.
+pub fn spawn_replica_with(
+    dir: &Path,
+    tokens: &Path,
+    writer: &str,
+    name: &str,
+    cpu: Option<usize>,
+    configure: impl FnOnce(&mut Command),
 ) -> Replica {
     let addr = format!("127.0.0.1:{}", proc::free_port());
     let ofrep_addr = format!("127.0.0.1:{}", proc::free_port());
@@ -266,6 +284,7 @@ pub fn spawn_replica_on(
         .arg("--flagd-default-namespace")
         .arg(fixtures::NAMESPACE)
         .env("RUST_LOG", "warn");
+    configure(&mut command);
     let mut proc = proc::Proc::spawn(name, command, dir);
     proc.graceful = !wrap.is_empty();
     Replica {
