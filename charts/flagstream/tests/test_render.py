@@ -225,7 +225,8 @@ RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral"
 def test_every_pod_meets_the_restricted_pod_security_standard(chart, value_set):
     rendered = render(chart, VALUE_SETS[value_set])
     specs = pod_specs(rendered)
-    assert len(specs) == 3  # writer, replicas, helm test
+    # Writer, replicas, helm test, and tier 2 when it is on.
+    assert len(specs) == 3 + bool(VALUE_SETS[value_set].get("flagread", {}).get("tier2", {}).get("enabled"))
     for name, spec in specs:
         pod_sc = spec.get("securityContext", {})
         assert spec["automountServiceAccountToken"] is False, name
