@@ -751,6 +751,7 @@ mod tests {
             head_revision: u64::MAX,
             time: None,
             history_id: "h".into(),
+            silence_ms: 0,
         }));
         assert_eq!(named_revision(&beat), Some(u64::MAX));
         let begin = encode(Kind::SnapshotBegin(pb::SnapshotBegin {
