@@ -579,6 +579,8 @@ def test_tier2_follows_tier1_with_its_own_sync_token(chart):
     tier2 = env_of(rendered.container("Deployment", "flagread-tier2"))
     assert tier1["FLAGREAD_SERVE_REPLICATION"] == "true"
     assert tier1["FLAGREAD_MAX_REPLICATION_STREAMS"] == "1024"
+    assert (tier1["FLAGREAD_REPLICATION_RETAIN"], tier1["FLAGREAD_REPLICATION_HEARTBEAT_MS"]) == ("4096", "5000")
+    assert not {"FLAGREAD_MAX_REPLICATION_STREAMS", "FLAGREAD_REPLICATION_RETAIN"} & set(tier2)
     assert "FLAGREAD_SERVE_REPLICATION" not in tier2
     # Tier 2's upstream is tier 1's Service on its gRPC port, in plain text here.
     service = {s["metadata"]["name"]: s for s in rendered.all("Service")}["demo-flagstream-read"]
@@ -613,7 +615,8 @@ def test_tier2_runs_tier1s_container_with_its_own_placement(chart):
     assert tier2["metadata"]["name"] == "demo-flagstream-read-tier2"
     same = lambda c: {k: v for k, v in c.items() if k not in ("env", "resources")}
     assert same(tier1["spec"]["template"]["spec"]["containers"][0]) == same(tier2["spec"]["template"]["spec"]["containers"][0])
-    differ = {"FLAGREAD_UPSTREAM", "FLAGREAD_SYNC_TOKEN", "FLAGREAD_SERVE_REPLICATION", "FLAGREAD_MAX_REPLICATION_STREAMS"}
+    differ = {"FLAGREAD_UPSTREAM", "FLAGREAD_SYNC_TOKEN", "FLAGREAD_SERVE_REPLICATION", "FLAGREAD_MAX_REPLICATION_STREAMS",
+              "FLAGREAD_REPLICATION_RETAIN", "FLAGREAD_REPLICATION_HEARTBEAT_MS"}
     env1, env2 = env_of(tier1["spec"]["template"]["spec"]["containers"][0]), env_of(tier2["spec"]["template"]["spec"]["containers"][0])
     assert {k: v for k, v in env1.items() if k not in differ} == {k: v for k, v in env2.items() if k not in differ}
     pod2 = tier2["spec"]["template"]["spec"]
