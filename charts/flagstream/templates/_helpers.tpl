@@ -281,7 +281,9 @@ prometheus.io/path: /metrics
 {{/* Rolls the pods when chart-made secrets or settings they read at start change. */}}
 {{- define "flagstream.checksum" -}}
 {{- $a := .Values.auth -}}
-{{- $in := dict "existingSecret" $a.existingSecret "secretKeys" $a.secretKeys "devNoAuth" $a.devNoAuth "extraFlagwriteTokens" $a.extraFlagwriteTokens "extraFlagreadTokens" $a.extraFlagreadTokens "flagwriteTls" .Values.flagwrite.tls "flagreadTls" .Values.flagread.tls "upstreamTls" .Values.flagread.upstreamTLS -}}
+{{- /* Tier 2's key counts only with tier 2, so turning it off leaves the pods as they were. */ -}}
+{{- $secretKeys := ternary $a.secretKeys (omit $a.secretKeys "tier2SyncToken") .Values.flagread.tier2.enabled -}}
+{{- $in := dict "existingSecret" $a.existingSecret "secretKeys" $secretKeys "devNoAuth" $a.devNoAuth "extraFlagwriteTokens" $a.extraFlagwriteTokens "extraFlagreadTokens" $a.extraFlagreadTokens "flagwriteTls" .Values.flagwrite.tls "flagreadTls" .Values.flagread.tls "upstreamTls" .Values.flagread.upstreamTLS -}}
 {{- if and (not $a.existingSecret) (not $a.devNoAuth) -}}
 {{- $_ := set $in "tokens" (include "flagstream.tokenSecrets" . | fromJson) -}}
 {{- end -}}
