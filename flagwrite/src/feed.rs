@@ -28,7 +28,7 @@ pub fn encode(record: LogRecord) -> EncodedChange {
         deltas,
         chain: record.chain,
     };
-    EncodedChange::new(change, record.namespace)
+    EncodedChange::new(&change, record.namespace)
 }
 
 /// The delta of one history entry: a put of the after image, or a delete.

@@ -244,13 +244,14 @@ impl Feed {
         let revision = change.revision;
         {
             let mut ring = self.lock();
+            // A relay's feed is all it has: what leaves it can no longer be resumed after. (The
+            // writer's log on disk still has it; the writer sets `compacted` itself.)
             if ring.changes.len() == self.capacity
                 && let Some(gone) = ring.changes.pop_front()
+                && ring.base.is_some()
             {
-                if ring.base.is_some() {
-                    ring.base = Some((gone.revision, gone.chain));
-                    self.compacted.fetch_max(gone.revision, Ordering::AcqRel);
-                }
+                ring.base = Some((gone.revision, gone.chain));
+                self.compacted.fetch_max(gone.revision, Ordering::AcqRel);
             }
             ring.changes.push_back(change);
         }
@@ -346,7 +347,7 @@ impl Feed {
 
 impl EncodedChange {
     /// Encodes `change`, a write to `namespace` (empty: unknown).
-    pub fn new(change: pb::Change, namespace: String) -> EncodedChange {
+    pub fn new(change: &pb::Change, namespace: String) -> EncodedChange {
         let empty = pb::Change {
             revision: change.revision,
             time: change.time,
@@ -362,7 +363,7 @@ impl EncodedChange {
         EncodedChange {
             revision: change.revision,
             namespace,
-            chain: change.chain,
+            chain: change.chain.clone(),
             full,
             empty,
         }
@@ -957,7 +958,7 @@ mod tests {
 
     fn change(revision: u64) -> EncodedChange {
         EncodedChange::new(
-            pb::Change {
+            &pb::Change {
                 revision,
                 time: None,
                 deltas: vec![pb::Delta::default()],
@@ -1025,7 +1026,7 @@ mod tests {
     #[test]
     fn a_change_without_deltas_is_its_own_empty_form() {
         let encoded = EncodedChange::new(
-            pb::Change {
+            &pb::Change {
                 revision: 3,
                 time: None,
                 deltas: Vec::new(),
