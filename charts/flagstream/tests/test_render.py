@@ -797,3 +797,16 @@ def test_schema_rejects_bad_tier2_values_naming_them(chart, values, message):
     with pytest.raises(helm.HelmValuesError) as error:
         chart.validate_schema(values)
     assert message in str(error.value)
+
+
+def test_tier2_with_an_existing_secret_or_without_auth(chart):
+    rendered = render(chart, merge(VALUE_SETS["existing-secret"], {"flagread": {"tier2": {"enabled": True}}}))
+    assert not rendered.all("Secret")
+    ref = env_of(rendered.container("Deployment", "flagread-tier2"))["FLAGREAD_SYNC_TOKEN"]["secretKeyRef"]
+    assert ref == {"name": VALUE_SETS["existing-secret"]["auth"]["existingSecret"], "key": "tier2-sync-token"}
+    rendered = render(chart, {"auth": {"devNoAuth": True}, "flagread": {"tier2": {"enabled": True}}})
+    for obj in rendered.objects:
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+    env = env_of(rendered.container("Deployment", "flagread-tier2"))
+    assert env["FLAGREAD_DEV_NO_AUTH"] == "true" and "FLAGREAD_SYNC_TOKEN" not in env
+    assert env_of(rendered.container("Deployment", "flagread"))["FLAGREAD_SERVE_REPLICATION"] == "true"
