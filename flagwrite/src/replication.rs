@@ -2,16 +2,18 @@
 //! `flagstream::kit::replication` from the writer's store.
 //!
 //! The writer is the source of truth: its feed holds the last few thousand durable changes,
-//! encoded once; subscribers further behind read the change log on disk; snapshots are copies of
-//! the store, taken on the blocking pool and shared by the subscribers that ask at about the
-//! same time. Its history never changes while it runs, so its feed has one epoch; a subscriber
+//! encoded once; subscribers further behind read the change log on disk; snapshots are the
+//! store's bytes (no decoding), taken on the blocking pool and shared by the subscribers that
+//! ask at about the same time. Its history never changes while it runs, so its feed has one epoch; a subscriber
 //! ahead of its head holds another history and gets a snapshot.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use flagstream::kit::replication::{self, EncodedChange, EncodedSnapshot, Feed, Source};
+use flagstream::kit::replication::{
+    self, ChunkField, ChunkWriter, EncodedChange, EncodedSnapshot, Feed, Source,
+};
 use flagstream::pb;
 use tonic::Status;
 
@@ -53,16 +55,28 @@ impl Source for WriterSource {
         namespaces: Option<&BTreeSet<String>>,
         chunk_bytes: usize,
     ) -> Result<EncodedSnapshot, String> {
-        let snapshot = self.store.snapshot().map_err(|e| e.to_string())?;
-        Ok(replication::encode_snapshot(
-            snapshot.revision,
-            snapshot.chain,
+        // The stored bytes are the encoded objects: they go into the chunks as they are, with
+        // no decoding and no copy beyond the chunks themselves.
+        let raw = self
+            .store
+            .raw_snapshot(namespaces)
+            .map_err(|e| e.to_string())?;
+        let mut chunks = ChunkWriter::new(chunk_bytes);
+        for (field, values) in [
+            (ChunkField::Namespace, &raw.namespaces),
+            (ChunkField::Segment, &raw.segments),
+            (ChunkField::Flag, &raw.flags),
+        ] {
+            for value in values {
+                chunks.push_encoded(field, value);
+            }
+        }
+        Ok(EncodedSnapshot::new(
+            raw.revision,
+            raw.chain,
             self.store.history_id().to_string(),
             namespaces,
-            snapshot.namespaces,
-            snapshot.segments,
-            snapshot.flags,
-            chunk_bytes,
+            chunks,
         ))
     }
 

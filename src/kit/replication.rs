@@ -370,6 +370,90 @@ impl EncodedChange {
     }
 }
 
+/// Builds a snapshot's chunks, each about `limit` encoded bytes, from objects as they come
+/// (decoded, or already encoded as the writer stores them). A chunk is a `SnapshotChunk`
+/// written field by field: a repeated field may appear in any order on the wire.
+pub struct ChunkWriter {
+    limit: usize,
+    buf: Vec<u8>,
+    chunks: Vec<Bytes>,
+}
+
+/// The field of `SnapshotChunk` an object goes in.
+#[derive(Debug, Clone, Copy)]
+pub enum ChunkField {
+    Namespace = 1,
+    Flag = 2,
+    Segment = 3,
+}
+
+impl ChunkWriter {
+    pub fn new(limit: usize) -> ChunkWriter {
+        ChunkWriter {
+            limit: limit.max(1),
+            buf: Vec::new(),
+            chunks: Vec::new(),
+        }
+    }
+
+    /// Adds an object given as its encoded message.
+    pub fn push_encoded(&mut self, field: ChunkField, message: &[u8]) {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        encode_key(field as u32, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(message.len() as u64, &mut self.buf);
+        self.buf.extend_from_slice(message);
+        self.cut();
+    }
+
+    /// Adds an object.
+    pub fn push<M: Message>(&mut self, field: ChunkField, message: &M) {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        encode_key(field as u32, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(message.encoded_len() as u64, &mut self.buf);
+        message.encode_raw(&mut self.buf);
+        self.cut();
+    }
+
+    /// The chunks.
+    pub fn finish(mut self) -> Vec<Bytes> {
+        if !self.buf.is_empty() {
+            self.chunks.push(Bytes::from(std::mem::take(&mut self.buf)));
+        }
+        self.chunks
+    }
+
+    fn cut(&mut self) {
+        if self.buf.len() >= self.limit {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(self.limit + 4096));
+            self.chunks.push(Bytes::from(chunk));
+        }
+    }
+}
+
+impl EncodedSnapshot {
+    /// A snapshot at `revision` (position `chain`, of history `history_id`) covering
+    /// `namespaces` (all when `None`), of the chunks `chunks` wrote.
+    pub fn new(
+        revision: u64,
+        chain: Vec<u8>,
+        history_id: String,
+        namespaces: Option<&BTreeSet<String>>,
+        chunks: ChunkWriter,
+    ) -> EncodedSnapshot {
+        let begin = pb::SnapshotBegin {
+            revision,
+            history_id,
+            chain,
+            namespaces: namespaces.into_iter().flatten().cloned().collect(),
+        };
+        EncodedSnapshot {
+            revision,
+            begin: Bytes::from(begin.encode_to_vec()),
+            chunks: chunks.finish(),
+        }
+    }
+}
+
 /// Encodes a snapshot at `revision` (position `chain`, of history `history_id`) of the objects
 /// given whose namespace is in `namespaces` (all when `None`), in chunks of about `limit`
 /// encoded bytes: namespaces, then segments, then flags, so a replica compiles each flag once
@@ -386,45 +470,17 @@ pub fn encode_snapshot(
     limit: usize,
 ) -> EncodedSnapshot {
     let follows = |ns: &str| namespaces.is_none_or(|f| f.contains(ns));
-    let begin = pb::SnapshotBegin {
-        revision,
-        history_id,
-        chain,
-        namespaces: namespaces.into_iter().flatten().cloned().collect(),
-    };
-    let mut chunk = pb::SnapshotChunk::default();
-    let mut size = 0;
-    let mut chunks = Vec::new();
-    let mut add = |chunk: &mut pb::SnapshotChunk, len: usize| {
-        size += len + 4;
-        if size >= limit {
-            chunks.push(Bytes::from(std::mem::take(chunk).encode_to_vec()));
-            size = 0;
-        }
-    };
+    let mut chunks = ChunkWriter::new(limit);
     for ns in namespace_records.into_iter().filter(|n| follows(&n.key)) {
-        let len = ns.encoded_len();
-        chunk.namespaces.push(ns);
-        add(&mut chunk, len);
+        chunks.push(ChunkField::Namespace, &ns);
     }
     for segment in segments.into_iter().filter(|s| follows(&s.namespace)) {
-        let len = segment.encoded_len();
-        chunk.segments.push(segment);
-        add(&mut chunk, len);
+        chunks.push(ChunkField::Segment, &segment);
     }
     for flag in flags.into_iter().filter(|f| follows(&f.namespace)) {
-        let len = flag.encoded_len();
-        chunk.flags.push(flag);
-        add(&mut chunk, len);
+        chunks.push(ChunkField::Flag, &flag);
     }
-    if chunk != pb::SnapshotChunk::default() {
-        chunks.push(Bytes::from(chunk.encode_to_vec()));
-    }
-    EncodedSnapshot {
-        revision,
-        begin: Bytes::from(begin.encode_to_vec()),
-        chunks,
-    }
+    EncodedSnapshot::new(revision, chain, history_id, namespaces, chunks)
 }
 
 impl Subscribers {
@@ -1021,6 +1077,62 @@ mod tests {
             }
         );
         assert_eq!(feed.position(12), None, "another history");
+    }
+
+    #[test]
+    fn chunks_of_encoded_and_decoded_objects_decode_as_snapshot_chunks() {
+        let flag = |key: &str| pb::Flag {
+            namespace: "ns".into(),
+            key: key.into(),
+            description: "d".repeat(100),
+            ..Default::default()
+        };
+        let mut chunks = ChunkWriter::new(300);
+        chunks.push(
+            ChunkField::Namespace,
+            &pb::Namespace {
+                key: "ns".into(),
+                ..Default::default()
+            },
+        );
+        chunks.push_encoded(ChunkField::Flag, &flag("a").encode_to_vec());
+        chunks.push(ChunkField::Flag, &flag("b"));
+        chunks.push_encoded(ChunkField::Flag, &flag("c").encode_to_vec());
+        chunks.push(
+            ChunkField::Segment,
+            &pb::Segment {
+                namespace: "ns".into(),
+                key: "s".into(),
+                ..Default::default()
+            },
+        );
+        let chunks: Vec<_> = chunks
+            .finish()
+            .into_iter()
+            .map(|c| pb::SnapshotChunk::decode(c).unwrap())
+            .collect();
+        assert!(
+            chunks.len() >= 2,
+            "cut at about 300 bytes: {}",
+            chunks.len()
+        );
+        let keys: Vec<_> = chunks
+            .iter()
+            .flat_map(|c| &c.flags)
+            .map(|f| f.key.as_str())
+            .collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+        assert_eq!(
+            chunks
+                .iter()
+                .map(|c| c.namespaces.len() + c.segments.len())
+                .sum::<usize>(),
+            2
+        );
+        assert_eq!(
+            chunks.iter().flat_map(|c| &c.flags).next(),
+            Some(&flag("a"))
+        );
     }
 
     #[test]
