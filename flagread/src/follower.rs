@@ -17,8 +17,8 @@
 //!
 //! Exit: the task returns when the shutdown channel closes (its sender is dropped).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flagstream::pb;
@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Endpoint;
 
+use crate::relay::Relay;
 use crate::state::{ApplyError, SnapshotBuilder, State};
 use crate::wire::{self, WireError};
 
@@ -77,6 +78,14 @@ pub struct SyncStatus {
     resyncs: AtomicU64,
     /// Snapshots received and applied; a resumed subscription adds none.
     snapshots: AtomicU64,
+    /// How long the upstream had not heard from the writer when it sent its last heartbeat, in
+    /// milliseconds: 0 from the writer itself; more through a relay (see `relay`). `u64::MAX`
+    /// when the upstream has never heard from the writer.
+    carried_ms: AtomicU64,
+    /// The writer's clock in its last heartbeat, passed on by a relay's heartbeats.
+    writer_time: Mutex<Option<prost_types::Timestamp>>,
+    /// Counts heartbeats heard; a relay sends one to its followers on each.
+    beats: watch::Sender<u64>,
     /// The revision the writer sent that this replica cannot decode or apply (0: none). While it
     /// is set the replica serves the revision before it and cannot catch up by itself: logged as
     /// an error on every attempt, exported as a metric, and reported on the `flagread.sync`
@@ -144,6 +153,9 @@ impl SyncStatus {
             subscriptions: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
+            carried_ms: AtomicU64::new(0),
+            writer_time: Mutex::new(None),
+            beats: watch::channel(0).0,
             stuck: watch::channel(0).0,
         }
     }
@@ -158,14 +170,31 @@ impl SyncStatus {
         self.stuck.subscribe()
     }
 
-    /// Seconds since the writer was last heard from; `None` if it never was.
+    /// Time since the writer was last heard from; `None` if it never was. Through a chain of
+    /// replicas: the time since this replica heard its upstream, plus how long the upstream had
+    /// not heard from the writer then.
     pub fn staleness(&self) -> Option<Duration> {
+        let carried = match self.carried_ms.load(Ordering::Relaxed) {
+            u64::MAX => return None,
+            ms => Duration::from_millis(ms),
+        };
         match self.heard_ms.load(Ordering::Relaxed) {
             u64::MAX => None,
             ms => Some(
-                Instant::now().saturating_duration_since(self.base + Duration::from_millis(ms)),
+                Instant::now().saturating_duration_since(self.base + Duration::from_millis(ms))
+                    + carried,
             ),
         }
+    }
+
+    /// The writer's clock in its last heartbeat heard (directly or relayed).
+    pub fn writer_time(&self) -> Option<prost_types::Timestamp> {
+        *self.writer_time.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows the heartbeats heard: changes on each.
+    pub fn subscribe_beats(&self) -> watch::Receiver<u64> {
+        self.beats.subscribe()
     }
 
     /// The writer's head revision as last heard.
@@ -207,6 +236,15 @@ impl SyncStatus {
             .send_if_modified(|stuck| std::mem::take(stuck) != 0);
     }
 
+    /// A heartbeat arrived: note how stale the upstream was, and tell a relay to pass it on.
+    fn beat(&self, beat: &pb::Heartbeat) {
+        self.carried_ms.store(beat.silence_ms, Ordering::Relaxed);
+        if beat.time.is_some() {
+            *self.writer_time.lock().unwrap_or_else(|e| e.into_inner()) = beat.time;
+        }
+        self.beats.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     fn heard(&self, head: u64) {
         let ms = Instant::now()
             .saturating_duration_since(self.base)
@@ -233,6 +271,7 @@ pub async fn follow(
     upstream: Upstream,
     state: Arc<State>,
     status: Arc<SyncStatus>,
+    relay: Option<Arc<Relay>>,
     mut shutdown: watch::Receiver<()>,
 ) {
     let mut failures = 0u32;
@@ -242,7 +281,7 @@ pub async fn follow(
         progressed.store(false, Ordering::Relaxed);
         let opened = status.subscriptions();
         let result = tokio::select! {
-            result = subscribe(&upstream, &state, &status, &progressed) => result,
+            result = subscribe(&upstream, &state, &status, &relay, &progressed) => result,
             _ = shutdown.changed() => break,
         };
         status.connected.store(false, Ordering::Relaxed);
@@ -361,6 +400,7 @@ async fn subscribe(
     upstream: &Upstream,
     state: &Arc<State>,
     status: &Arc<SyncStatus>,
+    relay: &Option<Arc<Relay>>,
     progressed: &Arc<AtomicBool>,
 ) -> FollowError {
     let (messages, received) = mpsc::channel(APPLY_QUEUE);
@@ -370,9 +410,17 @@ async fn subscribe(
         .name("flagread-apply".into())
         .spawn({
             let (state, status, progressed) = (state.clone(), status.clone(), progressed.clone());
-            let busy = busy.clone();
+            let (busy, relay) = (busy.clone(), relay.clone());
             move || {
-                let _ = done.send(apply_all(received, &busy, &state, &status, &progressed));
+                let relay = relay.as_deref();
+                let _ = done.send(apply_all(
+                    received,
+                    &busy,
+                    &state,
+                    &status,
+                    relay,
+                    &progressed,
+                ));
             }
         });
     if let Err(error) = spawned {
@@ -382,6 +430,7 @@ async fn subscribe(
         messages,
         busy,
         in_snapshot: false,
+        relay: relay.clone(),
     };
     let ended = tokio::select! {
         ended = receive(upstream, state, status, progressed, applier) => ended,
@@ -414,6 +463,8 @@ struct Applier {
     /// Between a `SnapshotBegin` and its `SnapshotEnd` as received: the thread holds a snapshot
     /// being built, so nothing is applied beside it.
     in_snapshot: bool,
+    /// Where applied changes are passed on to followers, when this replica serves them.
+    relay: Option<Arc<Relay>>,
 }
 
 impl Applier {
@@ -434,14 +485,24 @@ impl Applier {
             _ => {}
         }
         if kind == Some(5) {
-            // A heartbeat only names the head, already noted.
+            // A heartbeat names the head, already noted, and how stale the upstream is.
+            if let Some(Kind::Heartbeat(beat)) = pb::SyncMessage::decode(message)?.kind {
+                status.beat(&beat);
+            }
             return Ok(());
         }
         let idle = !self.in_snapshot && self.busy.load(Ordering::Acquire) == 0;
         let work = if idle && kind == Some(4) && message.len() <= INLINE_BYTES {
             let decoded = pb::SyncMessage::decode(message)?;
             if is_light(&decoded) {
-                handle(decoded, state, status, &mut None, progressed)?;
+                handle(
+                    decoded,
+                    state,
+                    status,
+                    self.relay.as_deref(),
+                    &mut None,
+                    progressed,
+                )?;
                 return Ok(());
             }
             Work::Decoded(decoded)
@@ -557,6 +618,7 @@ fn apply_all(
     busy: &AtomicUsize,
     state: &State,
     status: &SyncStatus,
+    relay: Option<&Relay>,
     progressed: &AtomicBool,
 ) -> FollowError {
     let mut snapshot: Option<SnapshotBuilder> = None;
@@ -568,11 +630,15 @@ fn apply_all(
                 Err(error) => return error.into(),
             },
         };
-        match handle(message, state, status, &mut snapshot, progressed) {
+        match handle(message, state, status, relay, &mut snapshot, progressed) {
             Ok(None) => {}
             Ok(Some(done)) => {
                 let (revision, flags) = (done.revision, done.flags.len());
+                let chain = done.history.chain.clone();
                 state.install(done);
+                if let Some(relay) = relay {
+                    relay.installed(revision, chain);
+                }
                 status.snapshots.fetch_add(1, Ordering::Relaxed);
                 status.applied();
                 progressed.store(true, Ordering::Relaxed);
@@ -662,13 +728,17 @@ fn handle(
     message: pb::SyncMessage,
     state: &State,
     status: &SyncStatus,
+    relay: Option<&Relay>,
     snapshot: &mut Option<SnapshotBuilder>,
     progressed: &AtomicBool,
 ) -> Result<Option<SnapshotBuilder>, FollowError> {
     let protocol = |what: &str| Err(FollowError::Protocol(what.to_string()));
     match message.kind {
         None => return protocol("an empty message"),
-        Some(Kind::Heartbeat(beat)) => status.heard(beat.head_revision),
+        Some(Kind::Heartbeat(beat)) => {
+            status.heard(beat.head_revision);
+            status.beat(&beat);
+        }
         Some(Kind::SnapshotBegin(begin)) => {
             status.heard(begin.revision);
             if snapshot.is_some() {
@@ -700,7 +770,12 @@ fn handle(
                 return protocol("a change inside a snapshot");
             }
             let revision = change.revision;
+            // Encoded for followers before it is converted; passed on only once applied.
+            let relayed = relay.map(|_| Relay::encode(&change));
             state.apply_change(wire::change(change)?)?;
+            if let (Some(relay), Some(relayed)) = (relay, relayed) {
+                relay.applied(relayed);
+            }
             status.applied();
             progressed.store(true, Ordering::Relaxed);
             tracing::debug!(revision, "change applied");
@@ -751,6 +826,7 @@ mod tests {
             head_revision: u64::MAX,
             time: None,
             history_id: "h".into(),
+            silence_ms: 0,
         }));
         assert_eq!(named_revision(&beat), Some(u64::MAX));
         let begin = encode(Kind::SnapshotBegin(pb::SnapshotBegin {

@@ -11,6 +11,8 @@
 //! - [`openfeature`]: what the OpenFeature front ends share (namespace selection, anonymous
 //!   access, the context mapping, OpenFeature's reasons); [`flagd`]: flagd's evaluation
 //!   protocol on the gRPC port; [`ofrep`]: OFREP on its own HTTP/1.1 port.
+//! - [`relay`]: replica chaining: the Replication stream served from this replica's state
+//!   (`--serve-replication`), through `flagstream::kit::replication`.
 //! - [`metrics`]: Prometheus metrics of the replica.
 //! - [`run`]: wires it all together on a bound listener; `main` only parses [`Config`], sets up
 //!   tracing, binds and calls it, and so do the tests.
@@ -22,6 +24,7 @@ pub mod holds;
 pub mod metrics;
 pub mod ofrep;
 pub mod openfeature;
+pub mod relay;
 pub mod service;
 pub mod state;
 pub mod wire;
@@ -220,6 +223,27 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub flag_metrics_max_series: usize,
+    /// Also serve the Replication stream (`flagstream.v1.Replication`) on the gRPC port, from
+    /// this replica's own state, so other replicas can follow this one (`--upstream` pointing
+    /// here) instead of the writer. Followers need a token of scope `sync` in `--tokens-file`.
+    #[arg(long, env = "FLAGREAD_SERVE_REPLICATION")]
+    pub serve_replication: bool,
+    /// Followers served at once with `--serve-replication`; more are refused with
+    /// RESOURCE_EXHAUSTED (they retry with backoff).
+    #[arg(long, env = "FLAGREAD_MAX_REPLICATION_STREAMS", default_value_t = 1024)]
+    pub max_replication_streams: usize,
+    /// Applied changes kept in memory with `--serve-replication`, for followers to resume from;
+    /// a follower further behind gets a snapshot.
+    #[arg(long, env = "FLAGREAD_REPLICATION_RETAIN", default_value_t = 4096)]
+    pub replication_retain: usize,
+    /// Milliseconds between heartbeats to followers while the upstream is silent (the writer's
+    /// own heartbeats are passed on as they arrive).
+    #[arg(
+        long,
+        env = "FLAGREAD_REPLICATION_HEARTBEAT_MS",
+        default_value_t = 5000
+    )]
+    pub replication_heartbeat_ms: u64,
 }
 
 /// Why flagread could not start or stopped with an error.
@@ -443,10 +467,18 @@ pub async fn run_with(
     // Every background task ends when this sender is dropped (see each task's `Exit:`).
     let (stop, stopped) = watch::channel(());
     let mut tasks = tokio::task::JoinSet::new();
+    let relay = config.serve_replication.then(|| {
+        Arc::new(relay::Relay::new(
+            state.clone(),
+            status.clone(),
+            config.replication_retain,
+        ))
+    });
     tasks.spawn(follower::follow(
         upstream,
         state.clone(),
         status.clone(),
+        relay.clone(),
         stopped.clone(),
     ));
     if let Some(path) = config.snapshot_file.clone() {
@@ -467,6 +499,7 @@ pub async fn run_with(
         health,
         state.clone(),
         status.clone(),
+        config.serve_replication,
         stopped.clone(),
     ));
     let mut registry = prometheus_client::registry::Registry::default();
@@ -480,6 +513,10 @@ pub async fn run_with(
         ),
     );
     authenticator.register(&mut registry);
+    let followers = Arc::new(kit::replication::Subscribers::default());
+    if relay.is_some() {
+        relay::register_metrics(&mut registry, followers.clone(), state.clone());
+    }
     let rpc_metrics = RpcMetricsLayer::register(&mut registry);
     let ofrep_requests = ofrep::Requests::register(&mut registry);
     let mut metrics_stop = stopped.clone();
@@ -540,15 +577,37 @@ pub async fn run_with(
     let eval = tonic::service::interceptor::InterceptedService::new(
         FlagEvalServer::new(eval)
             .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES),
-        authenticator,
+        authenticator.clone(),
     );
     // flagd's services check tokens themselves: some namespaces are readable without one.
     let flagd_v1 = flagd_v1::ServiceServer::new(flagd.clone())
         .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES);
     let flagd_v2 = flagd_v2::ServiceServer::new(flagd)
         .max_decoding_message_size(flagstream::validate::MAX_REQUEST_BYTES);
-    let (reflection_v1, reflection_v1alpha) =
-        kit::grpc::reflection_for(&["flagstream.v1.FlagEval", FLAGD_V1, FLAGD_V2]);
+    let mut listed = vec!["flagstream.v1.FlagEval", FLAGD_V1, FLAGD_V2];
+    // Replica chaining: followers of this replica authenticate like FlagEval's callers, with a
+    // token of scope `sync`. The stream ends at shutdown with the other background work.
+    let replication = relay.map(|relay| {
+        listed.push(REPLICATION);
+        let (relay_stop_tx, relay_stop) = watch::channel(false);
+        let mut stop_relay = stopped.clone();
+        tasks.spawn(async move {
+            let _ = stop_relay.changed().await;
+            let _ = relay_stop_tx.send(true);
+        });
+        kit::replication::Replication::new(
+            relay,
+            followers,
+            kit::replication::StreamConfig {
+                heartbeat: Duration::from_millis(config.replication_heartbeat_ms.max(1)),
+                chunk_bytes: 1024 * 1024,
+                max_subscribers: config.max_replication_streams,
+            },
+            relay_stop,
+        )
+        .into_server(authenticator.clone())
+    });
+    let (reflection_v1, reflection_v1alpha) = kit::grpc::reflection_for(&listed);
     let mut server = Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
         .max_concurrent_streams(config.max_concurrent_streams)
@@ -567,7 +626,8 @@ pub async fn run_with(
         .add_service(reflection_v1alpha)
         .add_service(eval)
         .add_service(flagd_v1)
-        .add_service(flagd_v2);
+        .add_service(flagd_v2)
+        .add_optional_service(replication);
     // Small responses must not wait for Nagle's algorithm; large ones are
     // gathered into few writes by the wrapper instead.
     let coalesce = config.coalesce_writes;
@@ -632,6 +692,7 @@ async fn report_health(
     health: tonic_health::server::HealthReporter,
     state: Arc<State>,
     sync: Arc<SyncStatus>,
+    replication: bool,
     mut stopped: watch::Receiver<()>,
 ) {
     let mut ready = state.subscribe_ready();
@@ -642,7 +703,7 @@ async fn report_health(
         } else {
             ServingStatus::NotServing
         };
-        set_health(&health, status).await;
+        set_health(&health, status, replication).await;
         let applying = if *stuck.borrow_and_update() == 0 {
             ServingStatus::Serving
         } else {
@@ -655,7 +716,7 @@ async fn report_health(
             _ = stopped.changed() => break,
         }
     }
-    set_health(&health, ServingStatus::NotServing).await;
+    set_health(&health, ServingStatus::NotServing, replication).await;
     health
         .set_service_status(SYNC_HEALTH, ServingStatus::NotServing)
         .await;
@@ -739,11 +800,20 @@ async fn keep_snapshot_file(
 
 /// flagd's evaluation service, version 1.
 const FLAGD_V1: &str = "flagd.evaluation.v1.Service";
+/// The Replication service, served with `--serve-replication`.
+const REPLICATION: &str = "flagstream.v1.Replication";
 /// flagd's evaluation service, version 2.
 const FLAGD_V2: &str = "flagd.evaluation.v2.Service";
 
 /// Sets the overall status (""), FlagEval's and flagd's services'.
-async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: ServingStatus,
+    replication: bool,
+) {
+    if replication {
+        health.set_service_status(REPLICATION, status).await;
+    }
     health.set_service_status("", status).await;
     health.set_service_status(FLAGD_V1, status).await;
     health.set_service_status(FLAGD_V2, status).await;

@@ -41,6 +41,7 @@ fn start(
         upstream,
         state.clone(),
         status.clone(),
+        None,
         stopped,
     ));
     (state, status, stop, task)
@@ -223,6 +224,7 @@ async fn the_namespaces_followed_are_asked_for() {
         upstream,
         state.clone(),
         Arc::new(SyncStatus::new()),
+        None,
         stopped,
     ));
     let first = fake.next().await;

@@ -37,9 +37,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Server, ServerTlsConfig};
 
-use crate::feed::Feed;
 use crate::metrics::Metrics;
-use crate::replication::{Replication, StreamConfig};
+use crate::replication::{Replication, StreamConfig, WriterSource};
 use crate::service::Admin;
 use crate::store::Store;
 use crate::writer::Writer;
@@ -92,6 +91,11 @@ pub struct Config {
     /// subscribers further behind read the change log on disk.
     #[arg(long, env = "FLAGWRITE_FEED_CAPACITY", default_value_t = 4096)]
     pub feed_capacity: usize,
+    /// Replication subscribers served at once; more are refused with
+    /// RESOURCE_EXHAUSTED (replicas retry with backoff). Past a few hundred,
+    /// let replicas follow replicas (flagread --serve-replication).
+    #[arg(long, env = "FLAGWRITE_MAX_SUBSCRIBERS", default_value_t = 4096)]
+    pub max_subscribers: usize,
     /// Seconds in-flight calls get to finish after SIGTERM (keep it below the
     /// chart's terminationGracePeriodSeconds).
     /// The whole drain is bounded by it: streams, calls, the writer's queue.
@@ -198,7 +202,7 @@ pub async fn run(
     })
     .await
     .map_err(|e| RunError::Config(format!("opening the store: {e}")))??;
-    let feed = Arc::new(Feed::new(head, compacted, config.feed_capacity));
+    let feed = Arc::new(feed::new_feed(head, compacted, config.feed_capacity));
     let metrics = Arc::new(Metrics::default());
     metrics.head_revision.set(head as i64);
     let (writer, writer_exit) = Writer::spawn(
@@ -282,11 +286,11 @@ pub async fn run(
     let stream_config = StreamConfig {
         heartbeat: Duration::from_millis(config.heartbeat_ms),
         chunk_bytes: 1024 * 1024,
+        max_subscribers: config.max_subscribers,
     };
     let replication = Replication::new(
-        store.clone(),
-        feed,
-        metrics.clone(),
+        Arc::new(WriterSource::new(store.clone(), feed)),
+        metrics.subscribers.clone(),
         stream_config,
         stop_rx.clone(),
     )

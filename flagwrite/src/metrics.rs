@@ -1,17 +1,16 @@
 //! flagwrite's Prometheus metrics: writes by RPC and outcome, write latency, head revision,
-//! flushes, and the subscribers with the lag of the furthest behind.
+//! flushes, the subscribers with the lag of the furthest behind, and the snapshots built.
 //!
 //! Subscribers carry no per-subscriber label: one series per connection churned on every
 //! reconnect, so the count and the largest lag are computed at scrape time instead.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use flagstream::kit::metrics::{Histogram, LATENCY_BUCKETS};
+use flagstream::kit::replication::Subscribers;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
@@ -29,9 +28,8 @@ pub struct Metrics {
     /// Flushes (fsyncs) the writer made; writes per flush shows how well
     /// group commit works.
     pub flushes: Counter,
-    /// Connected subscribers by id, with the last revision each was sent.
-    subscribers: Mutex<BTreeMap<u64, Arc<AtomicU64>>>,
-    next_subscriber: AtomicU64,
+    /// Connected subscribers, with the last revision each was sent, and the snapshots built.
+    pub subscribers: Arc<Subscribers>,
 }
 
 /// The labels of `flagwrite_writes_total`.
@@ -39,14 +37,6 @@ pub struct Metrics {
 struct WriteLabels {
     rpc: &'static str,
     outcome: &'static str,
-}
-
-/// Registers a subscriber while it lives; dropping it unregisters.
-pub struct SubscriberGuard {
-    metrics: Arc<Metrics>,
-    id: u64,
-    /// The last revision sent to this subscriber.
-    pub sent: Arc<AtomicU64>,
 }
 
 /// Reads the subscribers at scrape time.
@@ -60,8 +50,7 @@ impl Default for Metrics {
             write_latency: Histogram::new(LATENCY_BUCKETS),
             head_revision: Gauge::default(),
             flushes: Counter::default(),
-            subscribers: Mutex::new(BTreeMap::new()),
-            next_subscriber: AtomicU64::new(1),
+            subscribers: Arc::default(),
         }
     }
 }
@@ -98,35 +87,14 @@ impl Metrics {
             .get_or_create(&WriteLabels { rpc, outcome })
             .inc();
     }
-
-    /// Registers a new subscriber.
-    pub fn subscriber(self: &Arc<Self>) -> SubscriberGuard {
-        let id = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
-        let sent = Arc::new(AtomicU64::new(0));
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, sent.clone());
-        SubscriberGuard {
-            metrics: self.clone(),
-            id,
-            sent,
-        }
-    }
 }
 
 impl Collector for SubscriberCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let head = self.0.head_revision.get();
-        let (count, max_lag) = {
-            let subscribers = self.0.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-            let max_lag = subscribers
-                .values()
-                .map(|sent| (head - sent.load(Ordering::Relaxed) as i64).max(0))
-                .max()
-                .unwrap_or(0);
-            (subscribers.len() as i64, max_lag)
-        };
+        let (count, max_lag) = self.0.subscribers.count_and_lag(head.max(0) as u64);
+        let (count, max_lag) = (count as i64, max_lag as i64);
+        let built = self.0.subscribers.snapshots_built();
         for (name, help, value) in [
             (
                 "flagwrite_subscribers",
@@ -142,16 +110,13 @@ impl Collector for SubscriberCollector {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
+        let counter = ConstCounter::new(built);
+        counter.encode(encoder.encode_descriptor(
+            "flagwrite_snapshots_built",
+            "Snapshots built for subscribers; subscribers asking at about the same time share one",
+            None,
+            counter.metric_type(),
+        )?)?;
         Ok(())
-    }
-}
-
-impl Drop for SubscriberGuard {
-    fn drop(&mut self) {
-        self.metrics
-            .subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
     }
 }

@@ -517,6 +517,67 @@ impl Store {
     }
 }
 
+/// The stored bytes of every object of some namespaces at one revision: each value is an encoded
+/// `pb::Namespace`, `pb::Segment` or `pb::Flag`, shared with sled (no copy, no decoding).
+#[derive(Debug, Default)]
+pub struct RawSnapshot {
+    /// The revision the copy reflects.
+    pub revision: u64,
+    /// The history position at `revision`.
+    pub chain: Vec<u8>,
+    pub namespaces: Vec<sled::IVec>,
+    pub segments: Vec<sled::IVec>,
+    pub flags: Vec<sled::IVec>,
+}
+
+impl Store {
+    /// The stored objects of `namespaces` (all when `None`) at one revision, undecoded: what a
+    /// replication snapshot sends, as the store holds it. Taken under the same lock as
+    /// [`Store::snapshot`], so it never holds half a write.
+    pub fn raw_snapshot(
+        &self,
+        namespaces: Option<&std::collections::BTreeSet<String>>,
+    ) -> Result<RawSnapshot, StoreError> {
+        let inner = &*self.inner;
+        let _guard = inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
+        let revision = self.head()?;
+        let chain = self.position(revision)?.ok_or_else(|| {
+            StoreError::Corrupt(format!("no history position at the head {revision}"))
+        })?;
+        let mut raw = RawSnapshot {
+            revision,
+            chain,
+            ..RawSnapshot::default()
+        };
+        match namespaces {
+            None => {
+                let all = |tree: &sled::Tree| tree.iter().values().collect::<Result<Vec<_>, _>>();
+                raw.namespaces = all(&inner.namespaces)?;
+                raw.segments = all(&inner.segments)?;
+                raw.flags = all(&inner.flags)?;
+            }
+            Some(namespaces) => {
+                for namespace in namespaces {
+                    let Some(record) = inner.namespaces.get(namespace.as_bytes())? else {
+                        continue;
+                    };
+                    raw.namespaces.push(record);
+                    let within = object_key(namespace, "");
+                    for (tree, out) in [
+                        (&inner.segments, &mut raw.segments),
+                        (&inner.flags, &mut raw.flags),
+                    ] {
+                        for value in tree.scan_prefix(&within).values() {
+                            out.push(value?);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(raw)
+    }
+}
+
 impl Store {
     /// One namespace's record, flags and segments at one revision, or `None` when it does not
     /// exist: what `ExportNamespace` answers. Only that namespace's objects are read (a scan of

@@ -245,7 +245,7 @@ fn acknowledge(group: Vec<Pending>, feed: &Feed, metrics: &Metrics) {
     for pending in group {
         if let Some(record) = pending.record {
             let revision = record.revision;
-            feed.publish(record);
+            feed.publish(crate::feed::encode(record));
             metrics.head_revision.set(revision as i64);
         }
         metrics.write_latency.observe(pending.started.elapsed());

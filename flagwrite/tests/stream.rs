@@ -532,3 +532,97 @@ async fn snapshots_and_changes_carry_the_history_position() {
     assert_ne!(change.chain, begin.chain);
     server.stop().await;
 }
+
+/// The value of metric `name` (no labels) on flagwrite's `/metrics` at `port`.
+async fn metric(port: u16, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    socket.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+}
+
+#[tokio::test]
+async fn subscribers_asking_together_share_one_snapshot_then_follow_on_their_own() {
+    let port = common::process::free_port();
+    let server = Server::start_with(|c| {
+        c.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap())
+    })
+    .await;
+    let mut admin = populate(&server, 40).await;
+    create_namespace(&mut admin, "dev").await;
+    create_flag(&mut admin, flag("dev", "d1")).await;
+    // A rolling restart: eight replicas ask for everything, two for `dev` only.
+    let mut all = Vec::new();
+    for _ in 0..8 {
+        all.push(subscribe(&server, 0, &[]).await);
+    }
+    let mut dev = vec![
+        subscribe(&server, 0, &["dev"]).await,
+        subscribe(&server, 0, &["dev"]).await,
+    ];
+    for stream in &mut all {
+        let (revision, flags) = snapshot(stream).await;
+        assert_eq!((revision, flags.len()), (43, 41));
+    }
+    for stream in &mut dev {
+        assert_eq!(snapshot(stream).await, (43, vec!["dev/d1".to_string()]));
+    }
+    assert_eq!(
+        metric(port, "flagwrite_snapshots_built_total").await,
+        2,
+        "one snapshot per namespace selection, not one per subscriber"
+    );
+    // Each continues from the change log on its own; a latecomer still shares the snapshot and
+    // catches up on what was written since.
+    create_flag(&mut admin, flag("prod", "late")).await;
+    for stream in &mut all {
+        assert_eq!(changes(stream, 1).await, vec![(44, 1)]);
+    }
+    for stream in &mut dev {
+        assert_eq!(changes(stream, 1).await, vec![(44, 0)]);
+    }
+    let mut latecomer = subscribe(&server, 0, &[]).await;
+    assert_eq!(snapshot(&mut latecomer).await.0, 43, "the shared snapshot");
+    assert_eq!(changes(&mut latecomer, 1).await, vec![(44, 1)]);
+    assert_eq!(metric(port, "flagwrite_snapshots_built_total").await, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn subscribers_beyond_the_limit_are_refused() {
+    let server = Server::start_with(|c| c.max_subscribers = 2).await;
+    populate(&server, 1).await;
+    let mut first = subscribe(&server, 0, &[]).await;
+    let _second = subscribe(&server, 0, &[]).await;
+    snapshot(&mut first).await;
+    let mut sync = server.sync(Some(SYNC)).await;
+    let refused = sync
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .expect_err("a third subscriber");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(refused.message().contains("limit"), "{refused:?}");
+    drop(first);
+    // The slot is freed once the server notices the stream is gone.
+    let started = Instant::now();
+    loop {
+        match sync.subscribe(pb::SubscribeRequest::default()).await {
+            Ok(_) => break,
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                assert!(started.elapsed() < Duration::from_secs(10), "never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    server.stop().await;
+}

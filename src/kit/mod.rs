@@ -15,6 +15,9 @@
 //! - [`grpc`]: TLS configuration and server reflection (v1 and v1alpha).
 //! - [`coalesce`]: a TCP connection wrapper that gathers an HTTP/2 server's
 //!   writes of a large answer into one (flagread serves through it).
+//! - [`replication`]: the server side of the Replication change stream (shared snapshots,
+//!   resume, heartbeats), served by flagwrite from its store and by a flagread replica from its
+//!   own state.
 //! - [`healthcheck`]: the `healthcheck` subcommand of both binaries (one
 //!   `grpc.health.v1.Health/Check` call, for exec probes) and the liveness
 //!   health service name.
@@ -24,6 +27,7 @@ pub mod coalesce;
 pub mod grpc;
 pub mod healthcheck;
 pub mod metrics;
+pub mod replication;
 pub mod rpc_metrics;
 pub mod shutdown;
 pub mod telemetry;

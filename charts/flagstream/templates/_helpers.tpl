@@ -24,6 +24,8 @@
 
 {{- define "flagstream.writeName" -}}{{ include "flagstream.fullname" . }}-write{{- end -}}
 {{- define "flagstream.readName" -}}{{ include "flagstream.fullname" . }}-read{{- end -}}
+{{- /* "-read-tier2-headless" is 20 characters: the prefix gives up 3 of its 46 so the name fits in 63. */ -}}
+{{- define "flagstream.readTier2Name" -}}{{ include "flagstream.fullname" . | trunc 43 | trimSuffix "-" }}-read-tier2{{- end -}}
 {{- define "flagstream.secretName" -}}
 {{- default (printf "%s-tokens" (include "flagstream.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
@@ -82,7 +84,11 @@ helm.sh/chart: {{ include "flagstream.chart" .ctx }}
 {{- $data := $existing.data | default (dict) -}}
 {{- $keys := .Values.auth.secretKeys -}}
 {{- $out := dict -}}
-{{- range $role, $key := dict "admin" $keys.adminToken "sync" $keys.syncToken "eval" $keys.evalToken -}}
+{{- $roles := dict "admin" $keys.adminToken "sync" $keys.syncToken "eval" $keys.evalToken -}}
+{{- if .Values.flagread.tier2.enabled -}}
+{{- $_ := set $roles "tier2Sync" $keys.tier2SyncToken -}}
+{{- end -}}
+{{- range $role, $key := $roles -}}
 {{- $given := index $.Values.auth.tokens $role -}}
 {{- if $given -}}
 {{- $_ := set $out $role $given -}}
@@ -104,6 +110,71 @@ helm.sh/chart: {{ include "flagstream.chart" .ctx }}
 {{- else -}}
 {{ ternary "https" "http" .Values.flagwrite.tls.enabled }}://{{ include "flagstream.writeName" . }}:{{ .Values.flagwrite.ports.grpc }}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The settings of one tier of flagread, as JSON (read with fromJson). Tier 1 follows the
+writer (or flagread.upstream) and, with flagread.tier2.enabled, serves replication to
+tier 2; tier 2 follows tier 1's Service (or flagread.tier2.upstream). Tier 2 takes
+tier 1's value of every placement and scaling key it leaves empty; the autoscaling and
+pdb maps key by key. Call with (dict "ctx" $ "tier" 1).
+*/}}
+{{- define "flagstream.readTier" -}}
+{{- $v := .ctx.Values -}}
+{{- $r := $v.flagread -}}
+{{- $t2 := $r.tier2 -}}
+{{- $keys := list "replicaCount" "resources" "nodeSelector" "affinity" "tolerations" "topologySpreadConstraints" "priorityClassName" "podLabels" "podAnnotations" -}}
+{{- $out := dict "tier" (int .tier) "autoscaling" (deepCopy $r.autoscaling) "pdb" (deepCopy $r.pdb) "service" $r.service -}}
+{{- range $keys -}}
+{{- $_ := set $out . (index $r .) -}}
+{{- end -}}
+{{- if eq (int .tier) 1 -}}
+{{- $upstream := include "flagstream.upstream" .ctx -}}
+{{- $_ := merge $out (dict
+  "name" (include "flagstream.readName" .ctx)
+  "component" "flagread"
+  "upstream" $upstream
+  "upstreamTLS" (or $v.flagwrite.tls.enabled (hasPrefix "https://" $upstream))
+  "upstreamCASecret" ($r.upstreamTLS.caSecretName | default $v.flagwrite.tls.secretName)
+  "upstreamCAKey" $r.upstreamTLS.caKey
+  "upstreamClientCert" $r.upstreamTLS.clientCertSecretName
+  "upstreamDomain" (ternary ($v.flagwrite.tls.serverName | default (include "flagstream.writeName" .ctx)) "" $v.flagwrite.tls.enabled)
+  "syncTokenKey" $v.auth.secretKeys.syncToken
+  "serveReplication" $t2.enabled
+  "tlsSecretName" $r.tls.secretName
+  "tlsServerName" ($r.tls.serverName | default (include "flagstream.readName" .ctx))) -}}
+{{- else -}}
+{{- range $keys -}}
+{{- $given := index $t2 . -}}
+{{- if $given -}}
+{{- $_ := set $out . $given -}}
+{{- end -}}
+{{- end -}}
+{{- range $k, $x := $t2.autoscaling -}}
+{{- $_ := set $out.autoscaling $k $x -}}
+{{- end -}}
+{{- range $k, $x := $t2.pdb -}}
+{{- $_ := set $out.pdb $k $x -}}
+{{- end -}}
+{{- $_ := set $out "service" (dict "type" ($t2.service.type | default $r.service.type) "annotations" ($t2.service.annotations | default $r.service.annotations)) -}}
+{{- /* Tier 1's own address, over TLS when tier 1 serves TLS. */ -}}
+{{- $upstream := $t2.upstream | default (printf "%s://%s:%v" (ternary "https" "http" $r.tls.enabled) (include "flagstream.readName" .ctx) $r.ports.grpc) -}}
+{{- $tls := $t2.tls -}}
+{{- $_ := merge $out (dict
+  "name" (include "flagstream.readTier2Name" .ctx)
+  "component" "flagread-tier2"
+  "upstream" $upstream
+  "upstreamTLS" (hasPrefix "https://" $upstream)
+  "upstreamCASecret" ($t2.upstreamTLS.caSecretName | default $r.tls.secretName)
+  "upstreamCAKey" $t2.upstreamTLS.caKey
+  "upstreamClientCert" $t2.upstreamTLS.clientCertSecretName
+  "upstreamDomain" (ternary ($r.tls.serverName | default (include "flagstream.readName" .ctx)) "" (and $r.tls.enabled (not $t2.upstream)))
+  "syncTokenKey" $v.auth.secretKeys.tier2SyncToken
+  "serveReplication" false
+  "tlsSecretName" ($tls.secretName | default $r.tls.secretName)
+  "tlsServerName" ($tls.serverName | default (ternary (include "flagstream.readTier2Name" .ctx) ($r.tls.serverName | default (include "flagstream.readName" .ctx)) (not (empty $tls.secretName))))) -}}
+{{- end -}}
+{{- toJson $out -}}
 {{- end -}}
 
 {{/*
@@ -185,6 +256,23 @@ prometheus.io/path: /metrics
 {{- fail (printf "%s.ports must be distinct, got %s" $c (toJson $ports)) -}}
 {{- end -}}
 {{- end -}}
+{{- with .Values.flagread.tier2 -}}
+{{- if .enabled -}}
+{{- if and $.Values.flagread.tls.clientCA.enabled (hasPrefix "https://" (include "flagstream.readTier" (dict "ctx" $ "tier" 2) | fromJson).upstream) (not .upstreamTLS.clientCertSecretName) -}}
+{{- fail "flagread.tier2 follows tier 1, which requires client certificates (flagread.tls.clientCA.enabled): set flagread.tier2.upstreamTLS.clientCertSecretName" -}}
+{{- end -}}
+{{- if and (hasPrefix "https://" (include "flagstream.readTier" (dict "ctx" $ "tier" 2) | fromJson).upstream) (not .upstreamTLS.caSecretName) (not $.Values.flagread.tls.secretName) -}}
+{{- fail "flagread.tier2 follows an https upstream: set flagread.tier2.upstreamTLS.caSecretName (the CA of its certificate)" -}}
+{{- end -}}
+{{- if and .tls.secretName (not $.Values.flagread.tls.enabled) -}}
+{{- fail "flagread.tier2.tls.secretName needs flagread.tls.enabled (tier 2 serves TLS exactly when tier 1 does)" -}}
+{{- end -}}
+{{- $t := $.Values.auth.tokens -}}
+{{- if and $t.tier2Sync (or (eq $t.tier2Sync $t.sync) (eq $t.tier2Sync $t.eval)) -}}
+{{- fail "auth.tokens.tier2Sync must differ from auth.tokens.sync and auth.tokens.eval (a tier-2 token must not follow the writer, and a tokens file holds each secret once)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled -}}
 {{- fail "metrics.serviceMonitor and metrics.podMonitor would scrape every pod twice: enable one" -}}
 {{- end -}}
@@ -193,7 +281,9 @@ prometheus.io/path: /metrics
 {{/* Rolls the pods when chart-made secrets or settings they read at start change. */}}
 {{- define "flagstream.checksum" -}}
 {{- $a := .Values.auth -}}
-{{- $in := dict "existingSecret" $a.existingSecret "secretKeys" $a.secretKeys "devNoAuth" $a.devNoAuth "extraFlagwriteTokens" $a.extraFlagwriteTokens "extraFlagreadTokens" $a.extraFlagreadTokens "flagwriteTls" .Values.flagwrite.tls "flagreadTls" .Values.flagread.tls "upstreamTls" .Values.flagread.upstreamTLS -}}
+{{- /* Tier 2's key counts only with tier 2, so turning it off leaves the pods as they were. */ -}}
+{{- $secretKeys := ternary $a.secretKeys (omit $a.secretKeys "tier2SyncToken") .Values.flagread.tier2.enabled -}}
+{{- $in := dict "existingSecret" $a.existingSecret "secretKeys" $secretKeys "devNoAuth" $a.devNoAuth "extraFlagwriteTokens" $a.extraFlagwriteTokens "extraFlagreadTokens" $a.extraFlagreadTokens "flagwriteTls" .Values.flagwrite.tls "flagreadTls" .Values.flagread.tls "upstreamTls" .Values.flagread.upstreamTLS -}}
 {{- if and (not $a.existingSecret) (not $a.devNoAuth) -}}
 {{- $_ := set $in "tokens" (include "flagstream.tokenSecrets" . | fromJson) -}}
 {{- end -}}

@@ -119,6 +119,25 @@ class Container:
         assert code == 0, f"{self.component} exited with {code}: {self.log.read_text()[-2000:]}"
         return time.monotonic() - started
 
+    def move_listeners(self, ports: dict[str, int]):
+        """Each pod has a network namespace of its own; on one host, a second
+        Deployment rendered with the same ports listens on others. Moves the
+        listen addresses and the probes to `ports` (by port name), leaving every
+        address it connects to (its upstream) as rendered."""
+        moves = {self.ports[name]: port for name, port in ports.items()}
+        listen = {"grpc": "FLAGREAD_LISTEN", "metrics": "FLAGREAD_METRICS_LISTEN", "ofrep": "FLAGREAD_OFREP_LISTEN"}
+        for name, port in ports.items():
+            assert self.env[listen[name]] == f"127.0.0.1:{self.ports[name]}"
+            self.env[listen[name]] = f"127.0.0.1:{port}"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            spec = self.spec[probe]
+            if "grpc" in spec:
+                spec["grpc"]["port"] = moves.get(spec["grpc"]["port"], spec["grpc"]["port"])
+            else:
+                spec["exec"]["command"] = [re.sub(r"^127\.0\.0\.1:(\d+)$", lambda m: f"127.0.0.1:{moves.get(int(m[1]), m[1])}", a)
+                                           for a in spec["exec"]["command"]]
+        self.ports = {name: moves.get(port, port) for name, port in self.ports.items()}
+
     def kill(self):
         if self.process and self.process.poll() is None:
             self.process.kill()
@@ -333,3 +352,104 @@ def test_replicas_side_by_side_serve_ofrep_on_their_rendered_ports(chart, tmp_pa
     finally:
         for reader in replicas:
             reader.kill()
+
+
+def evaluate(port: int, token: str, cwd: Path, tls_args: list[str]) -> subprocess.CompletedProcess:
+    """NOTES.txt's evaluation of new-checkout, against the replica on `port`."""
+    return subprocess.run(
+        [grpcurl(), *tls_args, "-H", f"authorization: Bearer {token}", "-d",
+         '{"namespace": "production", "flag_key": "new-checkout", "context": {"user_id": "alice"}}',
+         f"localhost:{port}", "flagstream.v1.FlagEval/Evaluate"], capture_output=True, text=True, cwd=cwd, timeout=20)
+
+
+@pytest.mark.parametrize("variant", ["plaintext", "tls"])
+def test_a_second_tier_follows_the_first(chart, tmp_path, variant):
+    """flagread.tier2: the writer, a tier-1 replica and a tier-2 replica, each as
+    rendered; tier 2 follows tier 1 (never the writer) with its own token, becomes
+    ready and answers with the writer's flag."""
+    help_text = subprocess.run([binary("flagread"), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--serve-replication" in help_text, "flagread has no --serve-replication yet: replica chaining has not landed"
+    ports = {k: free_port() for k in ("wg", "wm", "rg", "rm", "ro")}
+    values = {
+        "auth": {"tokens": {"admin": "admin-" + "a" * 20, "sync": "sync-" + "s" * 20, "eval": "eval-" + "e" * 20,
+                            "tier2Sync": "tier2-" + "t" * 20}},
+        "flagwrite": {"ports": {"grpc": ports["wg"], "metrics": ports["wm"]}, "config": {"shutdownGraceSecs": 5}},
+        "flagread": {
+            "ports": {"grpc": ports["rg"], "metrics": ports["rm"], "ofrep": ports["ro"]},
+            "config": {"backoffMaxMs": 300, "drainS": 5, "snapshotIntervalMs": 200},
+            "tier2": {"enabled": True},
+        },
+    }
+    secrets, tls_args = {}, ["-plaintext"]
+    if variant == "tls":
+        # TLS on every port; tier 1 requires client certificates, so tier 2 presents one.
+        make_certs(tmp_path, ["demo-flagstream-write", "demo-flagstream-read"])
+        ca = (tmp_path / "ca.crt").read_text()
+        pem = lambda name: {"tls.crt": (tmp_path / f"{name}.crt").read_text(), "tls.key": (tmp_path / f"{name}.key").read_text(), "ca.crt": ca}
+        secrets = {"write-tls": pem("demo-flagstream-write"), "read-tls": pem("demo-flagstream-read"), "tier2-client": pem("client")}
+        values["flagwrite"]["tls"] = {"enabled": True, "secretName": "write-tls"}
+        values["flagread"]["tls"] = {"enabled": True, "secretName": "read-tls", "clientCA": {"enabled": True}}
+        values["flagread"]["tier2"]["upstreamTLS"] = {"clientCertSecretName": "tier2-client"}
+        tls_args = ["-cacert", "ca.crt", "-servername", "demo-flagstream-read", "-cert", "client.crt", "-key", "client.key"]
+    rendered = render(chart, values)
+    secret = rendered.one("Secret")
+    secrets[secret["metadata"]["name"]] = secret["stringData"]
+    services = {s["metadata"]["name"] for s in rendered.all("Service")}
+    writer = Container(rendered, "StatefulSet", "flagwrite", tmp_path, secrets, services)
+    tier1 = Container(rendered, "Deployment", "flagread", tmp_path, secrets, services)
+    tier2 = Container(rendered, "Deployment", "flagread-tier2", tmp_path, secrets, services)
+    tier2.move_listeners({"grpc": free_port(), "metrics": free_port(), "ofrep": free_port()})
+    # As rendered: tier 1 serves Replication, tier 2 follows tier 1's port with its own token.
+    assert tier1.env["FLAGREAD_SERVE_REPLICATION"] == "true" and "FLAGREAD_SERVE_REPLICATION" not in tier2.env
+    scheme = "https" if variant == "tls" else "http"
+    assert tier2.env["FLAGREAD_UPSTREAM"] == f"{scheme}://127.0.0.1:{ports['rg']}"
+    assert tier2.env["FLAGREAD_SYNC_TOKEN"] == "tier2-" + "t" * 20 != tier1.env["FLAGREAD_SYNC_TOKEN"]
+    try:
+        writer.start()
+        wait_for(lambda: writer.probe("startupProbe"), 30, "the writer's startup probe")
+        tier1.start()
+        tier2.start()
+        wait_for(lambda: tier1.probe("readinessProbe"), 15, "tier 1 to become ready")
+        wait_for(lambda: tier2.probe("readinessProbe"), 15, "tier 2 to become ready after a first sync from tier 1")
+        assert tier2.probe("livenessProbe")
+
+        # A flag made through the writer, as NOTES.txt makes it, is answered by tier 2.
+        commands = [line.strip() for line in rendered.notes.splitlines() if line.strip().startswith("grpcurl ")]
+        admin, token = secrets[secret["metadata"]["name"]]["admin-token"], secrets[secret["metadata"]["name"]]["eval-token"]
+        for line in commands[:2]:
+            argv = [grpcurl()] + [a.replace("$ADMIN", admin) for a in shlex.split(line)[1:]]
+            done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=20)
+            assert done.returncode == 0, f"{line}\n{done.stderr}"
+        for attempt in range(100):
+            done = evaluate(tier2.ports["grpc"], token, tmp_path, tls_args)
+            if done.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert done.returncode == 0 and '"variant": "on"' in done.stdout, done.stderr + tier2.log.read_text()[-2000:]
+
+        # `helm test`'s tier-2 container checks tier 2's Service (here: its moved port).
+        test = Container(rendered, "Pod", "test", tmp_path, secrets, services, container=2)
+        assert test.spec["name"] == "flagread-tier2"
+        argv = [a.replace(f"127.0.0.1:{ports['rg']}", f"127.0.0.1:{tier2.ports['grpc']}") for a in test.argv(test.spec["command"])]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and done.stdout.strip() == "SERVING", (argv, done.stderr)
+
+        # Tier 2's token follows tier 1, not the writer: the writer refuses it.
+        writer_tls = ["-cacert", "ca.crt", "-servername", "demo-flagstream-write"] if variant == "tls" else ["-plaintext"]
+        refused = subprocess.run(
+            [grpcurl(), *writer_tls, "-max-time", "5", "-H", f"authorization: Bearer {tier2.env['FLAGREAD_SYNC_TOKEN']}",
+             "-d", "{}", f"localhost:{ports['wg']}", "flagstream.v1.Replication/Subscribe"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=20)
+        assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused.stderr
+
+        # The writer goes away: both tiers stay ready and keep answering.
+        writer.stop()
+        time.sleep(1)
+        assert tier1.probe("readinessProbe") and tier2.probe("readinessProbe")
+        again = evaluate(tier2.ports["grpc"], token, tmp_path, tls_args)
+        assert again.returncode == 0 and '"variant": "on"' in again.stdout, again.stderr
+        tier2.stop()
+        tier1.stop()
+    finally:
+        for c in (tier2, tier1, writer):
+            c.kill()

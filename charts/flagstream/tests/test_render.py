@@ -225,7 +225,8 @@ RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral"
 def test_every_pod_meets_the_restricted_pod_security_standard(chart, value_set):
     rendered = render(chart, VALUE_SETS[value_set])
     specs = pod_specs(rendered)
-    assert len(specs) == 3  # writer, replicas, helm test
+    # Writer, replicas, helm test, and tier 2 when it is on.
+    assert len(specs) == 3 + bool(VALUE_SETS[value_set].get("flagread", {}).get("tier2", {}).get("enabled"))
     for name, spec in specs:
         pod_sc = spec.get("securityContext", {})
         assert spec["automountServiceAccountToken"] is False, name
@@ -547,3 +548,265 @@ def test_other_value_combinations_render_valid_objects(chart, values):
 def test_contradictory_values_fail_with_a_message(chart, values, message):
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
         render(chart, values)
+
+
+TIER2 = merge(FIXED_TOKENS, {"auth": {"tokens": {"tier2Sync": "t" * 20}}, "flagread": {"tier2": {"enabled": True}}})
+TIER2_TLS = merge(merge(VALUE_SETS["tls"], TIER2), {"flagread": {"tier2": {"upstreamTLS": {"clientCertSecretName": "tier2-client"}}}})
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_tier2_off_adds_nothing(chart):
+    rendered = render(chart, FIXED_TOKENS)
+    assert not [o for o in rendered.objects if "tier2" in o["metadata"]["name"]]
+    assert "FLAGREAD_SERVE_REPLICATION" not in env_of(rendered.container("Deployment", "flagread"))
+    secret = rendered.one("Secret")["stringData"]
+    assert "tier2-sync-token" not in secret and " sync " not in secret["flagread-tokens"]
+    assert "Tier 2" not in rendered.notes
+    # Without tier 2 the tier-1 objects render exactly as before it existed.
+    assert checksums(render(chart, merge(FIXED_TOKENS, {"flagread": {"tier2": {"upstream": "http://x:1"}}}))) == checksums(rendered)
+
+
+def test_tier2_follows_tier1_with_its_own_sync_token(chart):
+    rendered = render(chart, TIER2)
+    tier1 = env_of(rendered.container("Deployment", "flagread"))
+    tier2 = env_of(rendered.container("Deployment", "flagread-tier2"))
+    assert tier1["FLAGREAD_SERVE_REPLICATION"] == "true"
+    assert tier1["FLAGREAD_MAX_REPLICATION_STREAMS"] == "1024"
+    assert (tier1["FLAGREAD_REPLICATION_RETAIN"], tier1["FLAGREAD_REPLICATION_HEARTBEAT_MS"]) == ("4096", "5000")
+    assert not {"FLAGREAD_MAX_REPLICATION_STREAMS", "FLAGREAD_REPLICATION_RETAIN"} & set(tier2)
+    assert "FLAGREAD_SERVE_REPLICATION" not in tier2
+    # Tier 2's upstream is tier 1's Service on its gRPC port, in plain text here.
+    service = {s["metadata"]["name"]: s for s in rendered.all("Service")}["demo-flagstream-read"]
+    (grpc_port,) = [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert tier2["FLAGREAD_UPSTREAM"] == f"http://demo-flagstream-read:{grpc_port}"
+    assert tier1["FLAGREAD_UPSTREAM"] == "http://demo-flagstream-write:50051"
+    # Each tier presents its own secret; tier 2's is a sync line of flagread's
+    # tokens file (which tier 1 reads) and of no file the writer reads.
+    secret = rendered.one("Secret")
+    data = secret["stringData"]
+    assert tier1["FLAGREAD_SYNC_TOKEN"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "sync-token"}
+    assert tier2["FLAGREAD_SYNC_TOKEN"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "tier2-sync-token"}
+    assert data["tier2-sync-token"] == "t" * 20
+    assert f"flagread-tier2 sync {'t' * 20}" in data["flagread-tokens"].splitlines()
+    assert "t" * 20 not in data["flagwrite-tokens"]
+    assert tier1["FLAGREAD_TOKENS_FILE"] == tier2["FLAGREAD_TOKENS_FILE"] == "/etc/flagstream/tokens/flagread-tokens"
+    # The tokens file changed, so tier 1 rolls to read it.
+    assert checksums(rendered) != checksums(render(chart, FIXED_TOKENS))
+
+
+def test_generated_tier2_token_is_kept_with_the_others(chart):
+    data = render(chart, {"flagread": {"tier2": {"enabled": True}}}).one("Secret")["stringData"]
+    token = data["tier2-sync-token"]
+    assert len(token) >= 16 and token not in (data["sync-token"], data["eval-token"])
+    assert f"flagread-tier2 sync {token}" in data["flagread-tokens"]
+
+
+def test_tier2_runs_tier1s_container_with_its_own_placement(chart):
+    rendered = render(chart, VALUE_SETS["tier2"])
+    tier1 = rendered.one("Deployment", "flagread")
+    tier2 = rendered.one("Deployment", "flagread-tier2")
+    assert tier2["metadata"]["name"] == "demo-flagstream-read-tier2"
+    same = lambda c: {k: v for k, v in c.items() if k not in ("env", "resources")}
+    assert same(tier1["spec"]["template"]["spec"]["containers"][0]) == same(tier2["spec"]["template"]["spec"]["containers"][0])
+    differ = {"FLAGREAD_UPSTREAM", "FLAGREAD_SYNC_TOKEN", "FLAGREAD_SERVE_REPLICATION", "FLAGREAD_MAX_REPLICATION_STREAMS",
+              "FLAGREAD_REPLICATION_RETAIN", "FLAGREAD_REPLICATION_HEARTBEAT_MS"}
+    env1, env2 = env_of(tier1["spec"]["template"]["spec"]["containers"][0]), env_of(tier2["spec"]["template"]["spec"]["containers"][0])
+    assert {k: v for k, v in env1.items() if k not in differ} == {k: v for k, v in env2.items() if k not in differ}
+    pod2 = tier2["spec"]["template"]["spec"]
+    assert tier2["spec"]["replicas"] == 6 and "replicas" not in tier1["spec"]
+    assert pod2["nodeSelector"] == {"topology.kubernetes.io/region": "eu-west-1"}
+    assert pod2["tolerations"][0]["value"] == "flags-tier2"
+    assert pod2["containers"][0]["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}}
+    # Spread constraints come from tier 1 but select tier 2's pods.
+    for c in pod2["topologySpreadConstraints"]:
+        assert c["labelSelector"]["matchLabels"] == tier2["spec"]["selector"]["matchLabels"]
+    # Tier 1's HPA stays, tier 2 has none (autoscaling off); its PDB has its own budget.
+    assert [h["metadata"]["name"] for h in rendered.all("HorizontalPodAutoscaler")] == ["demo-flagstream-read"]
+    pdbs = {p["metadata"]["name"]: p["spec"]["maxUnavailable"] for p in rendered.all("PodDisruptionBudget")}
+    assert pdbs == {"demo-flagstream-read": 1, "demo-flagstream-read-tier2": 2}
+    services = {s["metadata"]["name"]: s for s in rendered.all("Service")}
+    assert services["demo-flagstream-read-tier2"]["metadata"]["annotations"] == {"example.com/region": "eu-west-1"}
+    assert services["demo-flagstream-read-tier2-headless"]["spec"]["clusterIP"] == "None"
+
+
+def test_tier2_takes_tier1s_values_where_it_gives_none(chart):
+    rendered = render(chart, merge(TIER2, {"flagread": {"nodeSelector": {"pool": "flags"}, "priorityClassName": "high",
+                                                        "autoscaling": {"minReplicas": 3}}}))
+    pod2 = rendered.one("Deployment", "flagread-tier2")["spec"]["template"]["spec"]
+    assert pod2["nodeSelector"] == {"pool": "flags"} and pod2["priorityClassName"] == "high"
+    hpas = {h["metadata"]["name"]: h for h in rendered.all("HorizontalPodAutoscaler")}
+    assert hpas["demo-flagstream-read-tier2"]["spec"]["minReplicas"] == 3
+    assert hpas["demo-flagstream-read-tier2"]["spec"]["scaleTargetRef"]["name"] == "demo-flagstream-read-tier2"
+    assert "replicaCount is left out while autoscaling is on" not in rendered.notes
+    # Tier 2's autoscaling keys replace tier 1's one by one.
+    rendered = render(chart, merge(TIER2, {"flagread": {"tier2": {"replicaCount": 6, "autoscaling": {"maxReplicas": 40}}}}))
+    hpas = {h["metadata"]["name"]: h["spec"] for h in rendered.all("HorizontalPodAutoscaler")}
+    assert (hpas["demo-flagstream-read-tier2"]["minReplicas"], hpas["demo-flagstream-read-tier2"]["maxReplicas"]) == (2, 40)
+    assert hpas["demo-flagstream-read"]["maxReplicas"] == 10
+    assert "replicaCount is left out while autoscaling is on" in rendered.notes
+
+
+@pytest.mark.parametrize("value_set", ["default", "tier2", "tier2-tls"])
+def test_tier_selectors_are_disjoint(chart, value_set):
+    """Every selector of the chart picks the pods of exactly one workload, and the
+    Services, PDB, monitors and NetworkPolicy of a tier pick only that tier."""
+    values = {"default": TIER2, "tier2": VALUE_SETS["tier2"], "tier2-tls": merge(TIER2_TLS, {"networkPolicy": {"enabled": True}})}[value_set]
+    rendered = render(chart, values)
+    pods = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o["spec"]["template"]["metadata"]["labels"]
+            for o in rendered.objects if o["kind"] in ("Deployment", "StatefulSet")}
+    assert set(pods) == {"flagwrite", "flagread", "flagread-tier2"}
+    selectors = []
+    for o in rendered.objects:
+        component = o["metadata"]["labels"].get("app.kubernetes.io/component")
+        if o["kind"] == "Service":
+            selectors.append((o, component, o["spec"]["selector"]))
+        elif o["kind"] in ("PodDisruptionBudget", "Deployment", "StatefulSet", "ServiceMonitor", "PodMonitor"):
+            selectors.append((o, component, o["spec"]["selector"]["matchLabels"]))
+        elif o["kind"] == "NetworkPolicy":
+            selectors.append((o, component, o["spec"]["podSelector"]["matchLabels"]))
+    assert len([s for s in selectors if s[1] == "flagread-tier2"]) >= 4
+    for obj, component, selector in selectors:
+        picked = {c for c, labels in pods.items() if selects(selector, labels)}
+        assert picked == {component}, f"{obj['kind']}/{obj['metadata']['name']} selects {picked}"
+
+
+def test_tier2_follows_tier1_over_tls_with_tier1s_ca_and_its_client_certificate(chart):
+    rendered = render(chart, TIER2_TLS)
+    for obj in rendered.objects:
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+    pod2 = rendered.one("Deployment", "flagread-tier2")["spec"]["template"]["spec"]
+    env = env_of(pod2["containers"][0])
+    assert env["FLAGREAD_UPSTREAM"] == "https://demo-flagstream-read:50052"
+    assert env["FLAGREAD_UPSTREAM_DOMAIN"] == "demo-flagstream-read"
+    assert env["FLAGREAD_UPSTREAM_CA"] == "/etc/flagstream/upstream-ca/ca.crt"
+    assert env["FLAGREAD_UPSTREAM_CERT"] == "/etc/flagstream/upstream-client/tls.crt"
+    volumes = {v["name"]: v["secret"] for v in pod2["volumes"] if "secret" in v}
+    # Only the CA of tier 1's Secret, never its key; tier 2 serves with tier 1's certificate.
+    assert volumes["upstream-ca"] == {"secretName": "flagstream-read-tls", "defaultMode": 0o440, "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    assert volumes["upstream-client"]["secretName"] == "tier2-client"
+    assert volumes["tls"]["secretName"] == "flagstream-read-tls"
+    assert "demo-flagstream-read" in pod2["containers"][0]["readinessProbe"]["exec"]["command"]
+    # helm test checks tier 2's Service with the name its certificate holds.
+    test = {c["name"]: c["command"] for c in rendered.one("Pod")["spec"]["containers"]}
+    assert test["flagread-tier2"][3] == "demo-flagstream-read-tier2:50052"
+    assert test["flagread-tier2"][test["flagread-tier2"].index("--tls-domain") + 1] == "demo-flagstream-read"
+    # Its own certificate: the probes and helm test expect tier 2's Service name.
+    own = render(chart, merge(TIER2_TLS, {"flagread": {"tier2": {"tls": {"secretName": "tier2-tls"}}}}))
+    pod2 = own.one("Deployment", "flagread-tier2")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod2["volumes"]}["tls"]["secret"]["secretName"] == "tier2-tls"
+    assert "demo-flagstream-read-tier2" in pod2["containers"][0]["readinessProbe"]["exec"]["command"]
+
+
+def test_tier2_upstream_can_be_another_address(chart):
+    rendered = render(chart, merge(TIER2, {"flagread": {"tier2": {
+        "upstream": "https://flags-eu.example.com:443", "upstreamTLS": {"caSecretName": "eu-ca", "caKey": "root.pem"}}}}))
+    pod2 = rendered.one("Deployment", "flagread-tier2")["spec"]["template"]["spec"]
+    env = env_of(pod2["containers"][0])
+    assert env["FLAGREAD_UPSTREAM"] == "https://flags-eu.example.com:443"
+    assert env["FLAGREAD_UPSTREAM_CA"] == "/etc/flagstream/upstream-ca/root.pem"
+    assert "FLAGREAD_UPSTREAM_DOMAIN" not in env
+    assert {v["name"]: v for v in pod2["volumes"]}["upstream-ca"]["secret"]["secretName"] == "eu-ca"
+    assert "https://flags-eu.example.com:443" in rendered.notes
+
+
+def test_network_policy_lets_tier2_reach_tier1_and_not_the_writer(chart):
+    rendered = render(chart, VALUE_SETS["tier2"])
+    policies = {p["metadata"]["name"]: p["spec"] for p in rendered.all("NetworkPolicy")}
+    assert set(policies) == {"demo-flagstream-write", "demo-flagstream-read", "demo-flagstream-read-tier2"}
+    tier2_pod = rendered.one("Deployment", "flagread-tier2")["spec"]["template"]["metadata"]["labels"]
+    # The writer's gRPC peers: no selector of them picks a tier-2 pod.
+    for rule in policies["demo-flagstream-write"]["ingress"]:
+        for peer in rule.get("from", []):
+            assert "podSelector" not in peer or not selects(peer["podSelector"]["matchLabels"], tier2_pod), peer
+    # Tier 1 admits tier 2 on its gRPC port, by a rule of its own.
+    clients, from_tier2, metrics = policies["demo-flagstream-read"]["ingress"]
+    assert from_tier2["ports"] == [{"port": 50052, "protocol": "TCP"}]
+    (peer,) = from_tier2["from"]
+    assert selects(peer["podSelector"]["matchLabels"], tier2_pod)
+    assert not selects(peer["podSelector"]["matchLabels"], rendered.one("Deployment", "flagread")["spec"]["template"]["metadata"]["labels"])
+    # Tier 2 admits clients as tier 1 does.
+    assert policies["demo-flagstream-read-tier2"]["ingress"] == [clients, metrics]
+    assert policies["demo-flagstream-read-tier2"]["policyTypes"] == ["Ingress"]
+
+
+def test_tier2_is_monitored_and_alerted_on_like_tier1(chart):
+    rendered = render(chart, VALUE_SETS["tier2"])
+    monitors = {m["metadata"]["name"] for m in rendered.all("ServiceMonitor")}
+    assert "demo-flagstream-read-tier2" in monitors
+    rule = rendered.one("PrometheusRule")["spec"]["groups"][0]["rules"]
+    (lag,) = [r for r in rule if r["alert"] == "FlagstreamReplicaLagging"]
+    pattern = re.search(r'pod=~"([^"]+)"', lag["expr"]).group(1)
+    assert re.fullmatch(pattern, "demo-flagstream-read-tier2-5d9c7b8f4-x7k2p")
+    assert re.fullmatch(pattern, "demo-flagstream-read-5d9c7b8f4-x7k2p")
+    assert not re.fullmatch(pattern, "demo-flagstream-write-0")
+
+
+def test_tier2_names_fit_with_the_longest_prefix(chart):
+    rendered = render(chart, merge(TIER2, {"fullnameOverride": "f" * 46}))
+    names = [o["metadata"]["name"] for o in rendered.objects]
+    assert any(n.endswith("-read-tier2-headless") for n in names)
+    assert all(len(n) <= 63 for n in names), [n for n in names if len(n) > 63]
+    for obj in rendered.objects:
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+    rule = render(chart, merge(VALUE_SETS["tier2"], {"fullnameOverride": "f" * 46})).one("PrometheusRule")
+    pattern = re.search(r'pod=~"([^"]+)"', rule["spec"]["groups"][0]["rules"][1]["expr"]).group(1)
+    assert re.fullmatch(pattern, "f" * 43 + "-read-tier2-5d9c7b8f4-x7k2p")
+
+
+def test_notes_name_tier2(chart):
+    notes = render(chart, TIER2).notes
+    assert "Tier 2 (demo-flagstream-read-tier2) follows the replicas (demo-flagstream-read)" in notes
+    assert "rollout status deployment/demo-flagstream-read-tier2" in notes
+    assert "dns:///demo-flagstream-read-tier2-headless.flags.svc:50052" in notes
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (merge(VALUE_SETS["tls"], TIER2), "set flagread.tier2.upstreamTLS.clientCertSecretName"),
+        (merge(TIER2, {"auth": {"tokens": {"tier2Sync": "s" * 20}}}), "auth.tokens.tier2Sync must differ from auth.tokens.sync"),
+        (merge(TIER2, {"auth": {"tokens": {"tier2Sync": "e" * 20}}}), "auth.tokens.tier2Sync must differ"),
+        (merge(TIER2, {"flagread": {"tier2": {"tls": {"secretName": "x"}}}}), "flagread.tier2.tls.secretName needs flagread.tls.enabled"),
+        (merge(TIER2, {"flagread": {"tier2": {"upstream": "https://eu.example.com:443"}}}),
+         "set flagread.tier2.upstreamTLS.caSecretName"),
+    ],
+)
+def test_contradictory_tier2_values_fail_with_a_message(chart, values, message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(chart, values)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"flagread": {"tier2": {"enabled": True, "replicas": 6}}}, "at '/flagread/tier2': additional properties 'replicas' not allowed"),
+        ({"flagread": {"tier2": {"replicaCount": -1}}}, "at '/flagread/tier2/replicaCount': minimum: got -1, want 0"),
+        ({"flagread": {"tier2": {"upstream": "flags-eu:50052"}}}, "at '/flagread/tier2/upstream'"),
+        ({"flagread": {"tier2": {"autoscaling": {"enable": False}}}}, "at '/flagread/tier2/autoscaling': additional properties 'enable' not allowed"),
+        ({"auth": {"tokens": {"tier2Sync": "short"}}}, "at '/auth/tokens/tier2Sync'"),
+    ],
+)
+def test_schema_rejects_bad_tier2_values_naming_them(chart, values, message):
+    with pytest.raises(helm.HelmValuesError) as error:
+        chart.validate_schema(values)
+    assert message in str(error.value)
+
+
+def test_tier2_with_an_existing_secret_or_without_auth(chart):
+    rendered = render(chart, merge(VALUE_SETS["existing-secret"], {"flagread": {"tier2": {"enabled": True}}}))
+    assert not rendered.all("Secret")
+    ref = env_of(rendered.container("Deployment", "flagread-tier2"))["FLAGREAD_SYNC_TOKEN"]["secretKeyRef"]
+    assert ref == {"name": VALUE_SETS["existing-secret"]["auth"]["existingSecret"], "key": "tier2-sync-token"}
+    rendered = render(chart, {"auth": {"devNoAuth": True}, "flagread": {"tier2": {"enabled": True}}})
+    for obj in rendered.objects:
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+    env = env_of(rendered.container("Deployment", "flagread-tier2"))
+    assert env["FLAGREAD_DEV_NO_AUTH"] == "true" and "FLAGREAD_SYNC_TOKEN" not in env
+    assert env_of(rendered.container("Deployment", "flagread"))["FLAGREAD_SERVE_REPLICATION"] == "true"

@@ -291,6 +291,7 @@ pub fn heartbeat(head_revision: u64) -> pb::SyncMessage {
         head_revision,
         time: None,
         history_id: HISTORY.into(),
+        silence_ms: 0,
     }))
 }
 

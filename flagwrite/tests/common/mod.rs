@@ -100,6 +100,7 @@ pub fn config(dir: &TempDir) -> flagwrite::Config {
         dev_no_auth: false,
         heartbeat_ms: 200,
         feed_capacity: 4096,
+        max_subscribers: 4096,
         shutdown_grace_secs: 5,
         keepalive_s: 20,
         keepalive_timeout_s: 10,
