@@ -886,11 +886,15 @@ async fn watch_serving(addr: &str) -> Option<Instant> {
 
 /// Panics naming the replicas that did not reach SERVING.
 fn assert_all_serving(serving: &[Option<Instant>], replicas: &[support::Replica]) {
-    let missing: Vec<&str> = serving
+    let missing: Vec<String> = serving
         .iter()
         .zip(replicas)
         .filter(|(at, _)| at.is_none())
-        .map(|(_, replica)| replica.proc.name.as_str())
+        .map(|(_, replica)| {
+            let log = std::fs::read_to_string(&replica.proc.log).unwrap_or_default();
+            let last = log.lines().last().unwrap_or("(empty log)").to_string();
+            format!("{} ({last})", replica.proc.name)
+        })
         .collect();
     assert!(
         missing.is_empty(),

@@ -213,11 +213,22 @@ impl Drop for RunDir {
 /// A loopback port that was free a moment ago. The servers take addresses on
 /// their command line, so the benchmark picks them (the tiny race with other
 /// programs binding the same port is acceptable for a benchmark).
+/// A port is never handed out twice in one run: with a hundred replicas
+/// (three ports each) started at once, the kernel would otherwise hand a
+/// closed, not yet bound port out again, and one of the two replicas fails.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a loopback port is available")
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .expect("a loopback port is available");
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The directory holding the release binaries (`flagread`, `flagwrite`):
