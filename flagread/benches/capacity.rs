@@ -571,7 +571,16 @@ async fn storm(bench: &Bench) {
                 .map(|t| t.duration_since(first_spawn).as_secs_f64());
             let all = match (all, reached == n) {
                 (Some(all), true) => format!("{all:.2} s"),
-                (_, _) => format!("{reached} of {n} SERVING within {timeout:?}"),
+                // A health stream also ends early when its replica exits (say, its writer was
+                // killed), so say whether the writer is still there.
+                (_, _) => format!(
+                    "{reached} of {n} SERVING (timeout {timeout:?}); writer {}",
+                    if std::path::Path::new(&format!("/proc/{pid}/exe")).exists() {
+                        "alive"
+                    } else {
+                        "gone (see dmesg for the OOM killer)"
+                    }
+                ),
             };
             eprintln!("storm: {total} flags x {n}: all SERVING after {all}");
             lines.push(format!(
