@@ -86,6 +86,11 @@ pub struct SyncStatus {
     writer_time: Mutex<Option<prost_types::Timestamp>>,
     /// Counts heartbeats heard; a relay sends one to its followers on each.
     beats: watch::Sender<u64>,
+    /// The highest revision named by the current subscription (0 before any), and whether it
+    /// has sent a heartbeat: once it has, the writer's head is known as of now, not as of an
+    /// older history (see [`SyncStatus::writer_is_behind`]).
+    session_head: AtomicU64,
+    session_beat: AtomicBool,
     /// The revision the writer sent that this replica cannot decode or apply (0: none). While it
     /// is set the replica serves the revision before it and cannot catch up by itself: logged as
     /// an error on every attempt, exported as a metric, and reported on the `flagread.sync`
@@ -156,6 +161,8 @@ impl SyncStatus {
             carried_ms: AtomicU64::new(0),
             writer_time: Mutex::new(None),
             beats: watch::channel(0).0,
+            session_head: AtomicU64::new(0),
+            session_beat: AtomicBool::new(false),
             stuck: watch::channel(0).0,
         }
     }
@@ -190,6 +197,15 @@ impl SyncStatus {
     /// The writer's clock in its last heartbeat heard (directly or relayed).
     pub fn writer_time(&self) -> Option<prost_types::Timestamp> {
         *self.writer_time.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the writer, as the open subscription tells, is behind `revision`: connected,
+    /// heard a heartbeat, and nothing it named reached `revision`. A follower of a relay that is
+    /// ahead of such a writer holds another history (the writer was restored), not a future.
+    pub fn writer_is_behind(&self, revision: u64) -> bool {
+        self.connected()
+            && self.session_beat.load(Ordering::Relaxed)
+            && self.session_head.load(Ordering::Relaxed) < revision
     }
 
     /// Follows the heartbeats heard: changes on each.
@@ -239,6 +255,7 @@ impl SyncStatus {
     /// A heartbeat arrived: note how stale the upstream was, and tell a relay to pass it on.
     fn beat(&self, beat: &pb::Heartbeat) {
         self.carried_ms.store(beat.silence_ms, Ordering::Relaxed);
+        self.session_beat.store(true, Ordering::Relaxed);
         if beat.time.is_some() {
             *self.writer_time.lock().unwrap_or_else(|e| e.into_inner()) = beat.time;
         }
@@ -250,6 +267,7 @@ impl SyncStatus {
             .saturating_duration_since(self.base)
             .as_millis() as u64;
         self.heard_ms.store(ms, Ordering::Relaxed);
+        self.session_head.fetch_max(head, Ordering::Relaxed);
         self.head.send_if_modified(|heard| {
             let newer = head > *heard;
             if newer {
@@ -592,6 +610,8 @@ async fn receive(
         Ok(Err(status)) => return status.into(),
         Err(_) => return FollowError::Silent(upstream.silence),
     };
+    status.session_head.store(0, Ordering::Relaxed);
+    status.session_beat.store(false, Ordering::Relaxed);
     status.connected.store(true, Ordering::Relaxed);
     status.subscriptions.fetch_add(1, Ordering::Relaxed);
     tracing::info!(from_revision, "subscribed to the writer");

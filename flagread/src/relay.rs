@@ -13,7 +13,8 @@
 //!   (`silence_ms`), relayed as soon as the writer's own arrive: a leaf knows how far it is
 //!   behind the writer, not only behind its parent;
 //! - a follower ahead of the relay (the relay restarted from an older snapshot file) waits for
-//!   it to catch up instead of being sent back in time.
+//!   it to catch up instead of being sent back in time, unless the writer itself is behind the
+//!   follower (restored from a backup): then it gets the writer's history as a snapshot.
 //!
 //! A relay whose upstream is gone keeps serving its followers from the state it holds; its
 //! heartbeats then tell them how stale it is.
@@ -167,8 +168,11 @@ impl Source for Relay {
         Some(self.status.subscribe_beats())
     }
 
-    fn waits_when_ahead(&self) -> bool {
-        true
+    fn may_reach(&self, revision: u64) -> bool {
+        // Behind its upstream (restarted from an older snapshot file, or a follower that came
+        // from a fresher upstream): it will catch up. Unless the writer itself, as heard on the
+        // open subscription, is behind the follower: then the follower's history is gone.
+        !self.status.writer_is_behind(revision)
     }
 }
 

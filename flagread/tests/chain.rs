@@ -69,12 +69,13 @@ async fn subscribe_with(
         .map(|r| r.into_inner())
 }
 
-/// The next message of `stream` that is not a heartbeat.
+/// The next message of `stream` that is not a heartbeat, within 10 s.
 async fn next(stream: &mut tonic::Streaming<pb::SyncMessage>) -> Kind {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        let message = tokio::time::timeout_at(deadline, stream.message())
             .await
-            .expect("a message within 10 s")
+            .expect("a message other than a heartbeat within 10 s")
             .expect("the stream works")
             .expect("the stream goes on");
         match message.kind.expect("a message kind") {
@@ -436,4 +437,83 @@ async fn a_replica_without_serve_replication_does_not_serve_the_stream() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unimplemented);
     replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_follower_ahead_of_its_parent_waits_for_it_unless_the_writer_is_behind_the_follower() {
+    let mut writer = FakeUpstream::start().await;
+    let parent = Replica::start(parent_config(&writer.url, |_| {})).await;
+    let to_parent = writer.next().await;
+    to_parent
+        .send(snapshot(5, vec![flag("prod", "a", 3)]))
+        .await;
+    // The writer is at 9; the parent, at 5, is catching up.
+    to_parent.send([heartbeat(9)]).await;
+    eventually("the parent at 5", || parent.handles.state.revision() == 5).await;
+    eventually("the parent heard the writer's head", || {
+        parent.handles.status.head() == 9
+    })
+    .await;
+
+    // A follower that applied 7 elsewhere (the writer, another replica) is not sent back to 5:
+    // it waits, and resumes after 7 once the parent gets there.
+    let request = pb::SubscribeRequest {
+        from_revision: 7,
+        chain: chain(7),
+        ..Default::default()
+    };
+    let mut ahead = subscribe_with(&parent.url, None, request).await.unwrap();
+    to_parent
+        .send([
+            put(6, vec![flag("prod", "b", 6)]),
+            put(7, vec![flag("prod", "c", 7)]),
+            put(8, vec![flag("prod", "d", 8)]),
+        ])
+        .await;
+    let Kind::Change(first) = next(&mut ahead).await else {
+        panic!("a change, not a snapshot")
+    };
+    assert_eq!(first.revision, 8);
+
+    // The writer comes back restored from a backup, at 4: a follower at 8 holds a history the
+    // writer no longer has, and gets the writer's as a snapshot instead of waiting for it.
+    drop(to_parent);
+    let to_parent = writer.next().await;
+    assert_eq!(to_parent.request.from_revision, 8);
+    to_parent
+        .send([
+            message(Kind::SnapshotBegin(pb::SnapshotBegin {
+                revision: 4,
+                history_id: HISTORY.into(),
+                chain: vec![4; 16],
+                namespaces: vec![],
+            })),
+            message(Kind::SnapshotChunk(pb::SnapshotChunk {
+                namespaces: vec![namespace("prod")],
+                flags: vec![flag("prod", "a", 3).into()],
+                segments: vec![],
+            })),
+            message(Kind::SnapshotEnd(pb::SnapshotEnd { revision: 4 })),
+            heartbeat(4),
+        ])
+        .await;
+    eventually("the parent holds the restored state", || {
+        parent.handles.state.revision() == 4
+    })
+    .await;
+    let Kind::SnapshotBegin(begin) = next(&mut ahead).await else {
+        panic!("the connected follower gets the restored state")
+    };
+    assert_eq!((begin.revision, begin.chain), (4, vec![4; 16]));
+    let request = pb::SubscribeRequest {
+        from_revision: 8,
+        chain: chain(8),
+        ..Default::default()
+    };
+    let mut returning = subscribe_with(&parent.url, None, request).await.unwrap();
+    let Kind::SnapshotBegin(begin) = next(&mut returning).await else {
+        panic!("a snapshot for a follower from the lost history")
+    };
+    assert_eq!(begin.revision, 4);
+    parent.stop().await;
 }

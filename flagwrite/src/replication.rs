@@ -114,7 +114,7 @@ impl Source for WriterSource {
         None
     }
 
-    fn waits_when_ahead(&self) -> bool {
+    fn may_reach(&self, _revision: u64) -> bool {
         false
     }
 }

@@ -154,10 +154,12 @@ pub trait Source: Send + Sync + 'static {
     /// upstream's); `None` when heartbeats are only sent on the timer.
     fn beats(&self) -> Option<watch::Receiver<u64>>;
 
-    /// Whether a subscriber ahead of the head waits for the source to catch up (a replica, which
-    /// may lag its own upstream) rather than getting a snapshot (the writer: a subscriber ahead
-    /// of it holds another history).
-    fn waits_when_ahead(&self) -> bool;
+    /// Whether the source may yet reach `revision`, beyond its head, in the history it holds: a
+    /// subscriber that far ahead then waits for it to catch up rather than being sent back in
+    /// time by a snapshot (a replica lagging its own upstream). `false` when the subscriber must
+    /// hold another history (always for the writer, whose head is the truth). Asked again
+    /// whenever the head moves or a heartbeat goes out.
+    fn may_reach(&self, revision: u64) -> bool;
 }
 
 /// Settings of the stream.
@@ -637,8 +639,9 @@ impl<S: Source> Follower<S> {
         // (and, through a replica, its staleness) at once.
         let mut start = *head_rx.borrow_and_update();
         // A source without state (a replica still syncing) serves nothing yet; a subscriber
-        // ahead of a replica waits for it to catch up, never going back in time.
-        while start.epoch == 0 || (from > start.revision && source.waits_when_ahead()) {
+        // ahead of a replica waits for it to catch up, never going back in time, unless it holds
+        // a history the replica cannot reach.
+        while start.epoch == 0 || (from > start.revision && source.may_reach(from)) {
             self.wait(&mut head_rx, &mut heartbeat, &mut beats).await?;
             start = *head_rx.borrow_and_update();
         }
