@@ -634,7 +634,7 @@ impl Writes {
     async fn next(&mut self) -> u64 {
         let index = self.count;
         self.count += 1;
-        if index % 2 == 0 {
+        if index.is_multiple_of(2) {
             self.admin
                 .set_flag_enabled(pb::SetFlagEnabledRequest {
                     namespace: NAMESPACE.to_string(),
