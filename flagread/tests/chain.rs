@@ -69,6 +69,25 @@ async fn subscribe_with(
         .map(|r| r.into_inner())
 }
 
+/// The snapshot a writer restored from a backup sends: revision 4 of history `history_id`, at
+/// a position of the restored history (not the fake's linear one), holding `prod/a`.
+fn restored(history_id: &str) -> Vec<pb::SyncMessage> {
+    vec![
+        message(Kind::SnapshotBegin(pb::SnapshotBegin {
+            revision: 4,
+            history_id: history_id.into(),
+            chain: vec![4; 16],
+            namespaces: vec![],
+        })),
+        message(Kind::SnapshotChunk(pb::SnapshotChunk {
+            namespaces: vec![namespace("prod")],
+            flags: vec![flag("prod", "a", 3).into()],
+            segments: vec![],
+        })),
+        message(Kind::SnapshotEnd(pb::SnapshotEnd { revision: 4 })),
+    ]
+}
+
 /// The next message of `stream` that is not a heartbeat, within 10 s.
 async fn next(stream: &mut tonic::Streaming<pb::SyncMessage>) -> Kind {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -295,21 +314,7 @@ async fn a_new_history_at_the_writer_reaches_every_follower_as_a_snapshot() {
     eventually("the leaf at 8", || leaf.handles.state.revision() == 8).await;
 
     // The writer was restored from a backup: an older revision, another history.
-    let restored = vec![
-        message(Kind::SnapshotBegin(pb::SnapshotBegin {
-            revision: 4,
-            history_id: "restored".into(),
-            chain: vec![4; 16],
-            namespaces: vec![],
-        })),
-        message(Kind::SnapshotChunk(pb::SnapshotChunk {
-            namespaces: vec![namespace("prod")],
-            flags: vec![flag("prod", "a", 3).into()],
-            segments: vec![],
-        })),
-        message(Kind::SnapshotEnd(pb::SnapshotEnd { revision: 4 })),
-    ];
-    to_parent.send(restored).await;
+    to_parent.send(restored("restored")).await;
     eventually("the leaf holds the restored history", || {
         let held = leaf.handles.state.load();
         held.revision == 4 && held.history.id == "restored"
@@ -480,23 +485,8 @@ async fn a_follower_ahead_of_its_parent_waits_for_it_unless_the_writer_is_behind
     drop(to_parent);
     let to_parent = writer.next().await;
     assert_eq!(to_parent.request.from_revision, 8);
-    to_parent
-        .send([
-            message(Kind::SnapshotBegin(pb::SnapshotBegin {
-                revision: 4,
-                history_id: HISTORY.into(),
-                chain: vec![4; 16],
-                namespaces: vec![],
-            })),
-            message(Kind::SnapshotChunk(pb::SnapshotChunk {
-                namespaces: vec![namespace("prod")],
-                flags: vec![flag("prod", "a", 3).into()],
-                segments: vec![],
-            })),
-            message(Kind::SnapshotEnd(pb::SnapshotEnd { revision: 4 })),
-            heartbeat(4),
-        ])
-        .await;
+    to_parent.send(restored(HISTORY)).await;
+    to_parent.send([heartbeat(4)]).await;
     eventually("the parent holds the restored state", || {
         parent.handles.state.revision() == 4
     })

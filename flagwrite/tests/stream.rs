@@ -363,20 +363,7 @@ async fn metrics_endpoint_reports_writes_head_and_subscribers() {
     }
     let mut stream = subscribe(&server, 3, &[]).await;
     let _ = stream.message().await;
-    let scrape = async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        socket
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        socket.read_to_string(&mut body).await.unwrap();
-        body
-    };
-    let body = scrape.await;
+    let body = scrape(port).await;
     for line in [
         "HTTP/1.1 200 OK",
         "flagwrite_writes_total{rpc=\"CreateFlag\",outcome=\"ok\"} 2",
@@ -533,8 +520,8 @@ async fn snapshots_and_changes_carry_the_history_position() {
     server.stop().await;
 }
 
-/// The value of metric `name` (no labels) on flagwrite's `/metrics` at `port`.
-async fn metric(port: u16, name: &str) -> u64 {
+/// The whole answer (head and body) of flagwrite's `/metrics` at `port`.
+async fn scrape(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -545,6 +532,12 @@ async fn metric(port: u16, name: &str) -> u64 {
         .unwrap();
     let mut body = String::new();
     socket.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// The value of metric `name` (no labels) on flagwrite's `/metrics` at `port`.
+async fn metric(port: u16, name: &str) -> u64 {
+    let body = scrape(port).await;
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in\n{body}"))
