@@ -67,13 +67,11 @@ use std::time::{Duration, Instant};
 
 use flagstream::pb;
 use prost::Message;
-use support::fixtures::{self, CONSTRAINED_FLAG, NAMESPACE};
+use support::fixtures::{self, NAMESPACE};
 use support::proc::{self, RunDir};
 use support::stats::percentile;
 use tokio::sync::mpsc;
 
-/// The on/off flag whose kill switch is flipped.
-const SWITCH_FLAG: &str = "flag-00002";
 /// Flags in the namespace of the subscriber and propagation parts.
 const MIXED_FLAGS: usize = 350;
 /// Resident memory of one replica per flag it holds (scale.rs: about 240 MB
@@ -102,15 +100,6 @@ struct Bench {
     flagwrite: PathBuf,
     /// `TOKIO_WORKER_THREADS` of every replica; empty leaves the default.
     workers: String,
-}
-
-/// Writes in the pattern of propagation.rs: even writes flip a kill switch,
-/// odd ones move the constrained flag's rollout.
-struct Writes {
-    admin: support::AdminClient,
-    constrained: pb::Flag,
-    /// Writes made so far, so the switch keeps alternating across parts.
-    count: usize,
 }
 
 async fn run() {
@@ -182,7 +171,7 @@ async fn subscribers(bench: &Bench) {
         .rsplit_once(':')
         .and_then(|(_, port)| port.parse().ok())
         .expect("the writer listens on host:port");
-    let mut writes = Writes::load(&writer.addr).await;
+    let mut writes = fixtures::Writes::load(&writer.addr, MIXED_FLAGS).await.0;
     let (switch_size, update_size) = change_sizes(&writer.addr, &mut writes).await;
     eprintln!(
         "subscribers: encoded Change: {switch_size} B (kill switch), {update_size} B (rollout update)"
@@ -331,7 +320,7 @@ async fn propagation(bench: &Bench) {
     let count: usize = support::env_or("BENCH_WRITES", 200);
     let dir = subdir(bench, "propagation");
     let writer = support::start_writer_bin(&dir, &bench.tokens, &bench.flagwrite).await;
-    let mut writes = Writes::load(&writer.addr).await;
+    let mut writes = fixtures::Writes::load(&writer.addr, MIXED_FLAGS).await.0;
 
     /// One measured configuration.
     struct Row {
@@ -612,61 +601,6 @@ async fn storm(bench: &Bench) {
     }
 }
 
-impl Writes {
-    /// Loads the namespace of 350 mixed flags into the writer at `addr`.
-    async fn load(addr: &str) -> Writes {
-        let mut admin = support::admin_client(support::connect(addr, Duration::from_secs(5)).await);
-        let flags = fixtures::mixed_namespace(NAMESPACE, MIXED_FLAGS);
-        assert_eq!(
-            (flags[0].key.as_str(), flags[2].key.as_str()),
-            (CONSTRAINED_FLAG, SWITCH_FLAG)
-        );
-        let constrained = flags[0].clone();
-        fixtures::import(&mut admin, NAMESPACE, flags).await;
-        Writes {
-            admin,
-            constrained,
-            count: 0,
-        }
-    }
-
-    /// Makes the next write and returns its revision once acknowledged.
-    async fn next(&mut self) -> u64 {
-        let index = self.count;
-        self.count += 1;
-        if index.is_multiple_of(2) {
-            self.admin
-                .set_flag_enabled(pb::SetFlagEnabledRequest {
-                    namespace: NAMESPACE.to_string(),
-                    key: SWITCH_FLAG.to_string(),
-                    enabled: (index / 2) % 2 == 1,
-                    expected_revision: 0,
-                    options: None,
-                })
-                .await
-                .unwrap_or_else(|status| panic!("SetFlagEnabled failed: {status}"))
-                .into_inner()
-                .revision
-        } else {
-            let rollout = self.constrained.rules[0]
-                .rollout
-                .as_mut()
-                .expect("the constrained flag has a rollout");
-            rollout.percentage = 40 + (index % 20) as u32;
-            self.admin
-                .update_flag(pb::UpdateFlagRequest {
-                    flag: Some(self.constrained.clone()),
-                    expected_revision: 0,
-                    options: None,
-                })
-                .await
-                .unwrap_or_else(|status| panic!("UpdateFlag failed: {status}"))
-                .into_inner()
-                .revision
-        }
-    }
-}
-
 /// The Watch streams of the measured replicas, merged into one channel.
 struct Watched {
     sender: mpsc::UnboundedSender<Seen>,
@@ -717,7 +651,7 @@ impl Watched {
 /// Makes `count` writes a few ms apart and returns, in ms, ack → applied on
 /// all, ack → applied on the first, and send → ack of each.
 async fn measure(
-    writes: &mut Writes,
+    writes: &mut fixtures::Writes,
     watched: &mut Watched,
     count: usize,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
@@ -781,7 +715,7 @@ async fn wait_all(watched: &mut Watched, revision: u64, since: Instant) -> Vec<I
 
 /// Subscribes like a replica, then makes one write of each kind and returns
 /// the protobuf size of the two `SyncMessage` Change messages they produced.
-async fn change_sizes(writer: &str, writes: &mut Writes) -> (usize, usize) {
+async fn change_sizes(writer: &str, writes: &mut fixtures::Writes) -> (usize, usize) {
     let channel = support::connect(writer, Duration::from_secs(5)).await;
     let mut client = pb::replication_client::ReplicationClient::with_interceptor(
         channel,

@@ -19,13 +19,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use flagstream::pb;
-use support::fixtures::{self, CONSTRAINED_FLAG, NAMESPACE};
+use support::fixtures::{self, NAMESPACE};
 use support::proc::{self, RunDir};
 use support::stats::{median, percentile, runs};
 use tokio::sync::mpsc;
-
-/// The on/off flag whose kill switch is flipped.
-const SWITCH_FLAG: &str = "flag-00002";
 
 /// One Watch event as received: which replica, the revision it reported, when.
 type Seen = (usize, u64, Instant);
@@ -47,15 +44,7 @@ async fn run() {
     let tokens = support::write_tokens(dir.path());
 
     let writer = support::start_writer(dir.path(), &tokens).await;
-    let mut admin =
-        support::admin_client(support::connect(&writer.addr, Duration::from_secs(5)).await);
-    let flags = fixtures::mixed_namespace(NAMESPACE, 350);
-    assert_eq!(
-        (flags[0].key.as_str(), flags[2].key.as_str()),
-        (CONSTRAINED_FLAG, SWITCH_FLAG)
-    );
-    let mut constrained = flags[0].clone();
-    let revision = fixtures::import(&mut admin, NAMESPACE, flags).await;
+    let (mut changes, revision) = fixtures::Writes::load(&writer.addr, 350).await;
 
     let mut replicas: Vec<support::Replica> = (0..replica_count)
         .map(|index| {
@@ -123,38 +112,9 @@ async fn run() {
         let mut first = Vec::with_capacity(writes);
         let mut acks = Vec::with_capacity(writes);
         let mut signed = Vec::with_capacity(writes);
-        for index in 0..writes {
+        for _ in 0..writes {
             let sent = Instant::now();
-            let revision = if index % 2 == 0 {
-                admin
-                    .set_flag_enabled(pb::SetFlagEnabledRequest {
-                        namespace: NAMESPACE.to_string(),
-                        key: SWITCH_FLAG.to_string(),
-                        enabled: (index / 2) % 2 == 1,
-                        expected_revision: 0,
-                        options: None,
-                    })
-                    .await
-                    .unwrap_or_else(|status| panic!("SetFlagEnabled failed: {status}"))
-                    .into_inner()
-                    .revision
-            } else {
-                let rollout = constrained.rules[0]
-                    .rollout
-                    .as_mut()
-                    .expect("the constrained flag has a rollout");
-                rollout.percentage = 40 + (index % 20) as u32;
-                admin
-                    .update_flag(pb::UpdateFlagRequest {
-                        flag: Some(constrained.clone()),
-                        expected_revision: 0,
-                        options: None,
-                    })
-                    .await
-                    .unwrap_or_else(|status| panic!("UpdateFlag failed: {status}"))
-                    .into_inner()
-                    .revision
-            };
+            let revision = changes.next().await;
             let acked = Instant::now();
             let times = wait_all(&mut seen, &mut applied, revision, acked).await;
             let last = times.iter().max().copied().expect("at least one replica");

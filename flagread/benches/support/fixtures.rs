@@ -228,3 +228,73 @@ pub async fn import(admin: &mut super::AdminClient, namespace: &str, flags: Vec<
         .unwrap_or_else(|status| panic!("ImportNamespace {namespace} failed: {status}"));
     response.into_inner().revision
 }
+
+/// The writes the propagation benchmarks time, in one pattern: even writes flip the kill switch
+/// of an on/off flag ([`SWITCH_FLAG`]), odd ones move the constrained flag's rollout.
+pub struct Writes {
+    admin: super::AdminClient,
+    constrained: pb::Flag,
+    /// Writes made so far, so the switch keeps alternating across rounds and parts.
+    pub count: usize,
+}
+
+/// The on/off flag whose kill switch [`Writes`] flips.
+pub const SWITCH_FLAG: &str = "flag-00002";
+
+impl Writes {
+    /// Loads a namespace of `flags` mixed flags into the writer at `addr`; returns the writes
+    /// and the revision of the load.
+    pub async fn load(addr: &str, flags: usize) -> (Writes, u64) {
+        let mut admin =
+            super::admin_client(super::connect(addr, std::time::Duration::from_secs(5)).await);
+        let flags = mixed_namespace(NAMESPACE, flags);
+        assert_eq!(
+            (flags[0].key.as_str(), flags[2].key.as_str()),
+            (CONSTRAINED_FLAG, SWITCH_FLAG)
+        );
+        let constrained = flags[0].clone();
+        let revision = import(&mut admin, NAMESPACE, flags).await;
+        let writes = Writes {
+            admin,
+            constrained,
+            count: 0,
+        };
+        (writes, revision)
+    }
+
+    /// Makes the next write and returns its revision once acknowledged.
+    pub async fn next(&mut self) -> u64 {
+        let index = self.count;
+        self.count += 1;
+        if index.is_multiple_of(2) {
+            self.admin
+                .set_flag_enabled(pb::SetFlagEnabledRequest {
+                    namespace: NAMESPACE.to_string(),
+                    key: SWITCH_FLAG.to_string(),
+                    enabled: (index / 2) % 2 == 1,
+                    expected_revision: 0,
+                    options: None,
+                })
+                .await
+                .unwrap_or_else(|status| panic!("SetFlagEnabled failed: {status}"))
+                .into_inner()
+                .revision
+        } else {
+            let rollout = self.constrained.rules[0]
+                .rollout
+                .as_mut()
+                .expect("the constrained flag has a rollout");
+            rollout.percentage = 40 + (index % 20) as u32;
+            self.admin
+                .update_flag(pb::UpdateFlagRequest {
+                    flag: Some(self.constrained.clone()),
+                    expected_revision: 0,
+                    options: None,
+                })
+                .await
+                .unwrap_or_else(|status| panic!("UpdateFlag failed: {status}"))
+                .into_inner()
+                .revision
+        }
+    }
+}
