@@ -167,12 +167,7 @@ async fn run() {
 /// applying it: the writer's and the network's share of a cold sync.
 async fn snapshot_stream(writer: &str) -> f64 {
     use pb::sync_message::Kind;
-    let channel = support::connect(writer, Duration::from_secs(5)).await;
-    let mut client = pb::replication_client::ReplicationClient::with_interceptor(
-        channel,
-        support::Bearer::new(support::SYNC_SECRET),
-    )
-    .max_decoding_message_size(64 << 20);
+    let mut client = support::sync_client(writer).await;
     let started = Instant::now();
     let mut stream = client
         .subscribe(pb::SubscribeRequest {

@@ -354,3 +354,15 @@ pub fn started_by_cargo_bench(name: &str) -> bool {
     );
     false
 }
+
+/// A Replication client of the writer at `addr` (host:port), presenting the sync token, that
+/// takes snapshot chunks of any size the writer sends.
+pub async fn sync_client(
+    addr: &str,
+) -> pb::replication_client::ReplicationClient<InterceptedService<Channel, Bearer>> {
+    pb::replication_client::ReplicationClient::with_interceptor(
+        connect(addr, Duration::from_secs(5)).await,
+        Bearer::new(SYNC_SECRET),
+    )
+    .max_decoding_message_size(64 << 20)
+}
